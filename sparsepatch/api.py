@@ -1,0 +1,270 @@
+"""Path-level verbs: signature(), diff(), apply(), info(). They open files (``-`` is
+stdin/stdout), write outputs under a temporary name renamed when complete, and return
+stats objects. The CLI is a thin layer over this module."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from . import sparse
+from .apply import Applier, ApplyStats, Journal, journal_path
+from .diff import DEFAULT_LEVEL, DiffStats, write_patch
+from .errors import BadMagic, ChecksumMismatch, IOFailure, UsageError, WrongBase
+from .format import (
+    CRC,
+    MAX_SHIFT,
+    MIN_SHIFT,
+    PATCH_TRAILER,
+    REC_DATA,
+    REC_NAMES,
+    PatchReader,
+    SigHeader,
+    Signature,
+    SignatureEncoder,
+    raw_length,
+    read_signature,
+    sniff,
+)
+from .signature import SignatureStats, write_signature
+
+DEFAULT_BLOCK_SIZE = 64 << 10
+
+__all__ = ["signature", "diff", "apply", "info", "check", "ApplyStats", "DiffStats",
+           "SignatureStats", "DEFAULT_BLOCK_SIZE"]
+
+
+def block_shift(block_size: int) -> int:
+    shift = block_size.bit_length() - 1
+    if block_size <= 0 or 1 << shift != block_size or not MIN_SHIFT <= shift <= MAX_SHIFT:
+        raise UsageError(f"block size {block_size} must be a power of two from 4 KiB to 16 MiB")
+    return shift
+
+
+@contextlib.contextmanager
+def _input(path: str) -> Iterator[IO[bytes]]:
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    fd = sparse.open_path(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb", buffering=1 << 20) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[Callable[[bytes], object]]:
+    """Write to stdout, or to a temporary file beside path renamed over it when complete,
+    so that an interrupted run never leaves a file that looks finished."""
+    if path is None or path == "-":
+        out = sys.stdout.buffer
+        yield out.write
+        out.flush()
+        return
+    folder, base = os.path.split(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=folder)
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+    f = os.fdopen(fd, "wb", buffering=1 << 20)
+    try:
+        def write(b: bytes) -> None:
+            try:
+                f.write(b)
+            except OSError as e:
+                raise IOFailure(f"{path}: write failed: {e.strerror}") from None
+
+        yield write
+        try:
+            f.flush()
+            sparse.sync(f.fileno())
+            f.close()
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+            sparse.sync_dir(folder)
+        except OSError as e:
+            raise IOFailure(f"{path}: cannot finish output: {e.strerror}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open_source(path: str) -> tuple[int, bool]:
+    if path == "-":
+        return sys.stdin.fileno(), False
+    return sparse.open_path(path, os.O_RDONLY), True
+
+
+def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+              progress: Callable[[int], None] | None = None) -> SignatureStats:
+    """Write the signature of dest (a path or '-') to output (a path, '-' or None: stdout)."""
+    shift = block_shift(block_size)
+    fd, own = _open_source(dest)
+    try:
+        with _output(output) as write:
+            return write_signature(fd, shift, dest, write, progress)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def load_signature(path: str) -> Signature:
+    with _input(path) as f:
+        name = "signature" if path == "-" else path
+        return read_signature(f.read, name)
+
+
+def empty_signature(block_size: int) -> Signature:
+    enc = SignatureEncoder(SigHeader(block_shift(block_size), 0))
+    data = enc.start() + enc.finish()[0]
+    view = memoryview(data)
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = bytes(view[pos : pos + n])
+        pos += len(chunk)
+        return chunk
+
+    return read_signature(read, "empty signature")
+
+
+def diff(sig: str | None, source: str, output: str | None = None, *, full: bool = False,
+         block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
+         progress: Callable[[int], None] | None = None) -> DiffStats:
+    """Write a patch turning the file sig describes into source. With full=True (and sig
+    None) the patch creates the whole file."""
+    if full == (sig is not None):
+        raise UsageError("diff needs either a signature or --full, not both")
+    if sig == "-" and source == "-":
+        raise UsageError("signature and source cannot both be stdin")
+    signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
+    fd, own = _open_source(source)
+    try:
+        with _output(output) as write:
+            return write_patch(signature_, fd, source, write, full=full, level=level,
+                               progress=progress)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _open_dest(dest: str, full: bool) -> int:
+    try:
+        return os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not full:
+            raise IOFailure(
+                f"{dest}: no such file; only a full patch (diff --full) can create a destination"
+            ) from None
+    except OSError:
+        pass
+    if full:
+        try:
+            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise IOFailure(f"{dest}: cannot create: {e.strerror}") from None
+    return sparse.open_path(dest, os.O_RDWR)
+
+
+def apply(patch: str, dest: str, verify: bool = False) -> ApplyStats:
+    """Apply patch (a path or '-') to dest in place; create dest for a full patch."""
+    with _input(patch) as f:
+        reader = PatchReader(f.read, "patch" if patch == "-" else patch)
+        h = reader.header
+        fd = _open_dest(dest, h.full)
+        try:
+            sparse.lock_exclusive(fd, dest)
+            journal = Journal(journal_path(dest))
+            slot = journal.load()
+            if slot and (slot.base_identity, slot.target_identity) != (h.base_identity, h.target_identity):
+                raise WrongBase(
+                    f"{journal.path}: an interrupted apply of another patch (target "
+                    f"{slot.target_identity.hex()[:16]}) left this journal; finish that patch "
+                    "first, or delete the journal if the destination is known to be intact"
+                )
+            size = sparse.file_size(fd)
+            lo, hi = sorted((h.base_size, h.target_size))
+            if sparse.is_block_device(fd) and size != h.target_size:
+                raise UsageError(
+                    f"{dest}: block device of {size} bytes cannot become {h.target_size} bytes"
+                )
+            if size not in (h.base_size, h.target_size) and not (slot and lo <= size <= hi):
+                raise WrongBase(
+                    f"{dest}: destination is {size} bytes; the patch expects the base size "
+                    f"{h.base_size} (or the target size {h.target_size} if already applied)"
+                )
+            accepted = (slot.start_block, slot.end_block) if slot else None
+            stats = Applier(reader, fd, dest, journal, accepted).run()
+        finally:
+            os.close(fd)
+    if verify:
+        check(dest, h.block_shift, h.target_identity)
+    return stats
+
+
+def check(path: str, shift: int, identity: bytes) -> None:
+    """Re-hash path's data extents and compare with a target identity."""
+    fd = sparse.open_path(path, os.O_RDONLY)
+    try:
+        found = write_signature(fd, shift, path, lambda b: None).identity
+    finally:
+        os.close(fd)
+    if found != identity.hex():
+        raise ChecksumMismatch(
+            f"{path}: verify failed: content does not match the target identity "
+            f"(expected {identity.hex()[:16]}..., found {found[:16]}...)"
+        )
+
+
+def info(path: str) -> dict[str, Any]:
+    """What a signature or patch holds, fully decoded and checked."""
+    with _input(path) as f:
+        name = "input" if path == "-" else path
+        magic = f.peek(8)[:8] if hasattr(f, "peek") else b""
+        try:
+            kind = sniff(magic)
+        except BadMagic as e:
+            raise BadMagic(f"{name}: {e}") from None
+        if kind == "signature":
+            s = read_signature(f.read, name)
+            return {
+                "kind": "signature", "version": 1, "block_size": s.block_size,
+                "file_size": s.header.file_size, "blocks": s.header.block_count,
+                "data_blocks": len(s.data_index), "hole_blocks": s.hole_blocks, "runs": s.runs,
+                "identity": s.identity.hex(),
+            }
+        reader = PatchReader(f.read, name)
+        h = reader.header
+        records = {name_: 0 for name_ in REC_NAMES.values()}
+        raw = 0
+        for rec in reader.records():
+            records[REC_NAMES[rec.kind]] += 1
+            if rec.kind == REC_DATA:
+                raw += raw_length(h, rec.first_block, rec.count)
+        assert reader.trailer is not None
+        t = reader.trailer
+        return {
+            "kind": "patch", "version": 1, "full": h.full, "block_size": h.block_size,
+            "base_size": h.base_size, "target_size": h.target_size,
+            "base_identity": h.base_identity.hex(), "target_identity": h.target_identity.hex(),
+            "records": records,
+            "blocks": {"data": t.data_blocks, "zero": t.zero_blocks, "copy": t.copy_blocks},
+            "data_bytes": raw, "payload_bytes": t.payload_bytes,
+            "patch_bytes": t.body_bytes + PATCH_TRAILER.size + CRC.size,
+        }
+

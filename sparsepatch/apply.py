@@ -1,0 +1,295 @@
+"""Apply: write a patch into a destination in place, block by block, safe to repeat.
+
+For every block a record touches, the destination's current block decides: already the
+target, skip; the base, write; inside the window the journal says an interrupted run was
+writing, write; anything else, stop before writing. Zeros are never written: they become
+holes. Each record is checked whole (CRC, hashes of its decompressed data) before any of
+its bytes reach the destination."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+from . import sparse
+from .errors import ChecksumMismatch, IOFailure, WrongBase
+from .format import (
+    JOURNAL_SLOT_SIZE,
+    REC_COPY,
+    REC_DATA,
+    REC_ZERO,
+    ZERO_HASH,
+    JournalSlot,
+    PatchReader,
+    Record,
+    block_hash,
+    decode_journal_slot,
+    decode_payload,
+    encode_journal_slot,
+)
+
+JOURNAL_WINDOW = 64 << 20  # bytes of destination one journal entry covers; one fdatasync each
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    target_size: int
+    block_size: int
+    records: int
+    blocks_written: int
+    blocks_punched: int
+    blocks_copied: int
+    blocks_skipped: int
+    bytes_written: int
+    resumed: bool
+
+
+def journal_path(dest: str) -> str:
+    head, tail = os.path.split(dest)
+    return os.path.join(head, f".{tail}.sparsepatch-journal")
+
+
+class Journal:
+    """Two CRC-protected slots, written alternately; the valid one with the higher sequence
+    number says which block range an apply may have been writing when it stopped."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+        self.seq = 0
+
+    def load(self) -> JournalSlot | None:
+        try:
+            with open(self.path, "rb") as f:
+                buf = f.read(2 * JOURNAL_SLOT_SIZE)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot read the apply journal: {e.strerror}") from None
+        slots = [decode_journal_slot(buf[i * JOURNAL_SLOT_SIZE : (i + 1) * JOURNAL_SLOT_SIZE])
+                 for i in range(2)]
+        valid = [s for s in slots if s is not None]
+        if not valid:
+            return None
+        best = max(valid, key=lambda s: s.seq)
+        self.seq = best.seq
+        return best
+
+    def write(self, base: bytes, target: bytes, start: int, end: int) -> None:
+        if self.fd is None:
+            self.fd = sparse.open_path(self.path, os.O_RDWR | os.O_CREAT)
+        self.seq += 1
+        slot = encode_journal_slot(JournalSlot(self.seq, base, target, start, end))
+        try:
+            sparse.pwrite_full(self.fd, slot, (self.seq % 2) * JOURNAL_SLOT_SIZE)
+            sparse.sync(self.fd)
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot write the apply journal: {e.strerror}") from None
+
+    def remove(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        sparse.sync_dir(os.path.dirname(self.path))
+
+
+class _Ranges:
+    """Disjoint block ranges kept merged and sorted, to ask whether a range meets any."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        lo = bisect.bisect_left(self.ends, start)  # first range ending at or after start
+        hi = bisect.bisect_right(self.starts, end)  # ranges from lo to hi touch [start, end)
+        if lo < hi:
+            start = min(start, self.starts[lo])
+            end = max(end, self.ends[hi - 1])
+        self.starts[lo:hi] = [start]
+        self.ends[lo:hi] = [end]
+
+    def meets(self, start: int, end: int) -> bool:
+        k = bisect.bisect_left(self.starts, end)
+        return k > 0 and self.ends[k - 1] > start
+
+
+class Applier:
+    def __init__(self, reader: PatchReader, fd: int, name: str, journal: Journal,
+                 accepted: tuple[int, int] | None):
+        self.reader = reader
+        self.h = reader.header
+        self.fd = fd
+        self.name = name
+        self.journal = journal
+        self.accepted = accepted or (0, 0)
+        self.window = (0, 0)
+        self.shift = self.h.block_shift
+        self.bs = 1 << self.shift
+        self._buf = bytearray(self.bs)
+        self._zero = bytes(self.bs)
+        self.changed = _Ranges()  # blocks records have written or may write
+        self.copied_from = _Ranges()  # blocks copies have read: no later record may change them
+        self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
+        self.punch_ok = True
+
+    # -- destination access
+
+    def _state(self, block: int) -> bytes:
+        view = memoryview(self._buf)
+        try:
+            got = sparse.pread_full(self.fd, view, block << self.shift)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: read failed at byte {block << self.shift}: {e.strerror}") from None
+        if got < self.bs:
+            view[got:] = self._zero[: self.bs - got]
+        if self._zero.startswith(view):
+            return ZERO_HASH
+        return block_hash(view)
+
+    def _cover(self, first: int, end: int) -> None:
+        """Make sure the journal names [first, end) before anything there is written."""
+        if self.window[0] <= first and end <= self.window[1]:
+            return
+        try:
+            sparse.sync_data(self.fd)  # what the old window covered is durable before we forget it
+        except OSError as e:
+            raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
+        span = max(end - first, JOURNAL_WINDOW >> self.shift)
+        self.window = (first, first + span)
+        self.journal.write(self.h.base_identity, self.h.target_identity, first, first + span)
+
+    def _write(self, block: int, data: bytes | memoryview) -> None:
+        off = block << self.shift
+        try:
+            sparse.pwrite_full(self.fd, data, off)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
+        self.bytes_written += len(data)
+
+    def _punch(self, first: int, count: int) -> None:
+        off = first << self.shift
+        length = min(count << self.shift, max(self.h.target_size, self._size()) - off)
+        if length <= 0:
+            return
+        try:
+            ok = self.punch_ok and sparse.punch_hole(self.fd, off, length)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: cannot punch a hole at byte {off}: {e.strerror}") from None
+        if not ok:
+            # The filesystem cannot deallocate: zeros are the only way to get the content right.
+            self.punch_ok = False
+            for b in range(count):
+                end = min(self.bs, self.h.target_size - ((first + b) << self.shift))
+                self._write(first + b, self._zero[:end])
+
+    def _size(self) -> int:
+        return sparse.file_size(self.fd)
+
+    # -- records
+
+    def _needs_write(self, rec: Record) -> list[bool]:
+        """Per block: True to write, False when already the target. Raises before any write
+        if a block is neither base nor target."""
+        out = []
+        a0, a1 = self.accepted
+        for b in range(rec.count):
+            block = rec.first_block + b
+            cur = self._state(block)
+            if cur == rec.target_hash(b):
+                out.append(False)
+            elif cur == rec.base_hash(b) or a0 <= block < a1:
+                out.append(True)
+            else:
+                raise WrongBase(
+                    f"{self.name}: destination block at byte {block << self.shift} is neither base "
+                    f"nor target: it changed after the signature was taken ({rec.where()})"
+                )
+        return out
+
+    def _runs(self, need: list[bool]) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        for b, w in enumerate(need):
+            if not w:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((b, 1))
+        return runs
+
+    def _check_independent(self, rec: Record) -> None:
+        if self.copied_from.meets(rec.first_block, rec.end_block):
+            raise WrongBase(f"{rec.where()}: changes a block an earlier copy record read from")
+        if rec.kind == REC_COPY and self.changed.meets(rec.source_block, rec.source_block + rec.count):
+            raise WrongBase(f"{rec.where()}: copies from a block an earlier record changes")
+
+    def record(self, rec: Record) -> None:
+        self._check_independent(rec)
+        h = self.h
+        data: bytes | None = None
+        if rec.kind == REC_DATA:
+            data = decode_payload(h, rec)
+            view = memoryview(data)
+            for b in range(rec.count):
+                blk = view[b << self.shift : (b + 1) << self.shift]
+                if len(blk) < self.bs:
+                    blk = memoryview(bytes(blk) + self._zero[len(blk) :])
+                if block_hash(blk) != rec.target_hash(b):
+                    raise ChecksumMismatch(
+                        f"{rec.where()}: block {rec.first_block + b} does not match its target "
+                        "hash after decompression"
+                    )
+        elif rec.kind == REC_COPY:
+            self.copied_from.add(rec.source_block, rec.source_block + rec.count)
+        self.changed.add(rec.first_block, rec.end_block)
+        need = self._needs_write(rec)
+        runs = self._runs(need)
+        self.skipped += rec.count - sum(need)
+        if not runs:
+            return
+        self._cover(rec.first_block + runs[0][0], rec.first_block + runs[-1][0] + runs[-1][1])
+        for b, m in runs:
+            first = rec.first_block + b
+            if rec.kind == REC_ZERO:
+                self._punch(first, m)
+                self.punched += m
+            elif rec.kind == REC_DATA:
+                assert data is not None
+                self._write(first, memoryview(data)[b << self.shift : (b + m) << self.shift])
+                self.written += m
+            else:
+                self._copy(rec, b, m)
+
+    def _copy(self, rec: Record, b: int, m: int) -> None:
+        for k in range(b, b + m):
+            src = rec.source_block + k
+            if self._state(src) != rec.target_hash(k):
+                raise WrongBase(
+                    f"{self.name}: copy source block at byte {src << self.shift} does not hold "
+                    f"the expected content ({rec.where()})"
+                )
+            dst = rec.first_block + k
+            length = min(self.bs, self.h.target_size - (dst << self.shift))
+            self._write(dst, memoryview(self._buf)[:length])
+            self.copied += 1
+
+    def run(self) -> ApplyStats:
+        n = 0
+        for rec in self.reader.records():
+            self.record(rec)
+            n += 1
+        try:
+            sparse.set_size(self.fd, self.h.target_size)
+            sparse.sync(self.fd)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: cannot finish (truncate/fsync): {e.strerror}") from None
+        self.journal.remove()
+        return ApplyStats(self.h.target_size, self.bs, n, self.written, self.punched, self.copied,
+                          self.skipped, self.bytes_written, self.accepted != (0, 0))
+

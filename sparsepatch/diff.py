@@ -1,0 +1,261 @@
+"""Diff: compare a source with a destination's signature and write a patch.
+
+Two phases. The first reads the source's data extents once, hashes every block and keeps
+the changed blocks (24-40 bytes each, in compact arrays). Only then is it known which
+destination blocks stay unchanged, and so which may serve as copy sources: a copy may only
+read a block the patch leaves alone, which keeps apply order-free and resumable. The second
+phase writes the header (which carries the target identity found in the first) and the
+records in offset order, reading the changed data again from the source (or from a spool
+when the source is a stream)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from .blocks import Scanner, read_blocks
+from .errors import IOFailure, SourceChanged
+from .format import (
+    FLAG_FULL,
+    HASH_LEN,
+    MAX_RECORD_BLOCKS,
+    REC_COPY,
+    REC_DATA,
+    REC_ZERO,
+    ZERO_HASH,
+    PatchHeader,
+    PatchTrailer,
+    Record,
+    SigHeader,
+    Signature,
+    SignatureEncoder,
+    block_hash,
+    blocks_for,
+    data_record_max_blocks,
+    encode_patch_header,
+    encode_patch_trailer,
+    encode_record,
+)
+
+DEFAULT_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class DiffStats:
+    base_size: int
+    target_size: int
+    block_size: int
+    target_blocks: int
+    data_blocks: int
+    zero_blocks: int
+    copy_blocks: int
+    records: int
+    bytes_read: int
+    data_bytes: int
+    payload_bytes: int
+    patch_bytes: int
+    base_identity: str
+    target_identity: str
+    full: bool
+
+
+@dataclass
+class Changes:
+    """Blocks whose target differs from the base, ascending, one entry per block."""
+
+    index: array  # array('Q')
+    base: bytearray  # HASH_LEN per entry
+    target: bytearray  # HASH_LEN per entry; ZERO_HASH where the target block is zeros
+
+    def add(self, i: int, base: bytes | bytearray, target: bytes) -> None:
+        self.index.append(i)
+        self.base += base
+        self.target += target
+
+    def hashes(self, k: int) -> tuple[bytes, bytes]:
+        a, b = k * HASH_LEN, (k + 1) * HASH_LEN
+        return bytes(self.base[a:b]), bytes(self.target[a:b])
+
+
+class _Spool:
+    """Changed blocks of a stream source, kept in a temporary file for the second phase."""
+
+    def __init__(self, shift: int):
+        self.shift = shift
+        self.file = tempfile.TemporaryFile(prefix="sparsepatch-spool-")
+        self.blocks = 0
+
+    def add(self, blk: memoryview) -> None:
+        try:
+            self.file.write(blk)
+        except OSError as e:
+            raise IOFailure(f"spool file for the source stream: {e.strerror}") from None
+        self.blocks += 1
+
+    def read(self, k: int, count: int) -> bytes:
+        self.file.flush()
+        return os.pread(self.file.fileno(), count << self.shift, k << self.shift)
+
+
+def _scan(sig: Signature, scan: Scanner, spool: _Spool | None) -> tuple[Changes, array, bytearray]:
+    """Phase one: the target's data blocks (index, hash) and the changes against sig."""
+    di, dh = sig.data_index, sig.hashes
+    nd = len(di)
+    d = 0
+    changes = Changes(array("Q"), bytearray(), bytearray())
+    t_index, t_hashes = array("Q"), bytearray()
+    for i, digest, blk in scan:
+        t_index.append(i)
+        t_hashes += digest
+        while d < nd and di[d] < i:
+            changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
+            d += 1
+        base: bytes | bytearray = ZERO_HASH
+        if d < nd and di[d] == i:
+            base = dh[d * HASH_LEN : (d + 1) * HASH_LEN]
+            d += 1
+            if base == digest:
+                continue
+        changes.add(i, base, digest)
+        if spool:
+            spool.add(blk)
+    while d < nd:
+        changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
+        d += 1
+    return changes, t_index, t_hashes
+
+
+def _target_identity(shift: int, size: int, index: array, hashes: bytearray) -> bytes:
+    enc = SignatureEncoder(SigHeader(shift, size))
+    enc.start()
+    for k, i in enumerate(index):
+        enc.data_at(i, bytes(hashes[k * HASH_LEN : (k + 1) * HASH_LEN]))
+    return enc.finish()[1]
+
+
+def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[bytes, int]:
+    """For each changed target hash, the lowest destination block holding it that the
+    patch leaves unchanged (and that survives the final truncate)."""
+    wanted: dict[bytes, int] = {}
+    for k in range(len(changes.index)):
+        t = bytes(changes.target[k * HASH_LEN : (k + 1) * HASH_LEN])
+        if t != ZERO_HASH:
+            wanted[t] = -1
+    if not wanted:
+        return {}
+    ci, nc, c = changes.index, len(changes.index), 0
+    dh = sig.hashes
+    found = 0
+    for d, j in enumerate(sig.data_index):
+        if j >= target_blocks:
+            break
+        while c < nc and ci[c] < j:
+            c += 1
+        if c < nc and ci[c] == j:
+            continue
+        h = bytes(dh[d * HASH_LEN : (d + 1) * HASH_LEN])
+        if wanted.get(h) == -1:
+            wanted[h] = j
+            found += 1
+            if found == len(wanted):
+                break
+    return {h: j for h, j in wanted.items() if j >= 0}
+
+
+def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
+          max_data: int) -> Iterator[tuple[int, int, int, int]]:
+    """Group changes into records: (kind, first change k, count, copy source block)."""
+    ci = changes.index
+    n = len(ci)
+    k = 0
+    while k < n and ci[k] < target_blocks:
+        base, target = changes.hashes(k)
+        if target == ZERO_HASH:
+            kind, src = REC_ZERO, 0
+        elif target in sources:
+            kind, src = REC_COPY, sources[target]
+        else:
+            kind, src = REC_DATA, 0
+        limit = max_data if kind == REC_DATA else MAX_RECORD_BLOCKS
+        m = 1
+        while k + m < n and m < limit and ci[k + m] == ci[k] + m and ci[k + m] < target_blocks:
+            t = changes.hashes(k + m)[1]
+            if kind == REC_ZERO and t != ZERO_HASH:
+                break
+            if kind == REC_COPY and sources.get(t) != src + m:
+                break
+            if kind == REC_DATA and (t == ZERO_HASH or t in sources):
+                break
+            m += 1
+        yield kind, k, m, src
+        k += m
+
+
+def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
+                full: bool = False, level: int = DEFAULT_LEVEL,
+                progress: Callable[[int], None] | None = None) -> DiffStats:
+    shift = sig.header.block_shift
+    bs = 1 << shift
+    scan = Scanner(fd, shift, name, progress=progress)
+    spool = None if scan.seekable else _Spool(shift)
+    changes, t_index, t_hashes = _scan(sig, scan, spool)
+    size = scan.size
+    target_blocks = blocks_for(size, shift)
+    header = PatchHeader(FLAG_FULL if full else 0, shift, sig.header.file_size, size,
+                         sig.identity, _target_identity(shift, size, t_index, t_hashes))
+    del t_index, t_hashes
+    sources = _copy_sources(sig, changes, target_blocks)
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+
+    written = 0
+
+    def emit(b: bytes) -> None:
+        nonlocal written
+        write(b)
+        written += len(b)
+
+    emit(encode_patch_header(header))
+    counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
+    records = payload_bytes = data_bytes = spooled = 0
+    zero_pad = bytes(bs)
+    for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift)):
+        first = changes.index[k]
+        metas = []
+        for b in range(m):
+            base, target = changes.hashes(k + b)
+            metas.append(base if kind == REC_ZERO else base + target)
+        payload = b""
+        if kind == REC_DATA:
+            if spool:
+                raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
+            else:
+                raw = read_blocks(fd, shift, size, first, m, name)
+            view = memoryview(raw)
+            for b in range(m):
+                blk = view[b << shift : (b + 1) << shift]
+                if len(blk) < bs:
+                    blk = memoryview(bytes(blk) + zero_pad[len(blk) :])
+                # The first phase chose this block by its hash; a source that changed since
+                # would otherwise put data in the patch that its own hashes do not describe.
+                if block_hash(blk) != changes.hashes(k + b)[1]:
+                    raise SourceChanged(
+                        f"{name}: block at byte {(first + b) << shift} changed while diff was reading it"
+                    )
+            payload = cctx.compress(raw)
+            data_bytes += len(raw)
+            payload_bytes += len(payload)
+        if kind != REC_ZERO and spool:
+            spooled += m
+        emit(encode_record(Record(kind, first, m, b"".join(metas), src, payload)))
+        counts[kind] += m
+        records += 1
+    emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],
+                                           counts[REC_COPY], payload_bytes, written)))
+    return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
+                     counts[REC_ZERO], counts[REC_COPY], records, scan.bytes_read, data_bytes,
+                     payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full)

@@ -1,0 +1,155 @@
+"""The only module that talks to the kernel about holes, allocation and durability:
+lseek(SEEK_DATA/SEEK_HOLE), fallocate, ioctl, flock and fsync. Everything above it sees
+byte ranges and file descriptors."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+
+from .errors import IOFailure, Locked
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+BLKGETSIZE64 = 0x80081272
+BLKZEROOUT = 0x127F
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_fallocate.restype = ctypes.c_int
+
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def is_seekable(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def file_size(fd: int) -> int:
+    """Size in bytes: st_size for files, BLKGETSIZE64 for block devices."""
+    if is_block_device(fd):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("<Q", buf)[0])
+    return os.fstat(fd).st_size
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield (start, end) byte ranges that may hold data, in order; holes are skipped
+    without being read. Where SEEK_DATA is unsupported, the whole file is one range."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                return
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
+                yield pos, size
+                return
+            raise
+        if start >= size:
+            return
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            end = size
+        end = min(end, size)
+        yield start, end
+        pos = end
+
+
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Fill view from offset; returns bytes read, short only at end of file."""
+    got = 0
+    n = len(view)
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    return got
+
+
+def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range so it reads as zeros. False where the filesystem cannot punch."""
+    if length <= 0:
+        return True
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        if is_block_device(fd):
+            return _zeroout(fd, offset, length)
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _zeroout(fd: int, offset: int, length: int) -> bool:
+    try:
+        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+    except OSError:
+        return False
+    return True
+
+
+def set_size(fd: int, size: int) -> None:
+    if not is_block_device(fd):
+        os.ftruncate(fd, size)
+
+
+def sync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def sync_data(fd: int) -> None:
+    os.fdatasync(fd)
+
+
+def sync_dir(path: str) -> None:
+    """Make a rename or unlink in the directory durable."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_exclusive(fd: int, path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Locked(f"{path}: another sparsepatch apply holds this destination") from None
+
+
+def allocated_bytes(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+def open_path(path: str, flags: int, mode: int = 0o666) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        raise IOFailure(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise IOFailure(f"{path}: is a directory") from None
+    except PermissionError:
+        raise IOFailure(f"{path}: permission denied") from None
+    except OSError as e:
+        raise IOFailure(f"{path}: {e.strerror}") from None
