@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from typing import IO, Any
 from . import sparse
 from .apply import Applier, ApplyStats, Journal, journal_path
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
-from .errors import BadMagic, ChecksumMismatch, IOFailure, UsageError, WrongBase
+from .errors import BadMagic, ChecksumMismatch, FormatError, IOFailure, UsageError, WrongBase
 from .format import (
     CRC,
     MAX_SHIFT,
@@ -26,6 +27,7 @@ from .format import (
     SigHeader,
     Signature,
     SignatureEncoder,
+    derive_mac_key,
     raw_length,
     read_signature,
     sniff,
@@ -114,7 +116,8 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
     fd, own = _open_source(dest)
     try:
         with _output(output) as write:
-            return write_signature(fd, shift, dest, write, progress)
+            mtime = os.fstat(fd).st_mtime_ns if stat.S_ISREG(os.fstat(fd).st_mode) else 0
+            return write_signature(fd, shift, dest, write, progress, mtime)
     finally:
         if own:
             os.close(fd)
@@ -141,8 +144,20 @@ def empty_signature(block_size: int) -> Signature:
     return read_signature(read, "empty signature")
 
 
+def load_key(path: str) -> bytes:
+    """The MAC key derived from a key file's bytes."""
+    fd = sparse.open_path(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        material = f.read(1 << 20)
+    try:
+        return derive_mac_key(material)
+    except FormatError as e:
+        raise UsageError(f"{path}: {e}") from None
+
+
 def diff(sig: str | None, source: str, output: str | None = None, *, full: bool = False,
          block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
+         key_file: str | None = None,
          progress: Callable[[int], None] | None = None) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file."""
@@ -150,43 +165,48 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
         raise UsageError("signature and source cannot both be stdin")
+    key = load_key(key_file) if key_file else None
     signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
     fd, own = _open_source(source)
     try:
         with _output(output) as write:
-            return write_patch(signature_, fd, source, write, full=full, level=level,
+            return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
                                progress=progress)
     finally:
         if own:
             os.close(fd)
 
 
-def _open_dest(dest: str, full: bool) -> int:
+def _open_dest(dest: str, full: bool) -> tuple[int, bool]:
+    """Open dest for update; a full patch may create it. Returns (fd, created)."""
     try:
-        return os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(dest, os.O_RDWR | os.O_CLOEXEC), False
     except FileNotFoundError:
         if not full:
             raise IOFailure(
                 f"{dest}: no such file; only a full patch (diff --full) can create a destination"
             ) from None
     except OSError:
-        pass
-    if full:
-        try:
-            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise IOFailure(f"{dest}: cannot create: {e.strerror}") from None
-    return sparse.open_path(dest, os.O_RDWR)
+        return sparse.open_path(dest, os.O_RDWR), False  # raises the one-line error
+    try:
+        return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+    except FileExistsError:  # created by someone else meanwhile: treat as existing
+        return sparse.open_path(dest, os.O_RDWR), False
+    except OSError as e:
+        raise IOFailure(f"{dest}: cannot create: {e.strerror}") from None
 
 
-def apply(patch: str, dest: str, verify: bool = False) -> ApplyStats:
-    """Apply patch (a path or '-') to dest in place; create dest for a full patch."""
+def apply(patch: str, dest: str, verify: bool = False, *, key_file: str | None = None,
+          unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None) -> ApplyStats:
+    """Apply patch (a path or '-') to dest in place; create dest for a full patch.
+
+    An authenticated patch needs key_file (or unauthenticated_ok=True to skip the check);
+    with key_file, an unauthenticated patch is refused. warn receives non-fatal notes."""
+    key = load_key(key_file) if key_file else None
     with _input(patch) as f:
-        reader = PatchReader(f.read, "patch" if patch == "-" else patch)
+        reader = PatchReader(f.read, "patch" if patch == "-" else patch, key, unauthenticated_ok)
         h = reader.header
-        fd = _open_dest(dest, h.full)
+        fd, created = _open_dest(dest, h.full)
         try:
             sparse.lock_exclusive(fd, dest)
             journal = Journal(journal_path(dest))
@@ -208,8 +228,16 @@ def apply(patch: str, dest: str, verify: bool = False) -> ApplyStats:
                     f"{dest}: destination is {size} bytes; the patch expects the base size "
                     f"{h.base_size} (or the target size {h.target_size} if already applied)"
                 )
+            if warn and h.base_mtime_ns and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns:
+                warn(f"{dest}: modified since the signature was taken (mtime differs): already "
+                     "patched, or changed; every block the patch touches is checked before writing")
             accepted = (slot.start_block, slot.end_block) if slot else None
             stats = Applier(reader, fd, dest, journal, accepted).run()
+        except BaseException:
+            # A file this run created and never wrote to would only mislead: remove it.
+            if created and sparse.file_size(fd) == 0 and not os.path.exists(journal_path(dest)):
+                os.unlink(dest)
+            raise
         finally:
             os.close(fd)
     if verify:
@@ -246,9 +274,9 @@ def info(path: str) -> dict[str, Any]:
                 "kind": "signature", "version": 1, "block_size": s.block_size,
                 "file_size": s.header.file_size, "blocks": s.header.block_count,
                 "data_blocks": len(s.data_index), "hole_blocks": s.hole_blocks, "runs": s.runs,
-                "identity": s.identity.hex(),
+                "mtime_ns": s.mtime_ns, "identity": s.identity.hex(),
             }
-        reader = PatchReader(f.read, name)
+        reader = PatchReader(f.read, name, None, unauthenticated_ok=True)
         h = reader.header
         records = {name_: 0 for name_ in REC_NAMES.values()}
         raw = 0
@@ -259,7 +287,8 @@ def info(path: str) -> dict[str, Any]:
         assert reader.trailer is not None
         t = reader.trailer
         return {
-            "kind": "patch", "version": 1, "full": h.full, "block_size": h.block_size,
+            "kind": "patch", "version": 1, "full": h.full, "authenticated": h.authenticated,
+            "block_size": h.block_size,
             "base_size": h.base_size, "target_size": h.target_size,
             "base_identity": h.base_identity.hex(), "target_identity": h.target_identity.hex(),
             "records": records,

@@ -160,9 +160,14 @@ class Applier:
             sparse.sync_data(self.fd)  # what the old window covered is durable before we forget it
         except OSError as e:
             raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
-        span = max(end - first, JOURNAL_WINDOW >> self.shift)
-        self.window = (first, first + span)
-        self.journal.write(self.h.base_identity, self.h.target_identity, first, first + span)
+        start, end = first, max(end, first + (JOURNAL_WINDOW >> self.shift))
+        a0, a1 = self.accepted
+        if a1 > first:
+            # Part of an interrupted run's window is still ahead of us: keep accepting it if
+            # this run is interrupted too, or its torn blocks would be refused next time.
+            start, end = min(start, a0), max(end, a1)
+        self.window = (start, end)
+        self.journal.write(self.h.base_identity, self.h.target_identity, start, end)
 
     def _write(self, block: int, data: bytes | memoryview) -> None:
         off = block << self.shift

@@ -125,9 +125,11 @@ def signature(dest: str, output: str | None, block_size: int, quiet: bool) -> No
               show_default="64K", help="Block size for --full (otherwise the signature's).")
 @click.option("-l", "--level", type=click.IntRange(1, 19), default=3, show_default=True,
               help="zstd compression level.")
+@click.option("-k", "--key-file", metavar="KEY",
+              help="Authenticate the patch with a keyed MAC derived from this file's bytes.")
 @_quiet
 def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
-         quiet: bool) -> None:
+         key_file: str | None, quiet: bool) -> None:
     """Write a patch that turns the file SIG describes into SOURCE.
 
     \b
@@ -141,7 +143,8 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     _refuse_tty(output)
     t = time.monotonic()
     sig = None if full else args[0]
-    s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level)
+    s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
+             key_file=key_file)
     _say(quiet, f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
                 f"{s.data_blocks + s.zero_blocks + s.copy_blocks:,} blocks changed "
                 f"({s.data_blocks:,} data, {s.zero_blocks:,} zero, {s.copy_blocks:,} copy), "
@@ -152,15 +155,21 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
 @click.argument("patch", metavar="PATCH")
 @click.argument("dest", metavar="DEST")
 @click.option("--verify", is_flag=True, help="Re-hash the result and compare it with the target.")
+@click.option("-k", "--key-file", metavar="KEY",
+              help="Require and check the patch's MAC with the key derived from this file.")
+@click.option("--no-auth", is_flag=True,
+              help="Apply an authenticated patch without checking its MAC (not recommended).")
 @_quiet
-def apply(patch: str, dest: str, verify: bool, quiet: bool) -> None:
+def apply(patch: str, dest: str, verify: bool, key_file: str | None, no_auth: bool,
+          quiet: bool) -> None:
     """Apply PATCH ('-': stdin) to DEST in place, sparsely; safe to repeat or resume.
 
     \b
     Example: sparsepatch apply vm.patch /var/lib/libvirt/images/vm.img --verify
     """
     t = time.monotonic()
-    s = _run(api.apply, patch, dest, verify)
+    s = _run(api.apply, patch, dest, verify, key_file=key_file, unauthenticated_ok=no_auth,
+             warn=lambda m: click.echo(f"sparsepatch: warning: {m}", err=True))
     _say(quiet, f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "
                 f"{s.blocks_copied:,} copied, {s.blocks_skipped:,} already current, "
                 f"{human(s.bytes_written)} written{', resumed' if s.resumed else ''}"

@@ -22,12 +22,14 @@ from .blocks import Scanner, read_blocks
 from .errors import IOFailure, SourceChanged
 from .format import (
     FLAG_FULL,
+    FLAG_MAC,
     HASH_LEN,
     MAX_RECORD_BLOCKS,
     REC_COPY,
     REC_DATA,
     REC_ZERO,
     ZERO_HASH,
+    MacChain,
     PatchHeader,
     PatchTrailer,
     Record,
@@ -197,7 +199,7 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
 
 
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
-                full: bool = False, level: int = DEFAULT_LEVEL,
+                full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
                 progress: Callable[[int], None] | None = None) -> DiffStats:
     shift = sig.header.block_shift
     bs = 1 << shift
@@ -206,18 +208,26 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     changes, t_index, t_hashes = _scan(sig, scan, spool)
     size = scan.size
     target_blocks = blocks_for(size, shift)
-    header = PatchHeader(FLAG_FULL if full else 0, shift, sig.header.file_size, size,
-                         sig.identity, _target_identity(shift, size, t_index, t_hashes))
+    flags = (FLAG_FULL if full else 0) | (FLAG_MAC if key is not None else 0)
+    header = PatchHeader(flags, shift, sig.header.file_size, size, sig.identity,
+                         _target_identity(shift, size, t_index, t_hashes),
+                         base_mtime_ns=sig.mtime_ns)
     del t_index, t_hashes
     sources = _copy_sources(sig, changes, target_blocks)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
 
     written = 0
+    mac = MacChain(key) if key is not None else None
 
     def emit(b: bytes) -> None:
+        """Write one element of the patch, followed by its tag when authenticating."""
         nonlocal written
         write(b)
         written += len(b)
+        if mac is not None:
+            tag = mac.next(b)
+            write(tag)
+            written += len(tag)
 
     emit(encode_patch_header(header))
     counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}

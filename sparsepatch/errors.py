@@ -43,6 +43,10 @@ class ChecksumMismatch(FormatError):
     """A CRC-32C or BLAKE3 check over the input failed."""
 
 
+class AuthenticationError(FormatError):
+    """A keyed patch MAC is missing, unexpected or does not match."""
+
+
 class WrongBase(SparsePatchError):
     """The destination is not the file the signature was taken from."""
 

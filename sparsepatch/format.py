@@ -7,6 +7,7 @@ This module never opens a file.
 
 from __future__ import annotations
 
+import hmac
 import struct
 from array import array
 from collections.abc import Callable, Iterator
@@ -16,7 +17,14 @@ import blake3
 import crcmod.predefined
 import zstandard
 
-from .errors import BadMagic, ChecksumMismatch, FormatError, Truncated, UnsupportedVersion
+from .errors import (
+    AuthenticationError,
+    BadMagic,
+    ChecksumMismatch,
+    FormatError,
+    Truncated,
+    UnsupportedVersion,
+)
 
 VERSION = 1
 SIG_MAGIC = b"\x89SPSIG\r\n"
@@ -39,14 +47,18 @@ REC_DATA, REC_ZERO, REC_COPY, REC_END = 1, 2, 3, 0xFF
 REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy"}
 
 FLAG_FULL = 0x0001  # made without a signature: the base is the empty file
-KNOWN_PATCH_FLAGS = FLAG_FULL
+FLAG_MAC = 0x0002  # every element is followed by a keyed BLAKE3 tag chained over the patch
+KNOWN_PATCH_FLAGS = FLAG_FULL | FLAG_MAC
+MAC_LEN = 32
+MAC_CONTEXT = "sparsepatch 2026-11-26 patch MAC key v1"
+MIN_KEY_FILE = 16
 COMP_ZSTD = 1
 
 # Struct constants are named after the records in spec/FORMAT.md; the CRC is not in the struct.
 SIG_HEADER = struct.Struct("<8sHHBBHQ")  # magic version flags block_shift hash_len reserved file_size
 SIG_RUN = struct.Struct("<B3xQI")  # kind first_block count
-SIG_TRAILER = struct.Struct("<B3xQQ32s")  # kind block_count data_blocks identity
-PATCH_HEADER = struct.Struct("<8sHHBBHQQ32s32s")
+SIG_TRAILER = struct.Struct("<B3xQQQ32s")  # kind block_count data_blocks mtime_ns identity
+PATCH_HEADER = struct.Struct("<8sHHBBHQQQ32s32s")  # ... base_size target_size base_mtime_ns ids
 RECORD = struct.Struct("<B3xQIIQ")  # kind first_block count payload_len source_block
 PATCH_TRAILER = struct.Struct("<B3xQQQQQQ")  # kind records data zero copy payload_bytes body_bytes
 JOURNAL_SLOT = struct.Struct("<8sHHI32s32sQQ")  # magic version reserved seq base target start end
@@ -68,6 +80,33 @@ def block_hash(block: bytes | memoryview) -> bytes:
 
 def identity_hasher() -> blake3.blake3:
     return blake3.blake3()
+
+
+def derive_mac_key(material: bytes) -> bytes:
+    """The 32-byte MAC key from a key file's bytes (any length >= MIN_KEY_FILE)."""
+    if len(material) < MIN_KEY_FILE:
+        raise FormatError(f"key file holds {len(material)} bytes; at least {MIN_KEY_FILE} are needed")
+    key: bytes = blake3.blake3(material, derive_key_context=MAC_CONTEXT).digest()
+    return key
+
+
+class MacChain:
+    """tag_0 = MAC(K, header); tag_i = MAC(K, tag_{i-1} || element_i): each tag authenticates
+    its element and everything before it, so nothing can be dropped, reordered or spliced."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.tag = b""
+
+    def hasher(self) -> blake3.blake3:
+        return blake3.blake3(self.tag, key=self.key)
+
+    def next(self, *parts: bytes) -> bytes:
+        h = self.hasher()
+        for part in parts:
+            h.update(part)
+        self.tag = h.digest()
+        return self.tag
 
 
 def blocks_for(size: int, shift: int) -> int:
@@ -268,8 +307,10 @@ class SignatureEncoder:
         out = self.hole(gap) if gap else b""
         return out + self.data(digest)
 
-    def finish(self) -> tuple[bytes, bytes]:
-        """Close the stream; returns (remaining bytes, identity). Pads with a hole to block_count."""
+    def finish(self, mtime_ns: int = 0) -> tuple[bytes, bytes]:
+        """Close the stream; returns (remaining bytes, identity). Pads with a hole to block_count.
+        mtime_ns (0: unknown) lives in the trailer, outside the identity, so the identity
+        depends on content alone."""
         out = self._flush_data()
         pending = self.block + self._hole
         if pending > self.header.block_count:
@@ -277,7 +318,7 @@ class SignatureEncoder:
         self._hole += self.header.block_count - pending
         out += self._flush_hole()
         identity = self.hasher.digest()
-        out += _with_crc(SIG_TRAILER.pack(SIG_END, self.block, self.data_blocks, identity))
+        out += _with_crc(SIG_TRAILER.pack(SIG_END, self.block, self.data_blocks, mtime_ns, identity))
         return out, identity
 
 
@@ -291,6 +332,7 @@ class Signature:
     hashes: bytearray  # HASH_LEN bytes per entry of data_index
     identity: bytes
     runs: int
+    mtime_ns: int = 0
 
     @property
     def block_size(self) -> int:
@@ -326,7 +368,7 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
             rest = r.exact(SIG_TRAILER.size - 1 + CRC.size, "trailer")
             body = kind_b + rest[:-CRC.size]
             _check_crc(body, CRC.unpack(rest[-CRC.size :])[0], f"{name} trailer", at)
-            _, count, data_blocks, identity = SIG_TRAILER.unpack(body)
+            _, count, data_blocks, mtime_ns, identity = SIG_TRAILER.unpack(body)
             expected = hasher_before.digest()
             if identity != expected:
                 raise ChecksumMismatch(
@@ -340,7 +382,7 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
                 )
             if not r.at_eof():
                 raise FormatError(f"{name}: unexpected bytes after the trailer at byte {r.pos}")
-            return Signature(header, index, hashes, identity, runs)
+            return Signature(header, index, hashes, identity, runs, mtime_ns)
         rest = r.exact(SIG_RUN.size - 1, f"run {runs} header")
         kind, first, count = SIG_RUN.unpack(kind_b + rest)
         where = f"{name} run {runs} at byte {at}"
@@ -380,6 +422,11 @@ class PatchHeader:
     base_identity: bytes
     target_identity: bytes
     compression: int = COMP_ZSTD
+    base_mtime_ns: int = 0
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.flags & FLAG_MAC)
 
     @property
     def block_size(self) -> int:
@@ -398,14 +445,14 @@ def encode_patch_header(h: PatchHeader) -> bytes:
     return _with_crc(
         PATCH_HEADER.pack(
             PATCH_MAGIC, VERSION, h.flags, h.block_shift, h.compression, 0,
-            h.base_size, h.target_size, h.base_identity, h.target_identity,
+            h.base_size, h.target_size, h.base_mtime_ns, h.base_identity, h.target_identity,
         )
     )
 
 
 def decode_patch_header(buf: bytes) -> PatchHeader:
     body = buf[: PATCH_HEADER.size]
-    (magic, version, flags, shift, comp, reserved, base_size, target_size, base_id,
+    (magic, version, flags, shift, comp, reserved, base_size, target_size, mtime_ns, base_id,
      target_id) = PATCH_HEADER.unpack(body)
     _check_magic_version(magic, version, flags, KNOWN_PATCH_FLAGS, "patch")
     _check_crc(body, CRC.unpack_from(buf, PATCH_HEADER.size)[0], "patch header", 0)
@@ -418,7 +465,7 @@ def decode_patch_header(buf: bytes) -> PatchHeader:
     check_size(target_size, "target size", "patch header at byte 24")
     if flags & FLAG_FULL and base_size:
         raise FormatError("patch header at byte 16: a full patch must have base size 0")
-    return PatchHeader(flags, shift, base_size, target_size, base_id, target_id, comp)
+    return PatchHeader(flags, shift, base_size, target_size, base_id, target_id, comp, mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -489,7 +536,8 @@ class PatchReader:
     """Streams a patch: header, then records in order, then the trailer, checking each
     field against the spec's limits before reading what it announces."""
 
-    def __init__(self, read: Callable[[int], bytes], name: str = "patch"):
+    def __init__(self, read: Callable[[int], bytes], name: str = "patch", key: bytes | None = None,
+                 unauthenticated_ok: bool = False):
         self.r = Reader(read, name)
         self.name = name
         head = self.r.exact(PATCH_HEADER.size + CRC.size, "header")
@@ -497,10 +545,36 @@ class PatchReader:
             self.header = decode_patch_header(head)
         except FormatError as e:
             raise type(e)(f"{name}: {e}") from None
+        self.mac: MacChain | None = None
+        if self.header.authenticated:
+            if key is None and not unauthenticated_ok:
+                raise AuthenticationError(
+                    f"{name}: patch is authenticated (flag at byte 10) but no key was given; "
+                    "pass --key-file, or --no-auth to apply it unchecked"
+                )
+            self.mac = MacChain(key) if key is not None else None
+            self._tag(f"{name} header", head)
+        elif key is not None:
+            raise AuthenticationError(
+                f"{name}: patch is not authenticated (no MAC flag at byte 10) but a key was given"
+            )
         self.trailer: PatchTrailer | None = None
         self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
         self.payload_bytes = 0
         self.raw_bytes = 0
+
+    def _tag(self, where: str, *element: bytes) -> None:
+        """Read the tag after an element; check it when a key is known."""
+        if not self.header.authenticated:
+            return
+        at = self.r.pos
+        tag = self.r.exact(MAC_LEN, f"MAC tag after {where}")
+        if self.mac is not None:
+            expected = self.mac.next(*element)
+            if not hmac.compare_digest(tag, expected):
+                raise AuthenticationError(
+                    f"{where}: MAC mismatch at byte {at}: the patch was altered or the key is wrong"
+                )
 
     def records(self) -> Iterator[Record]:
         h = self.header
@@ -565,6 +639,7 @@ class PatchReader:
                     if meta[b * width + HASH_LEN : (b + 1) * width] == ZERO_HASH:
                         raise FormatError(f"{where}: block {first + b} has the zero hash as target")
             payload = r.exact(payload_len, f"record {n} payload") if payload_len else b""
+            self._tag(where, kind, rest, meta, CRC.pack(crc), payload)
             self.counts[k] += count
             self.payload_bytes += payload_len
             next_block = first + count
@@ -575,6 +650,7 @@ class PatchReader:
         rest = self.r.exact(PATCH_TRAILER.size - 1 + CRC.size, "trailer")
         body = kind + rest[: -CRC.size]
         _check_crc(body, CRC.unpack(rest[-CRC.size :])[0], f"{self.name} trailer", at)
+        self._tag(f"{self.name} trailer at byte {at}", kind, rest)
         t = PatchTrailer(*PATCH_TRAILER.unpack(body)[1:])
         seen = PatchTrailer(n, self.counts[REC_DATA], self.counts[REC_ZERO], self.counts[REC_COPY],
                             self.payload_bytes, at)

@@ -23,7 +23,8 @@ class SignatureStats:
 
 
 def write_signature(fd: int, shift: int, name: str, write: Callable[[bytes], object],
-                    progress: Callable[[int], None] | None = None) -> SignatureStats:
+                    progress: Callable[[int], None] | None = None,
+                    mtime_ns: int = 0) -> SignatureStats:
     scan = Scanner(fd, shift, name, progress=progress)
     written = 0
 
@@ -49,7 +50,7 @@ def write_signature(fd: int, shift: int, name: str, write: Callable[[bytes], obj
         emit(enc.start())
         for k, i in enumerate(index):
             emit(enc.data_at(i, bytes(hashes[16 * k : 16 * k + 16])))
-    tail, identity = enc.finish()
+    tail, identity = enc.finish(mtime_ns)
     emit(tail)
     blocks = blocks_for(scan.size, shift)
     return SignatureStats(scan.size, 1 << shift, blocks, enc.data_blocks, blocks - enc.data_blocks,
