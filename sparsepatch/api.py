@@ -5,6 +5,7 @@ stats objects. The CLI is a thin layer over this module."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import sys
@@ -15,7 +16,7 @@ from typing import IO, Any
 from . import sparse
 from .apply import Applier, ApplyStats, Journal, journal_path
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
-from .errors import BadMagic, ChecksumMismatch, FormatError, IOFailure, UsageError, WrongBase
+from .errors import FormatError, IOFailure, UsageError, VerifyMismatch, WrongBase
 from .format import (
     CRC,
     MAX_SHIFT,
@@ -33,10 +34,11 @@ from .format import (
     sniff,
 )
 from .signature import SignatureStats, write_signature
+from .verify import VerifyStats, against_signature, verify_patch
 
 DEFAULT_BLOCK_SIZE = 64 << 10
 
-__all__ = ["signature", "diff", "apply", "info", "check", "ApplyStats", "DiffStats",
+__all__ = ["signature", "diff", "apply", "info", "check", "verify", "VerifyStats", "ApplyStats", "DiffStats",
            "SignatureStats", "DEFAULT_BLOCK_SIZE"]
 
 
@@ -97,6 +99,23 @@ def _output(path: str | None) -> Iterator[Callable[[bytes], object]]:
         raise
 
 
+def _sniff(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
+    """What f holds, from its magic, and a read callable that still starts at byte 0
+    (stdin cannot seek back)."""
+    head = f.read(8)
+    kind = sniff(head, name)
+    pending = memoryview(head)
+
+    def read(n: int) -> bytes:
+        nonlocal pending
+        if pending:
+            out, pending = bytes(pending[:n]), pending[n:]
+            return out
+        return f.read(n)
+
+    return kind, read
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -132,16 +151,7 @@ def load_signature(path: str) -> Signature:
 def empty_signature(block_size: int) -> Signature:
     enc = SignatureEncoder(SigHeader(block_shift(block_size), 0))
     data = enc.start() + enc.finish()[0]
-    view = memoryview(data)
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        chunk = bytes(view[pos : pos + n])
-        pos += len(chunk)
-        return chunk
-
-    return read_signature(read, "empty signature")
+    return read_signature(io.BytesIO(data).read, "empty signature")
 
 
 def load_key(path: str) -> bytes:
@@ -241,42 +251,69 @@ def apply(patch: str, dest: str, verify: bool = False, *, key_file: str | None =
         finally:
             os.close(fd)
     if verify:
-        check(dest, h.block_shift, h.target_identity)
+        check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
 
 
-def check(path: str, shift: int, identity: bytes) -> None:
-    """Re-hash path's data extents and compare with a target identity."""
-    fd = sparse.open_path(path, os.O_RDONLY)
+def check(path: str, shift: int, identity: bytes, size: int | None = None) -> None:
+    """Re-hash path's data extents and compare with a target identity (and size)."""
+    fd, own = _open_source(path)
     try:
-        found = write_signature(fd, shift, path, lambda b: None).identity
+        st = write_signature(fd, shift, path, lambda b: None)
     finally:
-        os.close(fd)
-    if found != identity.hex():
-        raise ChecksumMismatch(
-            f"{path}: verify failed: content does not match the target identity "
-            f"(expected {identity.hex()[:16]}..., found {found[:16]}...)"
+        if own:
+            os.close(fd)
+    if size is not None and st.file_size != size:
+        raise VerifyMismatch(f"{path}: {st.file_size} bytes, the patch's target is {size} bytes")
+    if st.identity != identity.hex():
+        raise VerifyMismatch(
+            f"{path}: content does not match the target identity "
+            f"(expected {identity.hex()[:16]}..., found {st.identity[:16]}...)"
         )
+
+
+def verify(path: str, against: str | None = None, key_file: str | None = None) -> VerifyStats | None:
+    """Without against: check a patch end to end (every CRC, MAC, payload and block hash).
+    With against (a signature or patch): check the file path against it; raise
+    VerifyMismatch naming the first difference."""
+    if against is None:
+        key = load_key(key_file) if key_file else None
+        with _input(path) as f:
+            name = "patch" if path == "-" else path
+            return verify_patch(PatchReader(f.read, name, key, unauthenticated_ok=key is None))
+    with _input(against) as f:
+        name = "input" if against == "-" else against
+        kind, read = _sniff(f, name)
+        if kind == "signature":
+            sig = read_signature(read, name)
+        else:
+            h = PatchReader(read, name, None, unauthenticated_ok=True).header
+    if kind == "patch":
+        check(path, h.block_shift, h.target_identity, h.target_size)
+        return None
+    fd, own = _open_source(path)
+    try:
+        against_signature(fd, path, sig)
+    finally:
+        if own:
+            os.close(fd)
+    return None
 
 
 def info(path: str) -> dict[str, Any]:
     """What a signature or patch holds, fully decoded and checked."""
     with _input(path) as f:
         name = "input" if path == "-" else path
-        magic = f.peek(8)[:8] if hasattr(f, "peek") else b""
-        try:
-            kind = sniff(magic)
-        except BadMagic as e:
-            raise BadMagic(f"{name}: {e}") from None
+        kind, read = _sniff(f, name)
         if kind == "signature":
-            s = read_signature(f.read, name)
+            s = read_signature(read, name)
             return {
                 "kind": "signature", "version": 1, "block_size": s.block_size,
                 "file_size": s.header.file_size, "blocks": s.header.block_count,
                 "data_blocks": len(s.data_index), "hole_blocks": s.hole_blocks, "runs": s.runs,
                 "mtime_ns": s.mtime_ns, "identity": s.identity.hex(),
             }
-        reader = PatchReader(f.read, name, None, unauthenticated_ok=True)
+        reader = PatchReader(read, name, None, unauthenticated_ok=True)
         h = reader.header
         records = {name_: 0 for name_ in REC_NAMES.values()}
         raw = 0

@@ -8,15 +8,13 @@ its bytes reach the destination."""
 
 from __future__ import annotations
 
-import bisect
 import os
 from dataclasses import dataclass
 
 from . import sparse
-from .errors import ChecksumMismatch, IOFailure, WrongBase
+from .errors import IOFailure, WrongBase
 from .format import (
     JOURNAL_SLOT_SIZE,
-    REC_COPY,
     REC_DATA,
     REC_ZERO,
     ZERO_HASH,
@@ -24,8 +22,8 @@ from .format import (
     PatchReader,
     Record,
     block_hash,
+    decode_data,
     decode_journal_slot,
-    decode_payload,
     encode_journal_slot,
 )
 
@@ -98,27 +96,6 @@ class Journal:
         sparse.sync_dir(os.path.dirname(self.path))
 
 
-class _Ranges:
-    """Disjoint block ranges kept merged and sorted, to ask whether a range meets any."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-
-    def add(self, start: int, end: int) -> None:
-        lo = bisect.bisect_left(self.ends, start)  # first range ending at or after start
-        hi = bisect.bisect_right(self.starts, end)  # ranges from lo to hi touch [start, end)
-        if lo < hi:
-            start = min(start, self.starts[lo])
-            end = max(end, self.ends[hi - 1])
-        self.starts[lo:hi] = [start]
-        self.ends[lo:hi] = [end]
-
-    def meets(self, start: int, end: int) -> bool:
-        k = bisect.bisect_left(self.starts, end)
-        return k > 0 and self.ends[k - 1] > start
-
-
 class Applier:
     def __init__(self, reader: PatchReader, fd: int, name: str, journal: Journal,
                  accepted: tuple[int, int] | None):
@@ -133,8 +110,6 @@ class Applier:
         self.bs = 1 << self.shift
         self._buf = bytearray(self.bs)
         self._zero = bytes(self.bs)
-        self.changed = _Ranges()  # blocks records have written or may write
-        self.copied_from = _Ranges()  # blocks copies have read: no later record may change them
         self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
         self.punch_ok = True
 
@@ -228,31 +203,8 @@ class Applier:
                 runs.append((b, 1))
         return runs
 
-    def _check_independent(self, rec: Record) -> None:
-        if self.copied_from.meets(rec.first_block, rec.end_block):
-            raise WrongBase(f"{rec.where()}: changes a block an earlier copy record read from")
-        if rec.kind == REC_COPY and self.changed.meets(rec.source_block, rec.source_block + rec.count):
-            raise WrongBase(f"{rec.where()}: copies from a block an earlier record changes")
-
     def record(self, rec: Record) -> None:
-        self._check_independent(rec)
-        h = self.h
-        data: bytes | None = None
-        if rec.kind == REC_DATA:
-            data = decode_payload(h, rec)
-            view = memoryview(data)
-            for b in range(rec.count):
-                blk = view[b << self.shift : (b + 1) << self.shift]
-                if len(blk) < self.bs:
-                    blk = memoryview(bytes(blk) + self._zero[len(blk) :])
-                if block_hash(blk) != rec.target_hash(b):
-                    raise ChecksumMismatch(
-                        f"{rec.where()}: block {rec.first_block + b} does not match its target "
-                        "hash after decompression"
-                    )
-        elif rec.kind == REC_COPY:
-            self.copied_from.add(rec.source_block, rec.source_block + rec.count)
-        self.changed.add(rec.first_block, rec.end_block)
+        data = decode_data(self.h, rec) if rec.kind == REC_DATA else None
         need = self._needs_write(rec)
         runs = self._runs(need)
         self.skipped += rec.count - sum(need)

@@ -17,7 +17,8 @@ from .errors import SparsePatchError
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 other error, 2 usage, 3 I/O (missing file, no space),
 4 corrupt or unsupported input, 5 wrong base (destination is not what the
-signature saw), 6 source changed while reading, 7 destination locked."""
+signature saw), 6 source changed while reading, 7 destination locked,
+8 verify found a difference."""
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -174,6 +175,33 @@ def apply(patch: str, dest: str, verify: bool, key_file: str | None, no_auth: bo
                 f"{s.blocks_copied:,} copied, {s.blocks_skipped:,} already current, "
                 f"{human(s.bytes_written)} written{', resumed' if s.resumed else ''}"
                 f"{', verified' if verify else ''}, {time.monotonic() - t:.1f} s")
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("args", nargs=-1, metavar="PATCH | --against SIG_OR_PATCH FILE")
+@click.option("--against", metavar="SIG_OR_PATCH",
+              help="Check FILE against a signature (block by block) or a patch's target.")
+@click.option("-k", "--key-file", metavar="KEY", help="Also check the patch's MAC with this key.")
+@_quiet
+def verify(args: tuple[str, ...], against: str | None, key_file: str | None, quiet: bool) -> None:
+    """Check a patch end to end without a destination, or a file against a signature
+    or a patch's target. Exit 0 when good; otherwise the first difference.
+
+    \b
+    Examples:
+      sparsepatch verify vm.patch
+      sparsepatch verify --against vm.sig /var/lib/libvirt/images/vm.img
+      sparsepatch verify --against vm.patch /var/lib/libvirt/images/vm.img
+    """
+    if len(args) != 1:
+        raise click.UsageError("expected PATCH, or --against SIG_OR_PATCH FILE")
+    s = _run(api.verify, args[0], against, key_file)
+    if s is None:
+        _say(quiet, f"verify: {args[0]} matches {against}")
+    else:
+        auth = "MAC checked" if s.authenticated else "no MAC checked"
+        _say(quiet, f"verify: {args[0]} is intact: {s.records:,} records, "
+                    f"{human(s.data_bytes)} of data, every block hash checked, {auth}")
 
 
 @main.command(epilog=EXIT_CODES)

@@ -63,3 +63,9 @@ class Locked(SparsePatchError):
     """Another apply holds the destination."""
 
     exit_code = 7
+
+
+class VerifyMismatch(SparsePatchError):
+    """A file does not match the signature or patch target it was checked against."""
+
+    exit_code = 8

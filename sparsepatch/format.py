@@ -7,6 +7,7 @@ This module never opens a file.
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import struct
 from array import array
@@ -178,16 +179,22 @@ class Reader:
         return not self._read(1)
 
 
-def sniff(magic: bytes) -> str:
+def sniff(magic: bytes, name: str = "input") -> str:
     """'signature' or 'patch' from the first 8 bytes, else BadMagic."""
     if magic == SIG_MAGIC:
         return "signature"
     if magic == PATCH_MAGIC:
         return "patch"
-    raise BadMagic(f"unknown magic {magic[:8].hex()} at byte 0: not a sparsepatch signature or patch")
+    if not magic:
+        raise Truncated(f"{name} is empty: not a sparsepatch signature or patch")
+    raise BadMagic(
+        f"{name}: unknown magic {magic[:8].hex()} at byte 0: not a sparsepatch signature or patch"
+    )
 
 
 def _check_magic_version(magic: bytes, version: int, flags: int, known_flags: int, kind: str) -> None:
+    if magic not in (SIG_MAGIC, PATCH_MAGIC):
+        raise BadMagic(f"unknown magic {magic.hex()} at byte 0: not a sparsepatch {kind}")
     found = sniff(magic)
     if found != kind:
         raise BadMagic(f"expected a {kind}, found a {found} (magic at byte 0)")
@@ -525,6 +532,27 @@ def encode_patch_trailer(t: PatchTrailer) -> bytes:
     )
 
 
+class RangeSet:
+    """Disjoint block ranges kept merged and sorted, to ask whether a range meets any."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        lo = bisect.bisect_left(self.ends, start)  # first range ending at or after start
+        hi = bisect.bisect_right(self.starts, end)  # ranges lo..hi-1 touch [start, end)
+        if lo < hi:
+            start = min(start, self.starts[lo])
+            end = max(end, self.ends[hi - 1])
+        self.starts[lo:hi] = [start]
+        self.ends[lo:hi] = [end]
+
+    def meets(self, start: int, end: int) -> bool:
+        k = bisect.bisect_left(self.starts, end)
+        return k > 0 and self.ends[k - 1] > start
+
+
 def raw_length(header: PatchHeader, first_block: int, count: int) -> int:
     """Bytes of target a DATA record carries: its blocks clipped at the target size."""
     start = first_block << header.block_shift
@@ -583,6 +611,9 @@ class PatchReader:
         max_data = data_record_max_blocks(h.block_shift)
         next_block = 0
         n = 0
+        # A copy must read a block no record changes, or the result would depend on the
+        # order records are applied in and a resumed apply could read half-written data.
+        changed, copied_from = RangeSet(), RangeSet()
         while True:
             at = r.pos
             kind = r.exact(1, f"record {n} kind")
@@ -630,6 +661,13 @@ class PatchReader:
                     raise FormatError(f"{where}: copy source overlaps its own destination")
             elif source:
                 raise FormatError(f"{where}: source block {source}, expected 0")
+            if copied_from.meets(first, first + count):
+                raise FormatError(f"{where}: changes a block an earlier copy record reads from")
+            if k == REC_COPY:
+                if changed.meets(source, source + count):
+                    raise FormatError(f"{where}: copies from a block an earlier record changes")
+                copied_from.add(source, source + count)
+            changed.add(first, first + count)
             width = HASH_LEN if k == REC_ZERO else 2 * HASH_LEN
             meta = r.exact(count * width, f"record {n} block hashes")
             crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
@@ -682,6 +720,24 @@ def decode_payload(header: PatchHeader, rec: Record) -> bytes:
     if len(out) != raw:
         raise FormatError(f"{rec.where()}: payload gave {len(out)} bytes, expected {raw}")
     return out
+
+
+def decode_data(header: PatchHeader, rec: Record) -> bytes:
+    """A DATA record's target bytes, each block checked against its target hash."""
+    data = decode_payload(header, rec)
+    shift = header.block_shift
+    bs = 1 << shift
+    view = memoryview(data)
+    for b in range(rec.count):
+        blk = view[b << shift : (b + 1) << shift]
+        if len(blk) < bs:
+            blk = memoryview(bytes(blk) + bytes(bs - len(blk)))
+        if block_hash(blk) != rec.target_hash(b):
+            raise ChecksumMismatch(
+                f"{rec.where()}: block {rec.first_block + b} does not match its target hash "
+                "after decompression"
+            )
+    return data
 
 
 # ---------------------------------------------------------------- journal
