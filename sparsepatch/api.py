@@ -59,15 +59,92 @@ def _input(path: str) -> Iterator[IO[bytes]]:
         yield f
 
 
+def patch_pieces(paths: list[str]) -> list[str]:
+    """The files a patch is read from: the paths given, or for a single PATCH.000 every
+    numbered piece after it that exists (diff --split writes them)."""
+    if len(paths) == 1 and paths[0].endswith(".000") and not os.path.exists(paths[0][:-4]):
+        stem, k, out = paths[0][:-4], 0, []
+        while os.path.exists(f"{stem}.{k:03d}"):
+            out.append(f"{stem}.{k:03d}")
+            k += 1
+        return out or paths
+    return paths
+
+
 @contextlib.contextmanager
-def _output(path: str | None) -> Iterator[Callable[[bytes], object]]:
+def _inputs(paths: list[str]) -> Iterator[Callable[[int], bytes]]:
+    """One read callable over several files in order (pieces of a split patch)."""
+    if len(paths) == 1:
+        with _input(paths[0]) as f:
+            yield f.read
+        return
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(_input(p)) for p in paths]
+        current = 0
+
+        def read(n: int) -> bytes:
+            nonlocal current
+            while current < len(files):
+                chunk = files[current].read(n)
+                if chunk:
+                    return chunk
+                current += 1
+            return b""
+
+        yield read
+
+
+@contextlib.contextmanager
+def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[bytes], object]]:
     """Write to stdout, or to a temporary file beside path renamed over it when complete,
-    so that an interrupted run never leaves a file that looks finished."""
+    so that an interrupted run never leaves a file that looks finished. With split, write
+    path.000, path.001, ... of at most split bytes each."""
     if path is None or path == "-":
+        if split:
+            raise UsageError("--split needs -o FILE")
         out = sys.stdout.buffer
         yield out.write
         out.flush()
         return
+    if split:
+        with _split_output(path, split) as write:
+            yield write
+        return
+    with _file_output(path) as write:
+        yield write
+
+
+@contextlib.contextmanager
+def _split_output(path: str, split: int) -> Iterator[Callable[[bytes], object]]:
+    state = {"piece": 0, "left": split}
+    stack = contextlib.ExitStack()
+    current = stack.enter_context(_file_output(f"{path}.000"))
+
+    def write(b: bytes) -> None:
+        nonlocal current
+        view = memoryview(b)
+        while view:
+            if state["left"] == 0:
+                stack.close()  # the finished piece is renamed into place
+                state["piece"] += 1
+                state["left"] = split
+                current = stack.enter_context(_file_output(f"{path}.{state['piece']:03d}"))
+            n = min(len(view), state["left"])
+            current(bytes(view[:n]))
+            state["left"] -= n
+            view = view[n:]
+
+    with stack:
+        yield write
+    # Remove pieces a previous, longer patch of the same name left behind.
+    k = state["piece"] + 1
+    while os.path.exists(f"{path}.{k:03d}"):
+        os.unlink(f"{path}.{k:03d}")
+        k += 1
+
+
+@contextlib.contextmanager
+def _file_output(path: str) -> Iterator[Callable[[bytes], object]]:
     folder, base = os.path.split(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=folder)
@@ -116,6 +193,15 @@ def _sniff(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
     return kind, read
 
 
+def _counting(read: Callable[[int], bytes], progress: Callable[[int], None]) -> Callable[[int], bytes]:
+    def counted(n: int) -> bytes:
+        chunk = read(n)
+        progress(len(chunk))
+        return chunk
+
+    return counted
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -126,6 +212,31 @@ def _open_source(path: str) -> tuple[int, bool]:
     if path == "-":
         return sys.stdin.fileno(), False
     return sparse.open_path(path, os.O_RDONLY), True
+
+
+def data_size(path: str) -> int | None:
+    """Bytes in path's data extents (what signature and diff will read); None for a stream."""
+    if path == "-":
+        return None
+    fd = sparse.open_path(path, os.O_RDONLY)
+    try:
+        if not sparse.is_seekable(fd):
+            return None
+        size = sparse.file_size(fd)
+        return sum(end - start for start, end in sparse.data_extents(fd, size))
+    finally:
+        os.close(fd)
+
+
+def input_size(path: str) -> int | None:
+    """Size of a regular file to be read whole (a patch), None for a stream."""
+    if path == "-":
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -167,7 +278,7 @@ def load_key(path: str) -> bytes:
 
 def diff(sig: str | None, source: str, output: str | None = None, *, full: bool = False,
          block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
-         key_file: str | None = None,
+         key_file: str | None = None, split: int | None = None,
          progress: Callable[[int], None] | None = None) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file."""
@@ -179,7 +290,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
     fd, own = _open_source(source)
     try:
-        with _output(output) as write:
+        with _output(output, split) as write:
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
                                progress=progress)
     finally:
@@ -206,24 +317,43 @@ def _open_dest(dest: str, full: bool) -> tuple[int, bool]:
         raise IOFailure(f"{dest}: cannot create: {e.strerror}") from None
 
 
-def apply(patch: str, dest: str, verify: bool = False, *, key_file: str | None = None,
-          unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None) -> ApplyStats:
-    """Apply patch (a path or '-') to dest in place; create dest for a full patch.
+def default_journal(dest: str) -> str:
+    """Beside a file; for a block device (whose /dev folder is not durable) in /var/tmp."""
+    try:
+        if stat.S_ISBLK(os.stat(dest).st_mode):
+            return os.path.join("/var/tmp", f"sparsepatch-{os.path.basename(dest)}.journal")
+    except OSError:
+        pass
+    return journal_path(dest)
+
+
+def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
+          unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None,
+          journal: str | None = None, discard: bool = False,
+          progress: Callable[[int], None] | None = None) -> ApplyStats:
+    """Apply patch (a path, '-', or the pieces of a split patch in order) to dest in place;
+    create dest for a full patch.
 
     An authenticated patch needs key_file (or unauthenticated_ok=True to skip the check);
-    with key_file, an unauthenticated patch is refused. warn receives non-fatal notes."""
+    with key_file, an unauthenticated patch is refused. warn receives non-fatal notes.
+    journal overrides where the resume journal lives; discard uses BLKDISCARD for zero
+    ranges on block devices (checked to read back as zeros)."""
     key = load_key(key_file) if key_file else None
-    with _input(patch) as f:
-        reader = PatchReader(f.read, "patch" if patch == "-" else patch, key, unauthenticated_ok)
+    pieces = patch_pieces([patch] if isinstance(patch, str) else list(patch))
+    jpath = journal or default_journal(dest)
+    with _inputs(pieces) as raw_read:
+        read = raw_read if progress is None else _counting(raw_read, progress)
+        name = "patch" if pieces == ["-"] else pieces[0]
+        reader = PatchReader(read, name, key, unauthenticated_ok)
         h = reader.header
         fd, created = _open_dest(dest, h.full)
         try:
             sparse.lock_exclusive(fd, dest)
-            journal = Journal(journal_path(dest))
-            slot = journal.load()
+            journal_ = Journal(jpath)
+            slot = journal_.load()
             if slot and (slot.base_identity, slot.target_identity) != (h.base_identity, h.target_identity):
                 raise WrongBase(
-                    f"{journal.path}: an interrupted apply of another patch (target "
+                    f"{journal_.path}: an interrupted apply of another patch (target "
                     f"{slot.target_identity.hex()[:16]}) left this journal; finish that patch "
                     "first, or delete the journal if the destination is known to be intact"
                 )
@@ -238,14 +368,19 @@ def apply(patch: str, dest: str, verify: bool = False, *, key_file: str | None =
                     f"{dest}: destination is {size} bytes; the patch expects the base size "
                     f"{h.base_size} (or the target size {h.target_size} if already applied)"
                 )
-            if warn and h.base_mtime_ns and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns:
-                warn(f"{dest}: modified since the signature was taken (mtime differs): already "
-                     "patched, or changed; every block the patch touches is checked before writing")
+            if h.full and not created and not slot and size:
+                return _full_onto_existing(reader, fd, dest, verify)
+            stale = bool(h.base_mtime_ns) and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns
             accepted = (slot.start_block, slot.end_block) if slot else None
-            stats = Applier(reader, fd, dest, journal, accepted).run()
+            stats = Applier(reader, fd, dest, journal_, accepted, discard).run()
+            if warn and stale and stats.blocks_written + stats.blocks_punched + stats.blocks_copied:
+                # Only worth saying when this run changed something: a repeated apply also
+                # finds a new mtime, its own.
+                warn(f"{dest} was modified after the signature was taken (its mtime differs); "
+                     "blocks the patch touched were checked, others were not: use --verify")
         except BaseException:
             # A file this run created and never wrote to would only mislead: remove it.
-            if created and sparse.file_size(fd) == 0 and not os.path.exists(journal_path(dest)):
+            if created and sparse.file_size(fd) == 0 and not os.path.exists(jpath):
                 os.unlink(dest)
             raise
         finally:
@@ -253,6 +388,24 @@ def apply(patch: str, dest: str, verify: bool = False, *, key_file: str | None =
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
+
+
+def _full_onto_existing(reader: PatchReader, fd: int, dest: str, verify: bool) -> ApplyStats:
+    """A full patch describes data blocks only, not the holes between them, so it cannot
+    check an existing file block by block. Accept it only when the file already is the
+    target (a repeated first copy); anything else is refused before writing."""
+    h = reader.header
+    found = write_signature(fd, h.block_shift, dest, lambda b: None)
+    if found.file_size != h.target_size or found.identity != h.target_identity.hex():
+        raise WrongBase(
+            f"{dest}: exists and is not this patch's target; a full patch only creates a file "
+            "(or resumes its interrupted creation): remove it, or update it with a signature"
+        )
+    n = blocks = 0
+    for rec in reader.records():
+        n += 1
+        blocks += rec.count
+    return ApplyStats(h.target_size, h.block_size, n, 0, 0, 0, blocks, 0, False)
 
 
 def check(path: str, shift: int, identity: bytes, size: int | None = None) -> None:

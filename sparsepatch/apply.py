@@ -98,7 +98,8 @@ class Journal:
 
 class Applier:
     def __init__(self, reader: PatchReader, fd: int, name: str, journal: Journal,
-                 accepted: tuple[int, int] | None):
+                 accepted: tuple[int, int] | None, discard: bool = False):
+        self.discard = discard
         self.reader = reader
         self.h = reader.header
         self.fd = fd
@@ -158,7 +159,7 @@ class Applier:
         if length <= 0:
             return
         try:
-            ok = self.punch_ok and sparse.punch_hole(self.fd, off, length)
+            ok = self.punch_ok and sparse.punch_hole(self.fd, off, length, self.discard)
         except OSError as e:
             raise IOFailure(f"{self.name}: cannot punch a hole at byte {off}: {e.strerror}") from None
         if not ok:

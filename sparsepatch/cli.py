@@ -1,12 +1,15 @@
-"""Command line: options, one-line errors, exit codes and summaries. Never touches bytes."""
+"""Command line: options, progress, one-line errors, exit codes and summaries.
+Never touches file contents: everything goes through api."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -15,31 +18,26 @@ from . import __version__, api
 from .errors import SparsePatchError
 
 EXIT_CODES = """\b
-Exit codes: 0 success, 1 other error, 2 usage, 3 I/O (missing file, no space),
-4 corrupt or unsupported input, 5 wrong base (destination is not what the
-signature saw), 6 source changed while reading, 7 destination locked,
-8 verify found a difference."""
+Exit codes: 0 success, 1 other error, 2 usage, 3 I/O (missing file, no space,
+permission), 4 corrupt, truncated, unauthenticated or unsupported input, 5 wrong
+base (the destination is not what the signature saw), 6 source changed while
+being read, 7 destination locked by another apply, 8 verify found a difference."""
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 64K, 1M or 65536")
-    return int(m.group(1)) * _UNITS[m.group(2)]
-
-
 class SizeType(click.ParamType):
+    """Sizes like 64K, 4M, 4G, 65536 (binary units)."""
+
     name = "SIZE"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
         if isinstance(value, int):
             return value
-        try:
-            return _size(value)
-        except click.BadParameter as e:
-            self.fail(str(e), param, ctx)
+        m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+        if not m:
+            self.fail(f"{value!r} is not a size like 64K, 4M, 4G or 65536", param, ctx)
+        return int(m.group(1)) * _UNITS[m.group(2)]
 
 
 def human(n: float) -> str:
@@ -47,13 +45,73 @@ def human(n: float) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.1f} PiB"
 
 
-def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Bytes done of total on stderr: a redrawn bar on a terminal, or one line every
+    few seconds for logs. Total is data-extent bytes (or patch bytes), not apparent size."""
+
+    def __init__(self, label: str, total: int | None, mode: str):
+        self.label, self.total, self.mode = label, total, mode
+        self.done = 0
+        self.start = self.last = time.monotonic()
+        self.every = 0.2 if mode == "bar" else 10.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-6)
+        text = f"{self.label}: {human(self.done)}"
+        bar = ""
+        if self.total:
+            frac = min(self.done / self.total, 1.0)
+            left = (self.total - self.done) / rate if rate > 0 else 0
+            text += f" of {human(self.total)} ({frac:.0%}), {human(rate)}/s, {_clock(left)} left"
+            width = 24
+            bar = "[" + "#" * int(frac * width) + "." * (width - int(frac * width)) + "] "
+        else:
+            text += f", {human(rate)}/s"
+        if self.mode == "bar":
+            click.echo(f"\r{bar}{text}\x1b[K", err=True, nl=False)
+        else:
+            click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.mode == "bar" and self.done:
+            click.echo("\r\x1b[K", err=True, nl=False)
+
+
+def _progress(label: str, total: Callable[[], int | None], mode: str, quiet: bool) -> Progress | None:
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "none"
+    if quiet or mode == "none":
+        return None
+    try:
+        size = total()
+    except SparsePatchError:
+        size = None  # the command itself will report the problem
+    return Progress(label, size, mode)
+
+
+def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    prog = kwargs.get("progress")
     try:
         return fn(*args, **kwargs)
     except SparsePatchError as e:
+        if prog:
+            prog.close()
+            prog = None
         click.echo(f"sparsepatch: error: {e}", err=True)
         sys.exit(e.exit_code)
     except BrokenPipeError:
@@ -62,8 +120,11 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("sparsepatch: interrupted", err=True)
+        click.echo("\nsparsepatch: interrupted", err=True)
         sys.exit(130)
+    finally:
+        if prog:
+            prog.close()
 
 
 def _refuse_tty(output: str | None) -> None:
@@ -73,27 +134,68 @@ def _refuse_tty(output: str | None) -> None:
         sys.exit(2)
 
 
-def _say(quiet: bool, text: str) -> None:
+def _stats_target(as_json: bool, stats: str | None, stdout_busy: bool) -> str | None:
+    if as_json and stats:
+        raise click.UsageError("use either --json or --stats FILE")
+    if as_json:
+        if stdout_busy:
+            raise click.UsageError("stdout carries data here: use --stats FILE (or -o)")
+        return "-"
+    return stats
+
+
+def _finish(command: str, result: Any, seconds: float, summary: str, quiet: bool,
+            stats_to: str | None) -> None:
     if not quiet:
-        click.echo(text, err=True)
+        click.echo(f"{summary}, {seconds:.1f} s", err=True)
+    if stats_to:
+        is_stats = dataclasses.is_dataclass(result) and not isinstance(result, type)
+        d = dataclasses.asdict(result) if is_stats else dict(result or {})
+        d = {"command": command, **d, "seconds": round(seconds, 3)}
+        text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+        if stats_to == "-":
+            click.echo(text, nl=False)
+        else:
+            try:
+                with open(stats_to, "w") as f:
+                    f.write(text)
+            except OSError as e:
+                click.echo(f"sparsepatch: error: {stats_to}: {e.strerror}", err=True)
+                sys.exit(3)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="sparsepatch")
 def main() -> None:
     """Keep huge sparse files in sync with small, safe, offline patches.
 
     \b
-    On the destination host, with a link:
+    On the destination host, with a link to the source host:
       sparsepatch signature img | ssh src sparsepatch diff - img | sparsepatch apply - img
     Offline (USB stick):
       dest$ sparsepatch signature img -o /media/usb/img.sig
       src$  sparsepatch diff /media/usb/img.sig img -o /media/usb/img.patch
       dest$ sparsepatch apply /media/usb/img.patch img
+    First copy:
+      src$  sparsepatch diff --full img -o first.patch
+      dest$ sparsepatch apply first.patch img
+
+    Shell completion (bash): eval "$(_SPARSEPATCH_COMPLETE=bash_source sparsepatch)"
     """
 
 
-_quiet = click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--stats", metavar="FILE", help="Write JSON stats to FILE.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="Print JSON stats on stdout (when stdout carries no data).")(fn)
+    fn = click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]),
+                      default="auto", show_default=True,
+                      help="Progress on stderr: a bar on a terminal, lines for logs.")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="No progress and no summary.")(fn)
+    return fn
+
+
 _output = click.option("-o", "--output", metavar="FILE",
                        help="Write here (atomically: renamed when complete) instead of stdout.")
 
@@ -103,19 +205,24 @@ _output = click.option("-o", "--output", metavar="FILE",
 @_output
 @click.option("-b", "--block-size", type=SizeType(), default=str(api.DEFAULT_BLOCK_SIZE),
               show_default="64K", help="Block size, a power of two from 4K to 16M.")
-@_quiet
-def signature(dest: str, output: str | None, block_size: int, quiet: bool) -> None:
+@_common
+def signature(dest: str, output: str | None, block_size: int, quiet: bool, progress: str,
+              as_json: bool, stats: str | None) -> None:
     """Write the signature (block hashes and hole map) of DEST ('-': stdin).
 
     \b
-    Example: sparsepatch signature /var/lib/libvirt/images/vm.img -o vm.sig
+    Examples:
+      sparsepatch signature /var/lib/libvirt/images/vm.img -o vm.sig
+      sparsepatch signature /dev/vg0/vm | ssh src sparsepatch diff - vm.img > vm.patch
     """
+    stats_to = _stats_target(as_json, stats, output in (None, "-"))
     _refuse_tty(output)
+    prog = _progress("signature", lambda: api.data_size(dest), progress, quiet)
     t = time.monotonic()
-    s = _run(api.signature, dest, output, block_size)
-    _say(quiet, f"signature: {human(s.file_size)} apparent, {human(s.bytes_read)} read, "
-                f"{s.data_blocks:,} data blocks, signature {human(s.signature_bytes)}, "
-                f"{time.monotonic() - t:.1f} s")
+    s = _run(api.signature, dest, output, block_size, progress=prog)
+    _finish("signature", s, time.monotonic() - t,
+            f"signature: {human(s.file_size)} apparent, {human(s.bytes_read)} read, "
+            f"{s.data_blocks:,} data blocks, signature {human(s.signature_bytes)}", quiet, stats_to)
 
 
 @main.command(epilog=EXIT_CODES)
@@ -128,53 +235,80 @@ def signature(dest: str, output: str | None, block_size: int, quiet: bool) -> No
               help="zstd compression level.")
 @click.option("-k", "--key-file", metavar="KEY",
               help="Authenticate the patch with a keyed MAC derived from this file's bytes.")
-@_quiet
+@click.option("--split", type=SizeType(), metavar="SIZE",
+              help="With -o: write FILE.000, FILE.001, ... of at most SIZE each (e.g. 4G for FAT32).")
+@_common
 def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
-         key_file: str | None, quiet: bool) -> None:
-    """Write a patch that turns the file SIG describes into SOURCE.
+         key_file: str | None, split: int | None, quiet: bool, progress: str, as_json: bool,
+         stats: str | None) -> None:
+    """Write a patch that turns the file SIG describes into SOURCE ('-': stdin).
 
     \b
     Examples:
       sparsepatch diff vm.sig vm.img -o vm.patch
-      sparsepatch diff --full vm.img -o vm-first-copy.patch
+      sparsepatch diff --full vm.img -o /media/usb/vm.patch --split 4G
+      sparsepatch diff -k secret.key vm.sig vm.img -o vm.patch
     """
     want = 1 if full else 2
     if len(args) != want:
         raise click.UsageError("expected --full SOURCE" if full else "expected SIG SOURCE")
+    if split is not None and split < 4096:
+        raise click.UsageError("--split SIZE must be at least 4K")
+    stats_to = _stats_target(as_json, stats, output in (None, "-"))
     _refuse_tty(output)
+    prog = _progress("diff", lambda: api.data_size(args[-1]), progress, quiet)
     t = time.monotonic()
     sig = None if full else args[0]
     s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
-             key_file=key_file)
-    _say(quiet, f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
-                f"{s.data_blocks + s.zero_blocks + s.copy_blocks:,} blocks changed "
-                f"({s.data_blocks:,} data, {s.zero_blocks:,} zero, {s.copy_blocks:,} copy), "
-                f"patch {human(s.patch_bytes)}, {time.monotonic() - t:.1f} s")
+             key_file=key_file, split=split, progress=prog)
+    changed = s.data_blocks + s.zero_blocks + s.copy_blocks
+    _finish("diff", s, time.monotonic() - t,
+            f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
+            f"{changed:,} blocks changed ({s.data_blocks:,} data, {s.zero_blocks:,} zero, "
+            f"{s.copy_blocks:,} copy), patch {human(s.patch_bytes)}", quiet, stats_to)
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("patch", metavar="PATCH")
-@click.argument("dest", metavar="DEST")
+@click.argument("args", nargs=-1, required=True, metavar="PATCH... DEST")
 @click.option("--verify", is_flag=True, help="Re-hash the result and compare it with the target.")
 @click.option("-k", "--key-file", metavar="KEY",
               help="Require and check the patch's MAC with the key derived from this file.")
 @click.option("--no-auth", is_flag=True,
               help="Apply an authenticated patch without checking its MAC (not recommended).")
-@_quiet
-def apply(patch: str, dest: str, verify: bool, key_file: str | None, no_auth: bool,
-          quiet: bool) -> None:
+@click.option("--journal", metavar="FILE",
+              help="Where the resume journal lives (default: beside DEST; /var/tmp for devices).")
+@click.option("--discard", is_flag=True,
+              help="Block devices: BLKDISCARD zero ranges (kept only where they read back as zeros).")
+@_common
+def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bool,
+          journal: str | None, discard: bool, quiet: bool, progress: str, as_json: bool,
+          stats: str | None) -> None:
     """Apply PATCH ('-': stdin) to DEST in place, sparsely; safe to repeat or resume.
 
+    Give the pieces of a split patch in order (or just PATCH.000: the rest are found).
+
     \b
-    Example: sparsepatch apply vm.patch /var/lib/libvirt/images/vm.img --verify
+    Examples:
+      sparsepatch apply vm.patch /var/lib/libvirt/images/vm.img --verify
+      sparsepatch apply /media/usb/vm.patch.000 vm.img
+      cat /media/usb/vm.patch.* | sparsepatch apply - vm.img
     """
+    if len(args) < 2:
+        raise click.UsageError("expected PATCH... DEST")
+    patches, dest = list(args[:-1]), args[-1]
+    stats_to = _stats_target(as_json, stats, False)
+    pieces = api.patch_pieces(patches)
+    total = lambda: sum(api.input_size(p) or 0 for p in pieces) or None  # noqa: E731
+    prog = _progress("apply", total, progress, quiet)
     t = time.monotonic()
-    s = _run(api.apply, patch, dest, verify, key_file=key_file, unauthenticated_ok=no_auth,
+    s = _run(api.apply, patches, dest, verify, key_file=key_file, unauthenticated_ok=no_auth,
+             journal=journal, discard=discard, progress=prog,
              warn=lambda m: click.echo(f"sparsepatch: warning: {m}", err=True))
-    _say(quiet, f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "
-                f"{s.blocks_copied:,} copied, {s.blocks_skipped:,} already current, "
-                f"{human(s.bytes_written)} written{', resumed' if s.resumed else ''}"
-                f"{', verified' if verify else ''}, {time.monotonic() - t:.1f} s")
+    _finish("apply", s, time.monotonic() - t,
+            f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "
+            f"{s.blocks_copied:,} copied, {s.blocks_skipped:,} already current, "
+            f"{human(s.bytes_written)} written{', resumed' if s.resumed else ''}"
+            f"{', verified' if verify else ''}", quiet, stats_to)
 
 
 @main.command(epilog=EXIT_CODES)
@@ -182,10 +316,11 @@ def apply(patch: str, dest: str, verify: bool, key_file: str | None, no_auth: bo
 @click.option("--against", metavar="SIG_OR_PATCH",
               help="Check FILE against a signature (block by block) or a patch's target.")
 @click.option("-k", "--key-file", metavar="KEY", help="Also check the patch's MAC with this key.")
-@_quiet
-def verify(args: tuple[str, ...], against: str | None, key_file: str | None, quiet: bool) -> None:
+@_common
+def verify(args: tuple[str, ...], against: str | None, key_file: str | None, quiet: bool,
+           progress: str, as_json: bool, stats: str | None) -> None:
     """Check a patch end to end without a destination, or a file against a signature
-    or a patch's target. Exit 0 when good; otherwise the first difference.
+    or a patch's target. Exit 0 when good; otherwise the first difference (exit 8).
 
     \b
     Examples:
@@ -195,20 +330,28 @@ def verify(args: tuple[str, ...], against: str | None, key_file: str | None, qui
     """
     if len(args) != 1:
         raise click.UsageError("expected PATCH, or --against SIG_OR_PATCH FILE")
+    stats_to = _stats_target(as_json, stats, False)
+    t = time.monotonic()
     s = _run(api.verify, args[0], against, key_file)
     if s is None:
-        _say(quiet, f"verify: {args[0]} matches {against}")
-    else:
-        auth = "MAC checked" if s.authenticated else "no MAC checked"
-        _say(quiet, f"verify: {args[0]} is intact: {s.records:,} records, "
-                    f"{human(s.data_bytes)} of data, every block hash checked, {auth}")
+        _finish("verify", {"file": args[0], "against": against, "match": True},
+                time.monotonic() - t, f"verify: {args[0]} matches {against}", quiet, stats_to)
+        return
+    auth = "MAC checked" if s.authenticated else "no MAC checked"
+    _finish("verify", s, time.monotonic() - t,
+            f"verify: {args[0]} is intact: {s.records:,} records, {human(s.data_bytes)} of data, "
+            f"every block hash checked, {auth}", quiet, stats_to)
 
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("file", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(file: str, as_json: bool) -> None:
-    """Show what a signature or patch holds (and check it whole)."""
+    """Show what a signature or patch holds (and check its framing whole).
+
+    \b
+    Example: sparsepatch info vm.patch --json
+    """
     d = _run(api.info, file)
     if as_json:
         click.echo(json.dumps(d, indent=2))

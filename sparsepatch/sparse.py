@@ -19,6 +19,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
+BLKDISCARD = 0x1277
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -87,9 +88,15 @@ def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a range so it reads as zeros. False where the filesystem cannot punch."""
+def punch_hole(fd: int, offset: int, length: int, discard: bool = False) -> bool:
+    """Deallocate a range so it reads as zeros. False where the filesystem cannot punch.
+
+    On a block device, discard=True tries BLKDISCARD first and keeps it only if the range
+    then reads back as zeros (not every device guarantees that); otherwise PUNCH_HOLE
+    (which zeroes and deallocates, e.g. a loop device's backing file), then BLKZEROOUT."""
     if length <= 0:
+        return True
+    if discard and is_block_device(fd) and _discard_zeroes(fd, offset, length):
         return True
     if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return True
@@ -99,6 +106,22 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
             return _zeroout(fd, offset, length)
         return False
     raise OSError(err, os.strerror(err))
+
+
+def _discard_zeroes(fd: int, offset: int, length: int) -> bool:
+    try:
+        fcntl.ioctl(fd, BLKDISCARD, struct.pack("<QQ", offset, length))
+    except OSError:
+        return False
+    chunk = 1 << 20
+    zero = bytes(chunk)
+    pos = offset
+    while pos < offset + length:
+        n = min(chunk, offset + length - pos)
+        if not zero.startswith(os.pread(fd, n, pos)):
+            return False
+        pos += n
+    return True
 
 
 def _zeroout(fd: int, offset: int, length: int) -> bool:
