@@ -329,7 +329,7 @@ def default_journal(dest: str) -> str:
 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
           unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None,
-          journal: str | None = None, discard: bool = False,
+          journal: str | None = None, discard: bool = False, precheck: bool = True,
           progress: Callable[[int], None] | None = None) -> ApplyStats:
     """Apply patch (a path, '-', or the pieces of a split patch in order) to dest in place;
     create dest for a full patch.
@@ -337,7 +337,9 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     An authenticated patch needs key_file (or unauthenticated_ok=True to skip the check);
     with key_file, an unauthenticated patch is refused. warn receives non-fatal notes.
     journal overrides where the resume journal lives; discard uses BLKDISCARD for zero
-    ranges on block devices (checked to read back as zeros)."""
+    ranges on block devices (checked to read back as zeros). When the patch is a file (not
+    a stream), precheck reads it once whole first, so that a corrupt, truncated or
+    wrong-base patch is refused before anything is written."""
     key = load_key(key_file) if key_file else None
     pieces = patch_pieces([patch] if isinstance(patch, str) else list(patch))
     jpath = journal or default_journal(dest)
@@ -372,7 +374,11 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
                 return _full_onto_existing(reader, fd, dest, verify)
             stale = bool(h.base_mtime_ns) and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns
             accepted = (slot.start_block, slot.end_block) if slot else None
-            stats = Applier(reader, fd, dest, journal_, accepted, discard).run()
+            applier = Applier(reader, fd, dest, journal_, accepted, discard)
+            if precheck and all(input_size(p) is not None for p in pieces):
+                with _inputs(pieces) as again:
+                    applier.precheck(PatchReader(again, name, key, unauthenticated_ok))
+            stats = applier.run()
             if warn and stale and stats.blocks_written + stats.blocks_punched + stats.blocks_copied:
                 # Only worth saying when this run changed something: a repeated apply also
                 # finds a new mtime, its own.

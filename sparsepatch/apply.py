@@ -15,6 +15,7 @@ from . import sparse
 from .errors import IOFailure, WrongBase
 from .format import (
     JOURNAL_SLOT_SIZE,
+    REC_COPY,
     REC_DATA,
     REC_ZERO,
     ZERO_HASH,
@@ -224,18 +225,34 @@ class Applier:
             else:
                 self._copy(rec, b, m)
 
+    def _check_source(self, rec: Record, k: int) -> None:
+        src = rec.source_block + k
+        if self._state(src) != rec.target_hash(k):
+            raise WrongBase(
+                f"{self.name}: copy source block at byte {src << self.shift} does not hold "
+                f"the expected content ({rec.where()})"
+            )
+
     def _copy(self, rec: Record, b: int, m: int) -> None:
         for k in range(b, b + m):
-            src = rec.source_block + k
-            if self._state(src) != rec.target_hash(k):
-                raise WrongBase(
-                    f"{self.name}: copy source block at byte {src << self.shift} does not hold "
-                    f"the expected content ({rec.where()})"
-                )
+            self._check_source(rec, k)  # leaves the source block in self._buf
             dst = rec.first_block + k
             length = min(self.bs, self.h.target_size - (dst << self.shift))
             self._write(dst, memoryview(self._buf)[:length])
             self.copied += 1
+
+    def precheck(self, reader: PatchReader) -> None:
+        """A dry run over a second reading of the patch: every CRC, MAC, payload and block
+        hash, and every destination block a record would write, checked before the first
+        write. A truncated, corrupt or wrong-base patch then leaves the destination as it was."""
+        for rec in reader.records():
+            if rec.kind == REC_DATA:
+                decode_data(self.h, rec)
+            need = self._needs_write(rec)
+            if rec.kind == REC_COPY:
+                for k, w in enumerate(need):
+                    if w:
+                        self._check_source(rec, k)
 
     def run(self) -> ApplyStats:
         n = 0

@@ -178,6 +178,28 @@ class Reader:
     def at_eof(self) -> bool:
         return not self._read(1)
 
+    def header(self, size: int, kind: str) -> bytes:
+        """The fixed header: its magic is judged first, so that a short or foreign input is
+        named for what it is rather than reported as a truncated header."""
+        parts, got = [], 0
+        while got < 8:
+            chunk = self._read(8 - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        magic = b"".join(parts)
+        if not magic:
+            raise Truncated(f"{self.name} is empty: expected a sparsepatch {kind}")
+        if len(magic) < 8 and not (SIG_MAGIC.startswith(magic) or PATCH_MAGIC.startswith(magic)):
+            raise BadMagic(f"{self.name}: unknown magic {magic.hex()} at byte 0: not a sparsepatch {kind}")
+        if len(magic) == 8:
+            _check_magic(magic, kind, self.name)
+        if self.hasher is not None:
+            self.hasher.update(magic)
+        self.pos += len(magic)
+        return magic + self.exact(size - len(magic), "header")
+
 
 def sniff(magic: bytes, name: str = "input") -> str:
     """'signature' or 'patch' from the first 8 bytes, else BadMagic."""
@@ -187,17 +209,23 @@ def sniff(magic: bytes, name: str = "input") -> str:
         return "patch"
     if not magic:
         raise Truncated(f"{name} is empty: not a sparsepatch signature or patch")
+    if len(magic) < 8 and (SIG_MAGIC.startswith(magic) or PATCH_MAGIC.startswith(magic)):
+        raise Truncated(f"{name} is truncated: magic at byte 0 needs 8 bytes, found {len(magic)}")
     raise BadMagic(
         f"{name}: unknown magic {magic[:8].hex()} at byte 0: not a sparsepatch signature or patch"
     )
 
 
-def _check_magic_version(magic: bytes, version: int, flags: int, known_flags: int, kind: str) -> None:
+def _check_magic(magic: bytes, kind: str, name: str) -> None:
     if magic not in (SIG_MAGIC, PATCH_MAGIC):
-        raise BadMagic(f"unknown magic {magic.hex()} at byte 0: not a sparsepatch {kind}")
+        raise BadMagic(f"{name}: unknown magic {magic.hex()} at byte 0: not a sparsepatch {kind}")
     found = sniff(magic)
     if found != kind:
-        raise BadMagic(f"expected a {kind}, found a {found} (magic at byte 0)")
+        raise BadMagic(f"{name}: expected a {kind}, found a {found} (magic at byte 0)")
+
+
+def _check_magic_version(magic: bytes, version: int, flags: int, known_flags: int, kind: str) -> None:
+    _check_magic(magic, kind, kind)
     if version != VERSION:
         raise UnsupportedVersion(
             f"{kind} format version {version} at byte 8 is not supported (this build reads {VERSION})"
@@ -356,7 +384,7 @@ class Signature:
 def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Signature:
     hasher = identity_hasher()
     r = Reader(read, name, hasher)
-    head = r.exact(SIG_HEADER.size + CRC.size, "header")
+    head = r.header(SIG_HEADER.size + CRC.size, "signature")
     try:
         header = decode_sig_header(head)
     except FormatError as e:
@@ -568,7 +596,7 @@ class PatchReader:
                  unauthenticated_ok: bool = False):
         self.r = Reader(read, name)
         self.name = name
-        head = self.r.exact(PATCH_HEADER.size + CRC.size, "header")
+        head = self.r.header(PATCH_HEADER.size + CRC.size, "patch")
         try:
             self.header = decode_patch_header(head)
         except FormatError as e:
