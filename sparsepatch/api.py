@@ -19,6 +19,7 @@ from .diff import DEFAULT_LEVEL, DiffStats, write_patch
 from .errors import FormatError, IOFailure, UsageError, VerifyMismatch, WrongBase
 from .format import (
     CRC,
+    MAC_LEN,
     MAX_SHIFT,
     MIN_SHIFT,
     PATCH_TRAILER,
@@ -269,7 +270,9 @@ def load_key(path: str) -> bytes:
     """The MAC key derived from a key file's bytes."""
     fd = sparse.open_path(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
-        material = f.read(1 << 20)
+        material = f.read((1 << 20) + 1)
+    if len(material) > 1 << 20:
+        raise UsageError(f"{path}: key file is larger than 1 MiB; use a small file of random bytes")
     try:
         return derive_mac_key(material)
     except FormatError as e:
@@ -320,10 +323,13 @@ def _open_dest(dest: str, full: bool) -> tuple[int, bool]:
 def default_journal(dest: str) -> str:
     """Beside a file; for a block device (whose /dev folder is not durable) in /var/tmp."""
     try:
-        if stat.S_ISBLK(os.stat(dest).st_mode):
-            return os.path.join("/var/tmp", f"sparsepatch-{os.path.basename(dest)}.journal")
+        st = os.stat(dest)
     except OSError:
-        pass
+        return journal_path(dest)
+    if stat.S_ISBLK(st.st_mode):
+        # Named by device number, so every path to the device finds the same journal.
+        dev = f"{os.major(st.st_rdev)}-{os.minor(st.st_rdev)}"
+        return os.path.join("/var/tmp", f"sparsepatch-blockdev-{dev}.journal")
     return journal_path(dest)
 
 
@@ -460,7 +466,8 @@ def verify(path: str, against: str | None = None, key_file: str | None = None) -
 
 
 def info(path: str) -> dict[str, Any]:
-    """What a signature or patch holds, fully decoded and checked."""
+    """What a signature or patch holds. Every header, record and trailer field and CRC is
+    checked; payloads are not decompressed (verify does that)."""
     with _input(path) as f:
         name = "input" if path == "-" else path
         kind, read = _sniff(f, name)
@@ -490,6 +497,7 @@ def info(path: str) -> dict[str, Any]:
             "records": records,
             "blocks": {"data": t.data_blocks, "zero": t.zero_blocks, "copy": t.copy_blocks},
             "data_bytes": raw, "payload_bytes": t.payload_bytes,
-            "patch_bytes": t.body_bytes + PATCH_TRAILER.size + CRC.size,
+            "patch_bytes": t.body_bytes + PATCH_TRAILER.size + CRC.size
+            + (MAC_LEN if h.authenticated else 0),
         }
 

@@ -78,6 +78,7 @@ class Journal:
     def write(self, base: bytes, target: bytes, start: int, end: int) -> None:
         if self.fd is None:
             self.fd = sparse.open_path(self.path, os.O_RDWR | os.O_CREAT)
+            sparse.sync_dir(os.path.dirname(self.path))  # a journal lost to power is no journal
         self.seq += 1
         slot = encode_journal_slot(JournalSlot(self.seq, base, target, start, end))
         try:

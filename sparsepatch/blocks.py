@@ -7,13 +7,18 @@ is what the format defines its hash over (spec/FORMAT.md, "Blocks")."""
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import sparse
 from .errors import IOFailure, SourceChanged
 from .format import block_hash
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
+_Hashed = Future[list[tuple[int, bytes]]]  # (block, digest) of one chunk's non-zero blocks
+HASH_THREADS = 2  # measured: 2 threads at 64 KiB blocks hash 1.4-1.8x faster than one
 
 
 def block_ranges(fd: int, size: int, shift: int) -> Iterator[tuple[int, int]]:
@@ -50,13 +55,16 @@ class Scanner:
         bs = 1 << shift
         self._buf = bytearray(max(CHUNK, bs))
         self._zero = bytes(bs)
+        self._local = threading.local()
+        # Below 16 KiB per block the per-call overhead, not hashing, dominates: threads lose.
+        self.threads = min(HASH_THREADS, os.cpu_count() or 1) if shift >= 14 else 1
 
-    def __iter__(self) -> Iterator[tuple[int, bytes, memoryview]]:
+    def __iter__(self) -> Iterator[tuple[int, bytes, memoryview | None]]:
         if self.seekable:
             return self._scan_file()
         return self._scan_stream()
 
-    def _blocks(self, first: int, view: memoryview, n: int) -> Iterator[tuple[int, bytes, memoryview]]:
+    def _blocks(self, first: int, view: memoryview, n: int) -> Iterator[tuple[int, bytes, memoryview | None]]:
         shift, zero = self.shift, self._zero
         for k in range(n):
             blk = view[k << shift : (k + 1) << shift]
@@ -64,32 +72,68 @@ class Scanner:
                 continue
             yield first + k, block_hash(blk), blk
 
-    def _scan_file(self) -> Iterator[tuple[int, bytes, memoryview]]:
+    def _chunks(self) -> Iterator[tuple[int, int, int]]:
+        """(first block, block count, bytes to read) for each read, in file order."""
         shift, size = self.shift, self.size
-        mv = memoryview(self._buf)
         per = len(self._buf) >> shift
         for b0, b1 in block_ranges(self.fd, size, shift):
-            b = b0
-            while b < b1:
+            for b in range(b0, b1, per):
                 n = min(b1 - b, per)
-                off = b << shift
-                want = min(n << shift, size - off)
-                try:
-                    got = sparse.pread_full(self.fd, mv[:want], off)
-                except OSError as e:
-                    raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
-                if got < want:
-                    raise SourceChanged(f"{self.name}: file shrank while being read (at byte {off + got})")
-                full = n << shift
-                if want < full:
-                    mv[want:full] = self._zero[: full - want]
-                self.bytes_read += want
-                yield from self._blocks(b, mv, n)
-                if self.progress:
-                    self.progress(want)
-                b += n
+                yield b, n, min(n << shift, size - (b << shift))
 
-    def _scan_stream(self) -> Iterator[tuple[int, bytes, memoryview]]:
+    def _read_hash(self, b: int, n: int, want: int) -> list[tuple[int, bytes]]:
+        """Read one chunk into this thread's buffer and hash its non-zero blocks. Both the
+        read and BLAKE3 release the GIL, so two of these run in parallel."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(len(self._buf)))
+        shift, off = self.shift, b << self.shift
+        try:
+            got = sparse.pread_full(self.fd, buf[:want], off)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
+        if got < want:
+            raise SourceChanged(f"{self.name}: file shrank while being read (at byte {off + got})")
+        full = n << shift
+        if want < full:
+            buf[want:full] = self._zero[: full - want]
+        zero = self._zero
+        out = []
+        for k in range(n):
+            blk = buf[k << shift : (k + 1) << shift]
+            if not zero.startswith(blk):
+                out.append((b + k, block_hash(blk)))
+        return out
+
+    def _scan_file(self) -> Iterator[tuple[int, bytes, memoryview | None]]:
+        if self.threads <= 1:
+            for b, n, want in self._chunks():
+                for i, digest in self._read_hash(b, n, want):
+                    yield i, digest, None
+                self._account(want)
+            return
+        # Results are taken in submission order, so output does not depend on threads.
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="sparsepatch-hash") as pool:
+            pending: deque[tuple[int, _Hashed]] = deque()
+            for b, n, want in self._chunks():
+                pending.append((want, pool.submit(self._read_hash, b, n, want)))
+                if len(pending) > 2 * self.threads:
+                    yield from self._collect(pending.popleft())
+            while pending:
+                yield from self._collect(pending.popleft())
+
+    def _collect(self, item: tuple[int, _Hashed]) -> Iterator[tuple[int, bytes, None]]:
+        want, fut = item
+        for i, digest in fut.result():
+            yield i, digest, None
+        self._account(want)
+
+    def _account(self, n: int) -> None:
+        self.bytes_read += n
+        if self.progress:
+            self.progress(n)
+
+    def _scan_stream(self) -> Iterator[tuple[int, bytes, memoryview | None]]:
         shift = self.shift
         bs = 1 << shift
         mv = memoryview(self._buf)

@@ -124,7 +124,7 @@ def _scan(sig: Signature, scan: Scanner, spool: _Spool | None) -> tuple[Changes,
             if base == digest:
                 continue
         changes.add(i, base, digest)
-        if spool:
+        if spool and blk is not None:  # only a stream scan hands out block contents
             spool.add(blk)
     while d < nd:
         changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)

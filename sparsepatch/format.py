@@ -74,7 +74,8 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
 
 
 def block_hash(block: bytes | memoryview) -> bytes:
-    """BLAKE3 of a full (zero-padded) block, truncated to 128 bits; ZERO_HASH for zeros."""
+    """BLAKE3 of a full (zero-padded) block, truncated to 128 bits. Callers use ZERO_HASH
+    instead for a block of zeros, which they detect before hashing."""
     digest: bytes = blake3.blake3(block).digest(length=HASH_LEN)
     return digest
 
@@ -404,6 +405,8 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
             body = kind_b + rest[:-CRC.size]
             _check_crc(body, CRC.unpack(rest[-CRC.size :])[0], f"{name} trailer", at)
             _, count, data_blocks, mtime_ns, identity = SIG_TRAILER.unpack(body)
+            if body[1:4] != b"\0\0\0":
+                raise FormatError(f"{name} trailer at byte {at}: reserved bytes are not zero")
             expected = hasher_before.digest()
             if identity != expected:
                 raise ChecksumMismatch(
@@ -429,8 +432,13 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
             raise FormatError(f"{where}: block count {count} is outside 1..{total - block}")
         if kind == SIG_DATA and count > MAX_SIG_DATA_RUN:
             raise FormatError(f"{where}: {count} hashes exceed the limit of {MAX_SIG_DATA_RUN}")
+        if rest[:3] != b"\0\0\0":
+            raise FormatError(f"{where}: reserved bytes are not zero")
+        # Canonical runs make the identity a function of content alone (spec: "Canonical form").
         if kind == SIG_HOLE and prev_kind == SIG_HOLE and last_count != MAX_SIG_HOLE_RUN:
             raise FormatError(f"{where}: hole run follows a short hole run (not canonical)")
+        if kind == SIG_DATA and prev_kind == SIG_DATA and last_count != MAX_SIG_DATA_RUN:
+            raise FormatError(f"{where}: data run follows a short data run (not canonical)")
         payload = r.exact(count * HASH_LEN, f"run {runs} hashes") if kind == SIG_DATA else b""
         crc = CRC.unpack(r.exact(CRC.size, f"run {runs} CRC"))[0]
         _check_crc(kind_b + rest + payload, crc, where, at)
@@ -561,20 +569,28 @@ def encode_patch_trailer(t: PatchTrailer) -> bytes:
 
 
 class RangeSet:
-    """Disjoint block ranges kept merged and sorted, to ask whether a range meets any."""
+    """Disjoint block ranges kept merged and sorted, to ask whether a range meets any.
+    16 bytes a range; ranges added in ascending order (as records come) are appended."""
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
+        self.starts = array("Q")
+        self.ends = array("Q")
 
     def add(self, start: int, end: int) -> None:
+        if not self.ends or start > self.ends[-1]:
+            self.starts.append(start)
+            self.ends.append(end)
+            return
+        if start == self.ends[-1]:
+            self.ends[-1] = max(end, self.ends[-1])
+            return
         lo = bisect.bisect_left(self.ends, start)  # first range ending at or after start
         hi = bisect.bisect_right(self.starts, end)  # ranges lo..hi-1 touch [start, end)
         if lo < hi:
             start = min(start, self.starts[lo])
             end = max(end, self.ends[hi - 1])
-        self.starts[lo:hi] = [start]
-        self.ends[lo:hi] = [end]
+        self.starts[lo:hi] = array("Q", [start])
+        self.ends[lo:hi] = array("Q", [end])
 
     def meets(self, start: int, end: int) -> bool:
         k = bisect.bisect_left(self.starts, end)
@@ -679,11 +695,13 @@ class PatchReader:
             elif payload_len:
                 raise FormatError(f"{where}: payload length {payload_len}, expected 0")
             if k == REC_COPY:
-                base_blocks = blocks_for(h.base_size, h.block_shift)
-                if source > base_blocks or count > base_blocks - source:
+                # Sources must survive the final truncate, or a resumed apply would find
+                # them gone; so they lie within both the base and the target.
+                limit = min(blocks_for(h.base_size, h.block_shift), total)
+                if source > limit or count > limit - source:
                     raise FormatError(
                         f"{where}: copy source blocks {source}..{source + count - 1} lie beyond "
-                        f"the base ({base_blocks} blocks)"
+                        f"the base or the target ({limit} blocks in both)"
                     )
                 if source < first + count and first < source + count:
                     raise FormatError(f"{where}: copy source overlaps its own destination")
@@ -700,10 +718,11 @@ class PatchReader:
             meta = r.exact(count * width, f"record {n} block hashes")
             crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
             _check_crc(kind + rest + meta, crc, where, at)
-            if k != REC_ZERO:
-                for b in range(count):
-                    if meta[b * width + HASH_LEN : (b + 1) * width] == ZERO_HASH:
-                        raise FormatError(f"{where}: block {first + b} has the zero hash as target")
+            for b in range(count):
+                if k != REC_ZERO and meta[b * width + HASH_LEN : (b + 1) * width] == ZERO_HASH:
+                    raise FormatError(f"{where}: block {first + b} has the zero hash as target")
+                if k == REC_ZERO and meta[b * width : b * width + HASH_LEN] == ZERO_HASH:
+                    raise FormatError(f"{where}: block {first + b} is zeros in base and target")
             payload = r.exact(payload_len, f"record {n} payload") if payload_len else b""
             self._tag(where, kind, rest, meta, CRC.pack(crc), payload)
             self.counts[k] += count
@@ -717,6 +736,8 @@ class PatchReader:
         body = kind + rest[: -CRC.size]
         _check_crc(body, CRC.unpack(rest[-CRC.size :])[0], f"{self.name} trailer", at)
         self._tag(f"{self.name} trailer at byte {at}", kind, rest)
+        if body[1:4] != b"\0\0\0":
+            raise FormatError(f"{self.name} trailer at byte {at}: reserved bytes are not zero")
         t = PatchTrailer(*PATCH_TRAILER.unpack(body)[1:])
         seen = PatchTrailer(n, self.counts[REC_DATA], self.counts[REC_ZERO], self.counts[REC_COPY],
                             self.payload_bytes, at)
@@ -727,6 +748,34 @@ class PatchReader:
         if not self.r.at_eof():
             raise FormatError(f"{self.name}: unexpected bytes after the trailer at byte {self.r.pos}")
         self.trailer = t
+
+
+def _check_frame_layout(rec: Record) -> None:
+    """The payload is exactly one zstd frame with a content checksum: walk its block
+    headers (RFC 8878, 3.1.1.2) so no byte of the payload goes unchecked."""
+    p = rec.payload
+    try:
+        params = zstandard.get_frame_parameters(p)
+        pos = zstandard.frame_header_size(p)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{rec.where()}: payload is not a zstd frame ({e})") from None
+    if not params.has_checksum:
+        raise FormatError(f"{rec.where()}: payload frame has no content checksum")
+    while True:
+        if pos + 3 > len(p):
+            raise Truncated(f"{rec.where()}: payload frame ends inside a block header")
+        head = int.from_bytes(p[pos : pos + 3], "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        if kind == 3:
+            raise FormatError(f"{rec.where()}: payload frame has a reserved block type")
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            break
+    pos += 4  # content checksum
+    if pos != len(p):
+        raise FormatError(
+            f"{rec.where()}: payload frame is {pos} bytes, the record says {len(p)}"
+        )
 
 
 def decode_payload(header: PatchHeader, rec: Record) -> bytes:
@@ -741,6 +790,7 @@ def decode_payload(header: PatchHeader, rec: Record) -> bytes:
         raise FormatError(
             f"{rec.where()}: payload declares {declared} bytes, record covers {raw}"
         )
+    _check_frame_layout(rec)
     try:
         out = zstandard.ZstdDecompressor().decompress(rec.payload, max_output_size=raw)
     except zstandard.ZstdError as e:
