@@ -1,0 +1,54 @@
+"""Shared helpers: sparse files from small declarative maps (git keeps no holes)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int) -> bytes:
+    """n deterministic, incompressible-ish bytes that differ by seed."""
+    return random.Random(seed).randbytes(n)
+
+
+def make_sparse(path: str | os.PathLike[str], size: int,
+                extents: list[tuple[int, bytes | int]]) -> Path:
+    """Create path with apparent size `size`: holes everywhere except `extents`, each
+    (offset, bytes) or (offset, n) for n bytes of pattern(n, seed=offset)."""
+    p = Path(path)
+    with open(p, "wb") as f:
+        f.truncate(size)
+        for off, data in extents:
+            if isinstance(data, int):
+                data = pattern(data, off)
+            f.seek(off)
+            f.write(data)
+    return p
+
+
+def allocated(path: str | os.PathLike[str]) -> int:
+    """Bytes the filesystem allocated for path."""
+    return os.stat(path).st_blocks * 512
+
+
+def run_cli(*args: str, input: bytes | None = None, check: bool = True,
+            **kw: object) -> subprocess.CompletedProcess[bytes]:
+    """Run the real command line in a subprocess, as a user would."""
+    r = subprocess.run([sys.executable, "-m", "sparsepatch", *args], input=input,
+                       capture_output=True, **kw)  # type: ignore[call-overload]
+    if check and r.returncode != 0:
+        raise AssertionError(f"sparsepatch {' '.join(args)} exited {r.returncode}: {r.stderr!r}")
+    return r
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path

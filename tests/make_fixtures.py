@@ -1,0 +1,165 @@
+"""Golden fixtures: sparse files described by small declarative maps, with their signatures
+and patches, written to fixtures/<case>/ (run `make fixtures`).
+
+A case map holds:
+  block_size   bytes per block (4096 keeps the files tiny)
+  full         true for a patch made by `diff --full` (the base is then the empty file)
+  base/target  {"size": apparent size, "extents": [[offset, length, seed], ...]}: holes
+               everywhere except the extents; an extent holds random.Random(seed).randbytes(length),
+               or written (allocated) zero bytes when its seed is "zero"
+
+Each case folder holds case.json (the map), base.sig (signature of the base), patch.bin
+(the diff of base.sig against the target, or the full patch of the target) and target.sig.
+Everything is derived from the map by sparsepatch itself; files are built with a fixed mtime
+(signatures record it), so regenerating gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FIXTURES = ROOT / "fixtures"
+FILES = ("case.json", "base.sig", "patch.bin", "target.sig")
+
+B = 4096
+MTIME_NS = 1_600_000_000_000_000_000  # every file built gets this mtime: signatures record it
+EMPTY: dict[str, Any] = {"size": 0, "extents": []}
+
+
+def _case(base: dict[str, Any], target: dict[str, Any], full: bool = False) -> dict[str, Any]:
+    case: dict[str, Any] = {"block_size": B}
+    if full:
+        case["full"] = True
+    case["base"] = base
+    case["target"] = target
+    return case
+
+
+def _file(size: int, *extents: tuple[int, int, int | str]) -> dict[str, Any]:
+    return {"size": size, "extents": [list(e) for e in extents]}
+
+
+CASES: dict[str, dict[str, Any]] = {
+    # both files empty: a signature with no runs, a patch with no records
+    "empty-file": _case(EMPTY, EMPTY),
+    # both files start with a hole; block 1 gains data
+    "hole-at-start": _case(_file(4 * B, (2 * B, 2 * B, 2)),
+                           _file(4 * B, (B, B, 3), (2 * B, 2 * B, 2))),
+    # both files end with a hole; block 1 changes
+    "hole-at-end": _case(_file(4 * B, (0, B, 4), (B, B, 5)),
+                         _file(4 * B, (0, B, 4), (B, B, 6))),
+    # the last block is 100 bytes long and changes
+    "unaligned-size": _case(_file(3 * B + 100, (0, B, 7), (2 * B, B, 8), (3 * B, 100, 9)),
+                            _file(3 * B + 100, (0, B, 7), (2 * B, B, 8), (3 * B, 100, 10))),
+    # the target is longer, with data past the base's end and a partial last block
+    "grows": _case(_file(2 * B, (0, B, 11)),
+                   _file(5 * B + 123, (0, B, 11), (3 * B, B, 12), (5 * B, 123, 13))),
+    # the target is cut inside block 1, whose remaining bytes change
+    "shrinks": _case(_file(5 * B, (0, B, 14), (B, B, 15), (4 * B, B, 16)),
+                     _file(B + 200, (0, B, 14), (B, 200, 17))),
+    # blocks 1..2 reappear at blocks 4..5: one COPY record of two blocks from block 1
+    "copy-record": _case(_file(6 * B, (0, B, 20), (B, B, 21), (2 * B, B, 22)),
+                         _file(6 * B, (0, B, 20), (B, B, 21), (2 * B, B, 22),
+                               (4 * B, B, 21), (5 * B, B, 22))),
+    # block 1 becomes written zeros, block 2 a hole: one ZERO record of two blocks
+    "zero-record": _case(_file(4 * B, (0, B, 30), (B, B, 31), (2 * B, B, 32), (3 * B, B, 33)),
+                         _file(4 * B, (0, B, 30), (B, B, "zero"), (3 * B, B, 33))),
+    # blocks 1..2 get new data: one DATA record of two blocks
+    "data-record": _case(_file(3 * B, (0, B, 40), (B, B, 41), (2 * B, B, 42)),
+                         _file(3 * B, (0, B, 40), (B, B, 43), (2 * B, B, 44))),
+    # made without a signature: the base is the empty file
+    "full-patch": _case(EMPTY, _file(3 * B + 17, (B, B, 50), (3 * B, 17, 51)), full=True),
+    # nothing changes, zeros written in the base included
+    "unchanged": _case(_file(3 * B, (0, B, 60), (B, B, "zero"), (2 * B, B, 61)),
+                       _file(3 * B, (0, B, 60), (B, B, "zero"), (2 * B, B, 61))),
+    # every record kind in one patch: DATA, ZERO, COPY, ZERO, DATA
+    "mixed": _case(_file(8 * B, (0, B, 70), (B, B, 71), (2 * B, B, 72), (3 * B, B, 73),
+                         (5 * B, B, 74)),
+                   _file(8 * B, (0, B, 75), (B, B, 71), (2 * B, B, 72), (4 * B, B, 71),
+                         (5 * B, B, "zero"), (7 * B, B, 76))),
+}
+
+
+def extent_bytes(length: int, seed: int | str) -> bytes:
+    if seed == "zero":
+        return bytes(length)
+    if not isinstance(seed, int):
+        raise ValueError(f"extent seed {seed!r} is neither an integer nor 'zero'")
+    return random.Random(seed).randbytes(length)
+
+
+def make_file(path: Path, spec: dict[str, Any]) -> Path:
+    """Create path as the sparse file a base/target map describes, with mtime MTIME_NS."""
+    with open(path, "wb") as f:
+        f.truncate(spec["size"])
+        for offset, length, seed in spec["extents"]:
+            f.seek(offset)
+            f.write(extent_bytes(length, seed))
+    os.utime(path, ns=(MTIME_NS, MTIME_NS))
+    return path
+
+
+def file_bytes(spec: dict[str, Any]) -> bytes:
+    """The content of the file a map describes, holes read as zeros."""
+    buf = bytearray(spec["size"])
+    for offset, length, seed in spec["extents"]:
+        buf[offset : offset + length] = extent_bytes(length, seed)
+    return bytes(buf)
+
+
+def case_json(case: dict[str, Any]) -> str:
+    """The map as JSON with one extent a line, byte-stable."""
+    text = json.dumps(case, indent=2)
+    text = re.sub(r"\[\s+([^\[\]]*?)\s+\]",
+                  lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]", text)
+    return text + "\n"
+
+
+def generate(case: dict[str, Any], out: Path) -> None:
+    """Write the four fixture files of case into the folder out."""
+    from sparsepatch import api
+
+    out.mkdir(parents=True, exist_ok=True)
+    bs = case["block_size"]
+    with tempfile.TemporaryDirectory(prefix="sparsepatch-fixture-") as work:
+        base = make_file(Path(work) / "base", case["base"])
+        target = make_file(Path(work) / "target", case["target"])
+        api.signature(str(base), str(out / "base.sig"), block_size=bs)
+        if case.get("full"):
+            if case["base"]["size"]:
+                raise ValueError("a full patch has the empty file as its base")
+            api.diff(None, str(target), str(out / "patch.bin"), full=True, block_size=bs)
+        else:
+            api.diff(str(out / "base.sig"), str(target), str(out / "patch.bin"))
+        api.signature(str(target), str(out / "target.sig"), block_size=bs)
+    (out / "case.json").write_text(case_json(case))
+
+
+def main() -> int:
+    FIXTURES.mkdir(exist_ok=True)
+    for old in sorted(FIXTURES.iterdir()):
+        if old.is_dir() and (old / "case.json").exists() and old.name not in CASES:
+            for name in FILES:
+                (old / name).unlink(missing_ok=True)
+            shutil.rmtree(old)
+            print(f"removed stale case {old.name}")
+    for name, case in CASES.items():
+        generate(case, FIXTURES / name)
+        sizes = ", ".join(f"{f} {(FIXTURES / name / f).stat().st_size}" for f in FILES[1:])
+        print(f"{name}: {sizes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

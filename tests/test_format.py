@@ -1,0 +1,767 @@
+"""The codec on bytes: golden fixtures decode and re-encode byte for byte, regenerate byte for
+byte, apply to their targets, and every malformed input is refused with a FormatError that
+names what is wrong and where."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import re
+import struct
+import tempfile
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsepatch import api
+from sparsepatch.errors import (
+    BadMagic,
+    ChecksumMismatch,
+    FormatError,
+    SparsePatchError,
+    Truncated,
+    UnsupportedVersion,
+)
+from sparsepatch.format import (
+    CRC,
+    HASH_LEN,
+    KNOWN_PATCH_FLAGS,
+    MAX_RECORD_BLOCKS,
+    MAX_SIG_DATA_RUN,
+    PATCH_HEADER,
+    REC_COPY,
+    REC_DATA,
+    REC_NAMES,
+    REC_ZERO,
+    RECORD,
+    SIG_DATA,
+    SIG_END,
+    SIG_HEADER,
+    SIG_HOLE,
+    SIG_RUN,
+    SIG_TRAILER,
+    ZERO_HASH,
+    PatchReader,
+    PatchTrailer,
+    Record,
+    SigHeader,
+    SignatureEncoder,
+    block_hash,
+    crc32c,
+    data_record_max_blocks,
+    decode_data,
+    decode_payload,
+    encode_patch_header,
+    encode_patch_trailer,
+    encode_record,
+    encode_sig_header,
+    identity_hasher,
+    payload_limit,
+    read_signature,
+)
+
+_spec = importlib.util.spec_from_file_location("make_fixtures", Path(__file__).with_name("make_fixtures.py"))
+assert _spec is not None and _spec.loader is not None
+mf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mf)
+
+NAMES = sorted(mf.CASES)
+SIG_FILES = ("base.sig", "target.sig")
+
+# What each case's patch must hold: (kind, first block, block count, copy source block).
+EXPECTED_RECORDS: dict[str, list[tuple[str, int, int, int]]] = {
+    "empty-file": [],
+    "hole-at-start": [("data", 1, 1, 0)],
+    "hole-at-end": [("data", 1, 1, 0)],
+    "unaligned-size": [("data", 3, 1, 0)],
+    "grows": [("data", 3, 1, 0), ("data", 5, 1, 0)],
+    "shrinks": [("data", 1, 1, 0)],
+    "copy-record": [("copy", 4, 2, 1)],
+    "zero-record": [("zero", 1, 2, 0)],
+    "data-record": [("data", 1, 2, 0)],
+    "full-patch": [("data", 1, 1, 0), ("data", 3, 1, 0)],
+    "unchanged": [],
+    "mixed": [("data", 0, 1, 0), ("zero", 3, 1, 0), ("copy", 4, 1, 1), ("zero", 5, 1, 0),
+              ("data", 7, 1, 0)],
+}
+
+
+def fixture(name: str, file: str) -> bytes:
+    return (mf.FIXTURES / name / file).read_bytes()
+
+
+def case_of(name: str) -> dict[str, Any]:
+    case: dict[str, Any] = json.loads(fixture(name, "case.json"))
+    return case
+
+
+def parse_patch(data: bytes) -> tuple[PatchReader, list[Record]]:
+    reader = PatchReader(io.BytesIO(data).read, "patch")
+    return reader, list(reader.records())
+
+
+def parse_sig(data: bytes) -> Any:
+    return read_signature(io.BytesIO(data).read, "signature")
+
+
+def decode_all(data: bytes) -> None:
+    """Read a patch to its trailer and decompress every DATA payload."""
+    reader, records = parse_patch(data)
+    for rec in records:
+        if rec.kind == REC_DATA:
+            decode_payload(reader.header, rec)
+
+
+def refuses(cls: type[SparsePatchError], fn: Any, *fragments: str) -> SparsePatchError:
+    """fn() raises exactly cls, with every fragment in its message."""
+    with pytest.raises(SparsePatchError) as info:
+        fn()
+    err = info.value
+    assert type(err) is cls, f"{type(err).__name__}: {err}"
+    for frag in fragments:
+        assert frag in str(err), f"{frag!r} not in {str(err)!r}"
+    return err
+
+
+def flip(data: bytes, pos: int, mask: int = 0xFF) -> bytes:
+    buf = bytearray(data)
+    buf[pos] ^= mask
+    return bytes(buf)
+
+
+def rewrite_header(data: bytes, header: struct.Struct, fmt: str, offset: int, value: int) -> bytes:
+    """Set a header field and recompute the header CRC, so only the field's own check fires."""
+    buf = bytearray(data)
+    struct.pack_into(fmt, buf, offset, value)
+    CRC.pack_into(buf, header.size, crc32c(bytes(buf[: header.size])))
+    return bytes(buf)
+
+
+def rewrite_record(data: bytes, rec: Record, **fields: int) -> bytes:
+    """Change fields of a record's fixed part and recompute its CRC over the original hashes."""
+    names = ("kind", "first_block", "count", "payload_len", "source_block")
+    values = dict(zip(names, RECORD.unpack_from(data, rec.offset), strict=True))
+    values.update(fields)
+    head = RECORD.pack(*(values[n] for n in names))
+    buf = bytearray(data)
+    buf[rec.offset : rec.offset + RECORD.size] = head
+    CRC.pack_into(buf, rec.offset + RECORD.size + len(rec.meta), crc32c(rec.meta, crc32c(head)))
+    return bytes(buf)
+
+
+def assemble(header: Any, records: list[Record], trailer: dict[str, int] | None = None) -> bytes:
+    """A patch from decoded parts, with a trailer that agrees unless told otherwise."""
+    body = encode_patch_header(header) + b"".join(encode_record(r) for r in records)
+    blocks = {k: sum(r.count for r in records if r.kind == k) for k in REC_NAMES}
+    t = PatchTrailer(len(records), blocks[REC_DATA], blocks[REC_ZERO], blocks[REC_COPY],
+                     sum(len(r.payload) for r in records), len(body))
+    return body + encode_patch_trailer(dataclasses.replace(t, **(trailer or {})))
+
+
+def sig_trailer_fields(data: bytes) -> list[Any]:
+    return list(SIG_TRAILER.unpack_from(data, len(data) - SIG_TRAILER.size - CRC.size))
+
+
+def make_sig(shift: int, size: int, runs: list[tuple[int, int, int, bytes]],
+             blocks: int, data_blocks: int) -> bytes:
+    """A signature from explicit runs (canonical or not) with a consistent identity and CRCs."""
+    out = encode_sig_header(SigHeader(shift, size))
+    for kind, first, count, payload in runs:
+        head = SIG_RUN.pack(kind, first, count)
+        out += head + payload + CRC.pack(crc32c(payload, crc32c(head)))
+    hasher = identity_hasher()
+    hasher.update(out)
+    fields = sig_trailer_fields(fixture("mixed", "base.sig"))
+    fields[0], fields[1], fields[2], fields[-1] = SIG_END, blocks, data_blocks, hasher.digest()
+    body = SIG_TRAILER.pack(*fields)
+    return out + body + CRC.pack(crc32c(body))
+
+
+def with_sig_trailer(data: bytes, index: int, value: Any) -> bytes:
+    fields = sig_trailer_fields(data)
+    fields[index] = value
+    body = SIG_TRAILER.pack(*fields)
+    return data[: len(data) - SIG_TRAILER.size - CRC.size] + body + CRC.pack(crc32c(body))
+
+
+def block_state(content: bytes, block: int, bs: int) -> bytes:
+    """The hash the format gives a block of content: ZERO_HASH for zeros or a hole."""
+    blk = content[block * bs : (block + 1) * bs].ljust(bs, b"\0")
+    return ZERO_HASH if blk == bytes(bs) else block_hash(blk)
+
+
+def payload_ranges(records: list[Record]) -> list[range]:
+    return [range(r.offset + RECORD.size + len(r.meta) + CRC.size,
+                  r.offset + RECORD.size + len(r.meta) + CRC.size + len(r.payload))
+            for r in records if r.payload]
+
+
+# ---------------------------------------------------------------- the fixture set
+
+
+def test_fixture_folders_match_the_case_maps() -> None:
+    found = {p.name for p in mf.FIXTURES.iterdir() if p.is_dir()}
+    assert found == set(mf.CASES)
+    for name in mf.CASES:
+        assert sorted(p.name for p in (mf.FIXTURES / name).iterdir()) == sorted(mf.FILES)
+        assert case_of(name) == mf.CASES[name], f"{name}: case.json is stale, run make fixtures"
+    assert set(EXPECTED_RECORDS) == set(mf.CASES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_regenerating_gives_identical_bytes(name: str, tmp_path: Path) -> None:
+    mf.generate(case_of(name), tmp_path / name)
+    for file in mf.FILES:
+        assert (tmp_path / name / file).read_bytes() == fixture(name, file), f"{name}/{file}"
+
+
+@pytest.mark.parametrize("file", SIG_FILES)
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_reencodes_byte_identical(name: str, file: str) -> None:
+    data = fixture(name, file)
+    sig = parse_sig(data)
+    enc = SignatureEncoder(sig.header)
+    out = enc.start()
+    for k, block in enumerate(sig.data_index):
+        out += enc.data_at(block, sig.hash_at(k))
+    tail, identity = enc.finish(sig.mtime_ns)
+    assert out + tail == data
+    assert identity == sig.identity
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_reencodes_byte_identical(name: str) -> None:
+    data = fixture(name, "patch.bin")
+    reader, records = parse_patch(data)
+    assert reader.trailer is not None
+    out = encode_patch_header(reader.header) + b"".join(encode_record(r) for r in records)
+    assert out + encode_patch_trailer(reader.trailer) == data
+
+
+@pytest.mark.parametrize("file", SIG_FILES)
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_describes_its_file(name: str, file: str) -> None:
+    case = case_of(name)
+    spec = case["base" if file == "base.sig" else "target"]
+    content, bs = mf.file_bytes(spec), case["block_size"]
+    sig = parse_sig(fixture(name, file))
+    assert (sig.block_size, sig.header.file_size, sig.mtime_ns) == (bs, spec["size"], mf.MTIME_NS)
+    states = [block_state(content, i, bs) for i in range(sig.header.block_count)]
+    assert list(sig.data_index) == [i for i, h in enumerate(states) if h != ZERO_HASH]
+    assert [sig.hash_at(k) for k in range(len(sig.data_index))] == [h for h in states if h != ZERO_HASH]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_identities_and_sizes_match_the_signatures(name: str) -> None:
+    case = case_of(name)
+    reader, _ = parse_patch(fixture(name, "patch.bin"))
+    h = reader.header
+    base, target = parse_sig(fixture(name, "base.sig")), parse_sig(fixture(name, "target.sig"))
+    assert h.base_identity == base.identity
+    assert h.target_identity == target.identity
+    assert (h.block_size, h.base_size, h.target_size) == (
+        case["block_size"], case["base"]["size"], case["target"]["size"])
+    assert h.full == bool(case.get("full"))
+    assert h.base_mtime_ns == (0 if h.full else mf.MTIME_NS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_holds_the_expected_records(name: str) -> None:
+    case = case_of(name)
+    bs = case["block_size"]
+    base, target = mf.file_bytes(case["base"]), mf.file_bytes(case["target"])
+    reader, records = parse_patch(fixture(name, "patch.bin"))
+    got = [(REC_NAMES[r.kind], r.first_block, r.count, r.source_block) for r in records]
+    assert got == EXPECTED_RECORDS[name]
+    t = reader.trailer
+    assert t is not None and t.records == len(records)
+    assert (t.data_blocks, t.zero_blocks, t.copy_blocks) == tuple(
+        sum(r.count for r in records if r.kind == k) for k in (REC_DATA, REC_ZERO, REC_COPY))
+    for rec in records:
+        for k in range(rec.count):
+            block = rec.first_block + k
+            assert rec.base_hash(k) == block_state(base, block, bs)
+            assert rec.target_hash(k) == block_state(target, block, bs)
+            if rec.kind == REC_COPY:
+                assert rec.target_hash(k) == block_state(base, rec.source_block + k, bs)
+        if rec.kind == REC_DATA:
+            start = rec.first_block * bs
+            assert decode_data(reader.header, rec) == target[start : start + rec.count * bs]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_applying_the_fixture_patch_gives_the_target(name: str, tmp_path: Path) -> None:
+    case = case_of(name)
+    dest = mf.make_file(tmp_path / "dest", case["base"])
+    (tmp_path / "patch.bin").write_bytes(fixture(name, "patch.bin"))
+    api.apply(str(tmp_path / "patch.bin"), str(dest), verify=True)
+    assert dest.read_bytes() == mf.file_bytes(case["target"])
+
+
+# ---------------------------------------------------------------- refusals: headers
+
+
+def test_bad_magic() -> None:
+    patch, sig = fixture("data-record", "patch.bin"), fixture("data-record", "base.sig")
+    bad = b"\x89SPXXX\r\n"
+    refuses(BadMagic, lambda: parse_patch(bad + patch[8:]), "patch", "unknown magic", bad.hex(),
+            "at byte 0")
+    refuses(BadMagic, lambda: parse_sig(bad + sig[8:]), "signature", "unknown magic", bad.hex(),
+            "at byte 0")
+
+
+def test_signature_where_a_patch_is_expected() -> None:
+    sig = fixture("mixed", "base.sig")
+    assert len(sig) >= PATCH_HEADER.size + CRC.size
+    refuses(BadMagic, lambda: parse_patch(sig), "expected a patch, found a signature", "byte 0")
+
+
+def test_patch_where_a_signature_is_expected() -> None:
+    patch = fixture("empty-file", "patch.bin")
+    refuses(BadMagic, lambda: parse_sig(patch), "expected a signature, found a patch", "byte 0")
+
+
+def test_short_input_is_judged_by_its_magic() -> None:
+    sig = fixture("empty-file", "base.sig")
+    assert len(sig) < PATCH_HEADER.size + CRC.size
+    refuses(BadMagic, lambda: parse_patch(sig), "expected a patch, found a signature")
+    refuses(BadMagic, lambda: parse_patch(b"GIF89a"), "unknown magic 474946383961 at byte 0")
+    refuses(BadMagic, lambda: parse_sig(b"\x89PNG"), "unknown magic 89504e47 at byte 0")
+    refuses(Truncated, lambda: parse_sig(b"\x89SPSIG"), "signature is truncated", "at byte 6")
+    refuses(Truncated, lambda: parse_patch(b""), "patch is empty")
+    refuses(Truncated, lambda: parse_sig(b""), "signature is empty")
+
+
+def test_user_gets_a_wrong_kind_error_from_the_api(tmp_path: Path) -> None:
+    dest = mf.make_file(tmp_path / "dest", mf.CASES["mixed"]["base"])
+    before = dest.read_bytes()
+    sig_path = mf.FIXTURES / "mixed" / "base.sig"
+    refuses(BadMagic, lambda: api.apply(str(sig_path), str(dest)), str(sig_path),
+            "expected a patch, found a signature")
+    assert dest.read_bytes() == before
+    patch_path = mf.FIXTURES / "mixed" / "patch.bin"
+    refuses(BadMagic, lambda: api.diff(str(patch_path), str(dest), str(tmp_path / "p")),
+            str(patch_path), "expected a signature, found a patch")
+    assert not (tmp_path / "p").exists()
+
+
+def test_version_2_is_refused() -> None:
+    patch = rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<H", 8, 2)
+    refuses(UnsupportedVersion, lambda: parse_patch(patch), "patch format version 2 at byte 8")
+    sig = rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<H", 8, 2)
+    refuses(UnsupportedVersion, lambda: parse_sig(sig), "signature format version 2 at byte 8")
+
+
+def test_unknown_flag_bits_are_refused() -> None:
+    unknown = next(1 << i for i in range(16) if not KNOWN_PATCH_FLAGS & (1 << i))
+    patch = rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<H", 10, unknown)
+    refuses(UnsupportedVersion, lambda: parse_patch(patch), f"flags {unknown:#06x} at byte 10",
+            "unknown bits")
+    sig = rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<H", 10, 1)
+    refuses(UnsupportedVersion, lambda: parse_sig(sig), "signature flags 0x0001 at byte 10",
+            "unknown bits")
+
+
+@pytest.mark.parametrize("pos", [16, 40, PATCH_HEADER.size])  # base size, an identity, the CRC
+def test_patch_header_crc(pos: int) -> None:
+    patch = flip(fixture("data-record", "patch.bin"), pos, 0x01)
+    refuses(ChecksumMismatch, lambda: parse_patch(patch), "patch header at byte 0", "CRC-32C mismatch")
+
+
+@pytest.mark.parametrize("pos", [13, 16, SIG_HEADER.size])  # hash length, file size, the CRC
+def test_signature_header_crc(pos: int) -> None:
+    sig = flip(fixture("data-record", "base.sig"), pos, 0x01)
+    refuses(ChecksumMismatch, lambda: parse_sig(sig), "signature header at byte 0", "CRC-32C mismatch")
+
+
+@pytest.mark.parametrize("shift", [0, 11, 25, 255])
+def test_block_shift_out_of_range(shift: int) -> None:
+    patch = rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<B", 12, shift)
+    refuses(FormatError, lambda: parse_patch(patch), "patch header at byte 12", f"2^{shift}",
+            "block_shift 12..24")
+    sig = rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<B", 12, shift)
+    refuses(FormatError, lambda: parse_sig(sig), "signature header at byte 12", f"2^{shift}",
+            "block_shift 12..24")
+
+
+@pytest.mark.parametrize("size", [(1 << 60) + 1, 1 << 63, (1 << 64) - 1])
+def test_absurd_sizes(size: int) -> None:
+    patch = fixture("data-record", "patch.bin")
+    refuses(FormatError, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<Q", 24, size)),
+            f"target size {size} exceeds the limit", "at byte 24")
+    refuses(FormatError, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<Q", 16, size)),
+            f"base size {size} exceeds the limit", "at byte 16")
+    sig = fixture("data-record", "base.sig")
+    refuses(FormatError, lambda: parse_sig(rewrite_header(sig, SIG_HEADER, "<Q", 16, size)),
+            f"file size {size} exceeds the limit", "at byte 16")
+
+
+def test_other_header_fields() -> None:
+    patch = fixture("data-record", "patch.bin")
+    refuses(UnsupportedVersion, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<B", 13, 2)),
+            "byte 13", "unknown compression 2")
+    refuses(FormatError, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<H", 14, 1)),
+            "byte 14", "reserved field is not zero")
+    full = fixture("full-patch", "patch.bin")
+    refuses(FormatError, lambda: parse_patch(rewrite_header(full, PATCH_HEADER, "<Q", 16, 4096)),
+            "byte 16", "full patch must have base size 0")
+    sig = fixture("data-record", "base.sig")
+    refuses(FormatError, lambda: parse_sig(rewrite_header(sig, SIG_HEADER, "<B", 13, 20)),
+            "byte 13", "hash length 20")
+    refuses(FormatError, lambda: parse_sig(rewrite_header(sig, SIG_HEADER, "<H", 14, 1)),
+            "byte 14", "reserved field is not zero")
+
+
+# ---------------------------------------------------------------- refusals: records and runs
+
+
+@pytest.mark.parametrize("index", range(len(EXPECTED_RECORDS["mixed"])))
+def test_record_crc(index: int) -> None:
+    patch = fixture("mixed", "patch.bin")
+    rec = parse_patch(patch)[1][index]
+    where = f"record {index} ({REC_NAMES[rec.kind]}) at byte {rec.offset}"
+    meta = rec.offset + RECORD.size
+    for pos in (meta, meta + len(rec.meta) - 1, meta + len(rec.meta)):
+        # the first hash, the last hash, the CRC itself (the fixed fields are range-checked first)
+        refuses(ChecksumMismatch, lambda p=pos: parse_patch(flip(patch, p, 0x01)), where,
+                "CRC-32C mismatch")
+
+
+def test_signature_run_crc() -> None:
+    sig = fixture("mixed", "base.sig")
+    at = SIG_HEADER.size + CRC.size
+    refuses(ChecksumMismatch, lambda: parse_sig(flip(sig, at + SIG_RUN.size, 0x01)),
+            f"run 0 at byte {at}", "CRC-32C mismatch")
+
+
+def test_record_beyond_the_target() -> None:
+    patch = fixture("data-record", "patch.bin")  # 3 target blocks; DATA record at 1, 2 blocks
+    rec = parse_patch(patch)[1][0]
+    where = f"record 0 (data) at byte {rec.offset}"
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, count=3)), where,
+            "blocks 1..3 lie beyond the target (3 blocks, 12288 bytes)")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, first_block=3, count=1)),
+            where, "blocks 3..3 lie beyond the target")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, first_block=(1 << 64) - 1)),
+            where, "lie beyond the target")
+    limit = data_record_max_blocks(12)
+    for count in (0, limit + 1, (1 << 32) - 1):
+        refuses(FormatError, lambda c=count: parse_patch(rewrite_record(patch, rec, count=c)), where,
+                f"block count {count} is outside 1..{limit}")
+
+
+def test_record_fields() -> None:
+    patch = fixture("data-record", "patch.bin")
+    rec = parse_patch(patch)[1][0]
+    where = f"record 0 (data) at byte {rec.offset}"
+    limit = payload_limit(2 * 4096)
+    for n in (0, limit + 1, (1 << 32) - 1):
+        refuses(FormatError, lambda n=n: parse_patch(rewrite_record(patch, rec, payload_len=n)),
+                where, f"payload length {n} is outside 1..{limit}")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, source_block=5)), where,
+            "source block 5, expected 0")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, kind=7)),
+            f"record 0 at byte {rec.offset}", "unknown record kind 7")
+    refuses(FormatError, lambda: parse_patch(flip(patch, rec.offset + 2, 0x01)), where,
+            "reserved bytes are not zero")
+    h, recs = parse_patch(patch)
+    zero_target = dataclasses.replace(recs[0], meta=recs[0].meta[:HASH_LEN] + ZERO_HASH
+                                      + recs[0].meta[2 * HASH_LEN :])
+    refuses(FormatError, lambda: parse_patch(assemble(h.header, [zero_target])), where,
+            "block 1 has the zero hash as target")
+
+    zpatch = fixture("zero-record", "patch.bin")
+    zrec = parse_patch(zpatch)[1][0]
+    zwhere = f"record 0 (zero) at byte {zrec.offset}"
+    refuses(FormatError, lambda: parse_patch(rewrite_record(zpatch, zrec, payload_len=5)), zwhere,
+            "payload length 5, expected 0")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(zpatch, zrec, count=MAX_RECORD_BLOCKS + 1)),
+            zwhere, f"block count {MAX_RECORD_BLOCKS + 1} is outside 1..{MAX_RECORD_BLOCKS}")
+
+
+def test_copy_source_fields() -> None:
+    patch = fixture("copy-record", "patch.bin")  # COPY of blocks 1..2 to 4..5; 6 base blocks
+    rec = parse_patch(patch)[1][0]
+    where = f"record 0 (copy) at byte {rec.offset}"
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, source_block=5)), where,
+            "copy source blocks 5..6 lie beyond the base")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, source_block=(1 << 64) - 1)),
+            where, "lie beyond the base")
+    refuses(FormatError, lambda: parse_patch(rewrite_record(patch, rec, source_block=3)), where,
+            "copy source overlaps its own destination")
+
+
+def test_records_out_of_order_or_overlapping() -> None:
+    reader, recs = parse_patch(fixture("mixed", "patch.bin"))
+    h = reader.header
+    dup = assemble(h, [recs[0], recs[0], *recs[1:]])
+    refuses(FormatError, lambda: parse_patch(dup), "record 1 (data)",
+            "starts at block 0, before the end of the previous record (block 1)", "overlap")
+    swapped = assemble(h, [recs[0], recs[2], recs[1], *recs[3:]])
+    refuses(FormatError, lambda: parse_patch(swapped), "record 2 (zero)",
+            "starts at block 3, before the end of the previous record (block 5)", "out of order")
+    inside = dataclasses.replace(recs[1], first_block=0)  # inside a record further back
+    refuses(FormatError, lambda: parse_patch(assemble(h, [recs[0], recs[2], inside])),
+            "record 2 (zero)", "starts at block 0")
+
+
+def test_copies_must_not_depend_on_record_order() -> None:
+    reader, recs = parse_patch(fixture("copy-record", "patch.bin"))
+    h, copy = reader.header, recs[0]
+    target = copy.meta[HASH_LEN : 2 * HASH_LEN]
+    reads_4 = Record(REC_COPY, 0, 1, ZERO_HASH + target, source_block=4)
+    zero_4 = Record(REC_ZERO, 4, 1, target)
+    refuses(FormatError, lambda: parse_patch(assemble(h, [reads_4, zero_4])), "record 1 (zero)",
+            "changes a block an earlier copy record reads from")
+    zero_0 = Record(REC_ZERO, 0, 1, target)
+    reads_0 = Record(REC_COPY, 2, 1, ZERO_HASH + target, source_block=0)
+    refuses(FormatError, lambda: parse_patch(assemble(h, [zero_0, reads_0])), "record 1 (copy)",
+            "copies from a block an earlier record changes")
+
+
+@pytest.mark.parametrize("field", ["records", "data_blocks", "zero_blocks", "copy_blocks",
+                                   "payload_bytes", "body_bytes"])
+def test_patch_trailer_counts_that_disagree(field: str) -> None:
+    reader, recs = parse_patch(fixture("mixed", "patch.bin"))
+    assert reader.trailer is not None
+    assert assemble(reader.header, recs) == fixture("mixed", "patch.bin")
+    bad = assemble(reader.header, recs, {field: getattr(reader.trailer, field) + 1})
+    refuses(FormatError, lambda: parse_patch(bad), f"trailer at byte {reader.trailer.body_bytes}",
+            f"{field}={getattr(reader.trailer, field) + 1}", "disagree")
+    refuses(ChecksumMismatch, lambda: parse_patch(flip(bad, len(bad) - 1, 0x01)), "trailer",
+            "CRC-32C mismatch")
+
+
+def test_signature_trailer() -> None:
+    sig = fixture("mixed", "base.sig")
+    at = len(sig) - SIG_TRAILER.size - CRC.size
+    fields = sig_trailer_fields(sig)
+    assert parse_sig(with_sig_trailer(sig, 1, fields[1])) is not None
+    refuses(FormatError, lambda: parse_sig(with_sig_trailer(sig, 1, fields[1] + 1)),
+            f"trailer at byte {at}", f"counts {fields[1] + 1} blocks", "disagree")
+    refuses(FormatError, lambda: parse_sig(with_sig_trailer(sig, 2, fields[2] - 1)),
+            f"trailer at byte {at}", f"{fields[2] - 1} data", "disagree")
+    refuses(ChecksumMismatch, lambda: parse_sig(with_sig_trailer(sig, -1, bytes(32))),
+            f"trailer at byte {at}", "identity mismatch")
+    refuses(ChecksumMismatch, lambda: parse_sig(flip(sig, len(sig) - 1, 0x01)),
+            f"trailer at byte {at}", "CRC-32C mismatch")
+
+
+def test_signature_runs() -> None:
+    h = b"\x01" * HASH_LEN
+    ok = make_sig(12, 4 * 4096, [(SIG_DATA, 0, 1, h), (SIG_HOLE, 1, 3, b"")], 4, 1)
+    assert list(parse_sig(ok).data_index) == [0]
+    at1 = SIG_HEADER.size + CRC.size + SIG_RUN.size + HASH_LEN + CRC.size
+    cases = [
+        ([(SIG_HOLE, 0, 1, b""), (SIG_HOLE, 1, 3, b"")], 4, 0,
+         f"run 1 at byte {SIG_HEADER.size + CRC.size + SIG_RUN.size + CRC.size}",
+         "hole run follows a short hole run (not canonical)"),
+        ([(SIG_DATA, 0, 1, h), (SIG_HOLE, 2, 2, b"")], 4, 1, f"run 1 at byte {at1}",
+         "starts at block 2, expected 1"),
+        ([(SIG_DATA, 0, 1, h), (SIG_HOLE, 1, 4, b"")], 4, 1, f"run 1 at byte {at1}",
+         "block count 4 is outside 1..3"),
+        ([(SIG_DATA, 0, 1, h), (SIG_HOLE, 1, 0, b"")], 4, 1, f"run 1 at byte {at1}",
+         "block count 0 is outside 1..3"),
+        ([(SIG_DATA, 0, 2, h + ZERO_HASH), (SIG_HOLE, 2, 2, b"")], 4, 2, "run 0",
+         "block 1 has the zero hash in a data run"),
+        ([(3, 0, 4, b"")], 4, 0, "run 0", "unknown run kind 3"),
+        ([(SIG_DATA, 0, 1, h), (SIG_DATA, 1, 1, h), (SIG_HOLE, 2, 2, b"")], 4, 2,
+         f"run 1 at byte {at1}", "data run follows a short data run (not canonical)"),
+    ]
+    for runs, blocks, data_blocks, *fragments in cases:
+        sig = make_sig(12, 4 * 4096, runs, blocks, data_blocks)
+        refuses(FormatError, lambda s=sig: parse_sig(s), *fragments)
+    n = MAX_SIG_DATA_RUN + 1
+    big = make_sig(12, n * 4096, [(SIG_DATA, 0, n, b"")], n, n)  # refused before its hashes are read
+    refuses(FormatError, lambda: parse_sig(big), "run 0", f"{n} hashes exceed the limit of {n - 1}")
+
+
+# ---------------------------------------------------------------- truncation and trailing bytes
+
+
+TRUNCATED = re.compile(r"is truncated: .* at byte (\d+) needs (\d+) bytes, found (\d+)")
+
+
+def _check_truncated(err: SparsePatchError, length: int) -> None:
+    assert type(err) is Truncated, f"{type(err).__name__}: {err}"
+    if length == 0:
+        assert "is empty" in str(err), str(err)
+        return
+    m = TRUNCATED.search(str(err))
+    assert m, str(err)
+    at, needs, found = map(int, m.groups())
+    assert at + found == length and found < needs, str(err)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_prefix_of_a_patch_is_truncated(name: str) -> None:
+    patch = fixture(name, "patch.bin")
+    for n in range(len(patch)):
+        with pytest.raises(SparsePatchError) as info:
+            parse_patch(patch[:n])
+        _check_truncated(info.value, n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_prefix_of_a_signature_is_truncated(name: str) -> None:
+    for file in SIG_FILES:
+        sig = fixture(name, file)
+        for n in range(len(sig)):
+            with pytest.raises(SparsePatchError) as info:
+                parse_sig(sig[:n])
+            _check_truncated(info.value, n)
+
+
+@pytest.mark.parametrize("extra", [b"\0", b"garbage", fixture("empty-file", "patch.bin")])
+def test_trailing_bytes(extra: bytes) -> None:
+    patch, sig = fixture("mixed", "patch.bin"), fixture("mixed", "base.sig")
+    refuses(FormatError, lambda: parse_patch(patch + extra),
+            f"unexpected bytes after the trailer at byte {len(patch)}")
+    refuses(FormatError, lambda: parse_sig(sig + extra),
+            f"unexpected bytes after the trailer at byte {len(sig)}")
+
+
+# ---------------------------------------------------------------- single-byte damage
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_flip_outside_payloads_is_refused_by_the_reader(name: str) -> None:
+    patch = fixture(name, "patch.bin")
+    payload = {p for r in payload_ranges(parse_patch(patch)[1]) for p in r}
+    for pos in range(len(patch)):
+        if pos in payload:
+            continue
+        for mask in (0x01, 0x80, 0xFF):
+            with pytest.raises(FormatError):
+                parse_patch(flip(patch, pos, mask))
+    for file in SIG_FILES:
+        sig = fixture(name, file)
+        for pos in range(len(sig)):
+            for mask in (0x01, 0x80, 0xFF):
+                with pytest.raises(FormatError):
+                    parse_sig(flip(sig, pos, mask))
+
+
+@pytest.mark.parametrize("name", ["mixed", "unaligned-size", "grows"])
+def test_every_flip_inside_a_payload_is_refused_or_harmless(name: str) -> None:
+    reader, records = parse_patch(fixture(name, "patch.bin"))
+    for rec in records:
+        if rec.kind != REC_DATA:
+            continue
+        good = decode_payload(reader.header, rec)
+        for pos in range(len(rec.payload)):
+            damaged = dataclasses.replace(rec, payload=flip(rec.payload, pos))
+            try:
+                out = decode_payload(reader.header, damaged)
+            except SparsePatchError:
+                continue
+            assert out == good, f"{name} record {rec.index}: flip at payload byte {pos} went unnoticed"
+
+
+# ---------------------------------------------------------------- zstd frames
+
+
+def _huge_frame(declared: int) -> bytes:
+    cobj = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=declared)
+    return cobj.compress(b"\x01" * 100) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+
+def _with_payload(name: str, payload: bytes) -> tuple[Any, Record, bytes]:
+    reader, recs = parse_patch(fixture(name, "patch.bin"))
+    k = next(i for i, r in enumerate(recs) if r.kind == REC_DATA)
+    recs[k] = dataclasses.replace(recs[k], payload=payload)
+    patch = assemble(reader.header, recs)
+    reader, recs = parse_patch(patch)  # the reader accepts it: payloads are checked on decode
+    return reader.header, recs[k], patch
+
+
+@pytest.mark.parametrize("declared", [1 << 40, (1 << 60) + 12345, 8193])
+def test_payload_declaring_a_huge_size_is_refused_without_allocating(declared: int,
+                                                                     tmp_path: Path) -> None:
+    frame = _huge_frame(declared)
+    assert zstandard.frame_content_size(frame) == declared
+    header, rec, patch = _with_payload("data-record", frame)
+    tracemalloc.start()
+    try:
+        refuses(FormatError, lambda: decode_payload(header, rec), f"record 0 (data) at byte {rec.offset}",
+                f"payload declares {declared} bytes, record covers 8192")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    case = mf.CASES["data-record"]
+    dest = mf.make_file(tmp_path / "dest", case["base"])
+    (tmp_path / "patch.bin").write_bytes(patch)
+    refuses(FormatError, lambda: api.apply(str(tmp_path / "patch.bin"), str(dest)),
+            f"payload declares {declared} bytes")
+    assert dest.read_bytes() == mf.file_bytes(case["base"])
+
+
+def test_payload_frames_that_do_not_fit_the_record() -> None:
+    raw = 2 * 4096
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x01" * raw)
+    header, rec, _ = _with_payload("data-record", no_size)
+    refuses(FormatError, lambda: decode_payload(header, rec), "payload declares")
+    header, rec, _ = _with_payload("data-record", b"not a zstd frame at all")
+    refuses(FormatError, lambda: decode_payload(header, rec), "payload is not a zstd frame")
+    # A frame whose header declares the record's length but whose blocks hold twice as much.
+    longer = bytearray(zstandard.ZstdCompressor(write_content_size=True).compress(b"\x01" * 2 * raw))
+    fhd = longer[4]
+    assert fhd >> 6 == 1 and fhd & 0x20, "expected a single-segment frame with a 2-byte size"
+    struct.pack_into("<H", longer, 5, raw - 256)
+    assert zstandard.frame_content_size(bytes(longer)) == raw
+    header, rec, _ = _with_payload("data-record", bytes(longer))
+    with pytest.raises(FormatError) as info:
+        decode_payload(header, rec)
+    assert f"record 0 (data) at byte {rec.offset}" in str(info.value)
+
+
+# ---------------------------------------------------------------- random damage, end to end
+
+
+DAMAGE_CASES = ["mixed", "unaligned-size", "full-patch", "copy-record", "shrinks", "zero-record"]
+PATCHES = {name: fixture(name, "patch.bin") for name in DAMAGE_CASES}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_damaged_patch_is_refused_or_applies_exactly(data: st.DataObject) -> None:
+    name = data.draw(st.sampled_from(DAMAGE_CASES), label="case")
+    patch = PATCHES[name]
+    truncate = data.draw(st.booleans(), label="truncate")
+    if truncate:
+        damaged = patch[: data.draw(st.integers(0, len(patch) - 1), label="length")]
+    else:
+        pos = data.draw(st.integers(0, len(patch) - 1), label="pos")
+        damaged = flip(patch, pos, data.draw(st.integers(1, 255), label="mask"))
+    try:
+        decode_all(damaged)
+        decoded = True
+    except SparsePatchError:
+        decoded = False
+    if truncate:
+        assert not decoded
+    elif not decoded:
+        pass
+    else:
+        in_payload = any(pos in r for r in payload_ranges(parse_patch(patch)[1]))
+        assert in_payload, f"flip at byte {pos} outside every payload was not refused"
+    case = mf.CASES[name]
+    with tempfile.TemporaryDirectory(prefix="sparsepatch-damage-") as work:
+        dest = mf.make_file(Path(work) / "dest", case["base"])
+        (Path(work) / "patch.bin").write_bytes(damaged)
+        try:
+            api.apply(str(Path(work) / "patch.bin"), str(dest))
+        except SparsePatchError:
+            # A patch file is checked whole before the first write.
+            assert dest.read_bytes() == mf.file_bytes(case["base"])
+            return
+        assert decoded, "apply accepted a patch the reader refuses"
+        assert dest.read_bytes() == mf.file_bytes(case["target"])
