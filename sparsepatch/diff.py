@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zstandard
@@ -45,6 +48,7 @@ from .format import (
 )
 
 DEFAULT_LEVEL = 3
+COMPRESS_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,13 @@ class _Spool:
             raise IOFailure(f"spool file for the source stream: {e.strerror}") from None
         self.blocks += 1
 
+    def finish(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            raise IOFailure(f"spool file for the source stream: {e.strerror}") from None
+
     def read(self, k: int, count: int) -> bytes:
-        self.file.flush()
         return os.pread(self.file.fileno(), count << self.shift, k << self.shift)
 
 
@@ -198,6 +207,37 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
         k += m
 
 
+class _Compressors:
+    """One zstd context per thread: a context is not safe to share between threads."""
+
+    def __init__(self, level: int):
+        self.level = level
+        self.local = threading.local()
+
+    def compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self.local, "c", None)
+        if c is None:
+            c = self.local.c = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=True, write_content_size=True
+            )
+        return c
+
+
+def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: int, name: str) -> None:
+    """The first phase chose these blocks by their hashes; a source that changed since
+    would otherwise put data in the patch that its own hashes do not describe."""
+    bs = 1 << shift
+    view = memoryview(raw)
+    for b in range(m):
+        blk = view[b << shift : (b + 1) << shift]
+        if len(blk) < bs:
+            blk = memoryview(bytes(blk) + bytes(bs - len(blk)))
+        if block_hash(blk) != changes.hashes(k + b)[1]:
+            raise SourceChanged(
+                f"{name}: block at byte {(first + b) << shift} changed while diff was reading it"
+            )
+
+
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
                 full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
                 progress: Callable[[int], None] | None = None) -> DiffStats:
@@ -214,7 +254,6 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
                          base_mtime_ns=sig.mtime_ns)
     del t_index, t_hashes
     sources = _copy_sources(sig, changes, target_blocks)
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
 
     written = 0
     mac = MacChain(key) if key is not None else None
@@ -231,39 +270,50 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
 
     emit(encode_patch_header(header))
     counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
-    records = payload_bytes = data_bytes = spooled = 0
-    zero_pad = bytes(bs)
-    for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift)):
+    records = payload_bytes = data_bytes = 0
+    if spool:
+        spool.finish()
+
+    def build(kind: int, k: int, m: int, src: int, spooled: int) -> tuple[Record, int]:
+        """One record with its payload: read, re-check and compress in a worker thread
+        (pread, BLAKE3 and zstd release the GIL). Each payload is its own frame, so the
+        bytes do not depend on how many workers ran."""
         first = changes.index[k]
         metas = []
         for b in range(m):
             base, target = changes.hashes(k + b)
             metas.append(base if kind == REC_ZERO else base + target)
-        payload = b""
-        if kind == REC_DATA:
-            if spool:
-                raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
-            else:
-                raw = read_blocks(fd, shift, size, first, m, name)
-            view = memoryview(raw)
-            for b in range(m):
-                blk = view[b << shift : (b + 1) << shift]
-                if len(blk) < bs:
-                    blk = memoryview(bytes(blk) + zero_pad[len(blk) :])
-                # The first phase chose this block by its hash; a source that changed since
-                # would otherwise put data in the patch that its own hashes do not describe.
-                if block_hash(blk) != changes.hashes(k + b)[1]:
-                    raise SourceChanged(
-                        f"{name}: block at byte {(first + b) << shift} changed while diff was reading it"
-                    )
-            payload = cctx.compress(raw)
-            data_bytes += len(raw)
-            payload_bytes += len(payload)
-        if kind != REC_ZERO and spool:
-            spooled += m
-        emit(encode_record(Record(kind, first, m, b"".join(metas), src, payload)))
-        counts[kind] += m
-        records += 1
+        if kind != REC_DATA:
+            return Record(kind, first, m, b"".join(metas), src), 0
+        if spool:
+            raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
+        else:
+            raw = read_blocks(fd, shift, size, first, m, name)
+        _recheck(raw, changes, k, m, shift, first, name)
+        payload = cctxs.compressor().compress(raw)
+        return Record(kind, first, m, b"".join(metas), src, payload), len(raw)
+
+    cctxs = _Compressors(level)
+    spooled = 0
+    with ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="sparsepatch-zstd") as pool:
+        pending: deque[Future[tuple[Record, int]]] = deque()
+
+        def drain(limit: int) -> None:
+            nonlocal records, payload_bytes, data_bytes
+            while len(pending) > limit:
+                rec, raw_len = pending.popleft().result()
+                emit(encode_record(rec))
+                counts[rec.kind] += rec.count
+                records += 1
+                data_bytes += raw_len
+                payload_bytes += len(rec.payload)
+
+        for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift)):
+            pending.append(pool.submit(build, kind, k, m, src, spooled))
+            if kind != REC_ZERO:
+                spooled += m
+            drain(2 * COMPRESS_THREADS)
+        drain(0)
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],
                                            counts[REC_COPY], payload_bytes, written)))
     return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
