@@ -303,21 +303,25 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
 
 def _open_dest(dest: str, full: bool) -> tuple[int, bool]:
     """Open dest for update; a full patch may create it. Returns (fd, created)."""
+    if not os.path.exists(dest) and full:
+        try:
+            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+        except FileExistsError:  # created by someone else meanwhile: treat as existing
+            pass
+        except OSError as e:
+            raise IOFailure(f"{dest}: cannot create: {e.strerror}") from None
     try:
-        return os.open(dest, os.O_RDWR | os.O_CLOEXEC), False
-    except FileNotFoundError:
-        if not full:
+        fd = sparse.open_path(dest, os.O_RDWR)
+    except IOFailure as e:
+        if not full and not os.path.lexists(dest):
             raise IOFailure(
                 f"{dest}: no such file; only a full patch (diff --full) can create a destination"
             ) from None
-    except OSError:
-        return sparse.open_path(dest, os.O_RDWR), False  # raises the one-line error
-    try:
-        return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
-    except FileExistsError:  # created by someone else meanwhile: treat as existing
-        return sparse.open_path(dest, os.O_RDWR), False
-    except OSError as e:
-        raise IOFailure(f"{dest}: cannot create: {e.strerror}") from None
+        raise e
+    if sparse.is_block_device(fd):
+        os.close(fd)
+        return sparse.open_device_exclusive(dest), False
+    return fd, False
 
 
 def default_journal(dest: str) -> str:

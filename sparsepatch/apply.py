@@ -8,7 +8,9 @@ its bytes reach the destination."""
 
 from __future__ import annotations
 
+import bisect
 import os
+from array import array
 from dataclasses import dataclass
 
 from . import sparse
@@ -28,7 +30,8 @@ from .format import (
     encode_journal_slot,
 )
 
-JOURNAL_WINDOW = 64 << 20  # bytes of destination one journal entry covers; one fdatasync each
+SYNC_BUDGET = 64 << 20  # bytes written between two fdatasyncs of the destination
+JOURNAL_LOOKAHEAD = 64 << 20  # without a plan, how far past a write a journal window reaches
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class Applier:
         self.journal = journal
         self.accepted = accepted or (0, 0)
         self.window = (0, 0)
+        self.unsynced = 0  # bytes written since the last fdatasync
+        # From the pre-read, the write span of each record that writes: (first, end, bytes).
+        self.plan_first, self.plan_end, self.plan_bytes = array("Q"), array("Q"), array("Q")
         self.shift = self.h.block_shift
         self.bs = 1 << self.shift
         self._buf = bytearray(self.bs)
@@ -131,14 +137,24 @@ class Applier:
         return block_hash(view)
 
     def _cover(self, first: int, end: int) -> None:
-        """Make sure the journal names [first, end) before anything there is written."""
+        """Make sure the journal names [first, end) before anything there is written.
+
+        The window must hold every block written since the last fdatasync (those may be torn
+        or lost). So it starts at the first such write, and moves on only after a sync, once
+        SYNC_BUDGET bytes were written; its end reaches as far as the writes the budget will
+        allow, read from the plan when the pre-read made one. Windows then change once per
+        budget, not once per scattered record (each change costs a journal fsync)."""
         if self.window[0] <= first and end <= self.window[1]:
             return
-        try:
-            sparse.sync_data(self.fd)  # what the old window covered is durable before we forget it
-        except OSError as e:
-            raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
-        start, end = first, max(end, first + (JOURNAL_WINDOW >> self.shift))
+        start = self.window[0] if self.window[1] else first
+        if self.unsynced >= SYNC_BUDGET:
+            try:
+                sparse.sync_data(self.fd)  # durable before the window stops covering it
+            except OSError as e:
+                raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
+            self.unsynced = 0
+            start = first
+        end = max(end, self._horizon(first))
         a0, a1 = self.accepted
         if a1 > first:
             # Part of an interrupted run's window is still ahead of us: keep accepting it if
@@ -147,6 +163,19 @@ class Applier:
         self.window = (start, end)
         self.journal.write(self.h.base_identity, self.h.target_identity, start, end)
 
+    def _horizon(self, first: int) -> int:
+        """End of the writes, from first on, that fit in what is left of the sync budget."""
+        if not self.plan_first:
+            return first + (JOURNAL_LOOKAHEAD >> self.shift)
+        k = bisect.bisect_left(self.plan_first, first)
+        budget = SYNC_BUDGET - self.unsynced
+        end = first + 1
+        while k < len(self.plan_first) and budget > 0:
+            end = max(end, self.plan_end[k])
+            budget -= self.plan_bytes[k]
+            k += 1
+        return end
+
     def _write(self, block: int, data: bytes | memoryview) -> None:
         off = block << self.shift
         try:
@@ -154,12 +183,14 @@ class Applier:
         except OSError as e:
             raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
         self.bytes_written += len(data)
+        self.unsynced += len(data)
 
     def _punch(self, first: int, count: int) -> None:
         off = first << self.shift
         length = min(count << self.shift, max(self.h.target_size, self._size()) - off)
         if length <= 0:
             return
+        self.unsynced += 4096  # a punch is metadata: cheap, but not free to make durable
         try:
             ok = self.punch_ok and sparse.punch_hole(self.fd, off, length, self.discard)
         except OSError as e:
@@ -254,6 +285,12 @@ class Applier:
                 for k, w in enumerate(need):
                     if w:
                         self._check_source(rec, k)
+            runs = self._runs(need)
+            if runs:
+                self.plan_first.append(rec.first_block + runs[0][0])
+                self.plan_end.append(rec.first_block + runs[-1][0] + runs[-1][1])
+                written = sum(m for _, m in runs)
+                self.plan_bytes.append(4096 if rec.kind == REC_ZERO else written << self.shift)
 
     def run(self) -> ApplyStats:
         n = 0

@@ -164,7 +164,28 @@ def _finish(command: str, result: Any, seconds: float, summary: str, quiet: bool
                 sys.exit(3)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+class _Group(click.Group):
+    """Usage errors as one line, like every other error, instead of click's three."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"sparsepatch: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"sparsepatch: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("sparsepatch: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="sparsepatch")
 def main() -> None:
@@ -350,7 +371,9 @@ def info(file: str, as_json: bool) -> None:
     """Show what a signature or patch holds (and check its framing whole).
 
     \b
-    Example: sparsepatch info vm.patch --json
+    Examples:
+      sparsepatch info vm.patch
+      sparsepatch info vm.sig --json
     """
     d = _run(api.info, file)
     if as_json:

@@ -161,6 +161,20 @@ def lock_exclusive(fd: int, path: str) -> None:
         raise Locked(f"{path}: another sparsepatch apply holds this destination") from None
 
 
+def open_device_exclusive(path: str) -> int:
+    """Open a block device for writing only if nobody else holds it: O_EXCL on a block
+    device fails with EBUSY while it is mounted or opened exclusively elsewhere, whatever
+    path or device node is used (flock would only see one inode)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise Locked(
+                f"{path}: device is in use: mounted, or another sparsepatch apply holds it"
+            ) from None
+        raise IOFailure(f"{path}: {e.strerror}") from None
+
+
 def allocated_bytes(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
