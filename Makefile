@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint fixtures clean
+.PHONY: demo test fuzz bench lint fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+fuzz: $(STAMP)
+	$(PY) tests/fuzz_main.py --cases 10000
+
+# The peers bench/bench.py compares against; installed when missing and running as root,
+# otherwise the benchmark skips the missing ones (and says so).
+BENCH_PEERS := rsync rdiff xdelta3
+
 bench: $(STAMP)
-	$(PY) bench/bench.py
+	@missing=""; for p in $(BENCH_PEERS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y $(BENCH_PEERS) || { apt-get update && apt-get install -y $(BENCH_PEERS); } \
+	      || echo "bench: could not install$$missing: skipped"; \
+	  else echo "bench: not root, so not installing$$missing: skipped"; fi; \
+	fi
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sparsepatch tests bench

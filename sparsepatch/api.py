@@ -99,7 +99,7 @@ def _inputs(paths: list[str]) -> Iterator[Callable[[int], bytes]]:
 def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[bytes], object]]:
     """Write to stdout, or to a temporary file beside path renamed over it when complete,
     so that an interrupted run never leaves a file that looks finished. With split, write
-    path.000, path.001, ... of at most split bytes each."""
+    path.000, path.001, ... of at most split bytes each, all renamed at the end."""
     if path is None or path == "-":
         if split:
             raise UsageError("--split needs -o FILE")
@@ -107,74 +107,87 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
         yield out.write
         out.flush()
         return
-    if split:
-        with _split_output(path, split) as write:
-            yield write
-        return
-    with _file_output(path) as write:
-        yield write
-
-
-@contextlib.contextmanager
-def _split_output(path: str, split: int) -> Iterator[Callable[[bytes], object]]:
-    state = {"piece": 0, "left": split}
-    stack = contextlib.ExitStack()
-    current = stack.enter_context(_file_output(f"{path}.000"))
+    pieces: list[_PartFile] = []
+    left = split or 0
 
     def write(b: bytes) -> None:
-        nonlocal current
+        nonlocal left
+        if not split:
+            pieces[0].write(b)
+            return
         view = memoryview(b)
         while view:
-            if state["left"] == 0:
-                stack.close()  # the finished piece is renamed into place
-                state["piece"] += 1
-                state["left"] = split
-                current = stack.enter_context(_file_output(f"{path}.{state['piece']:03d}"))
-            n = min(len(view), state["left"])
-            current(bytes(view[:n]))
-            state["left"] -= n
+            if left == 0:
+                pieces.append(_PartFile(f"{path}.{len(pieces):03d}"))
+                left = split
+            n = min(len(view), left)
+            pieces[-1].write(view[:n])
+            left -= n
             view = view[n:]
 
-    with stack:
-        yield write
-    # Remove pieces a previous, longer patch of the same name left behind.
-    k = state["piece"] + 1
-    while os.path.exists(f"{path}.{k:03d}"):
-        os.unlink(f"{path}.{k:03d}")
-        k += 1
-
-
-@contextlib.contextmanager
-def _file_output(path: str) -> Iterator[Callable[[bytes], object]]:
-    folder, base = os.path.split(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=folder)
-    except OSError as e:
-        raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
-    f = os.fdopen(fd, "wb", buffering=1 << 20)
-    try:
-        def write(b: bytes) -> None:
-            try:
-                f.write(b)
-            except OSError as e:
-                raise IOFailure(f"{path}: write failed: {e.strerror}") from None
-
+        pieces.append(_PartFile(f"{path}.000" if split else path))
+        left = split or 0
         yield write
-        try:
-            f.flush()
-            sparse.sync(f.fileno())
-            f.close()
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-            sparse.sync_dir(folder)
-        except OSError as e:
-            raise IOFailure(f"{path}: cannot finish output: {e.strerror}") from None
+        for piece in pieces:
+            piece.close()
+        if split:
+            # Pieces a previous, longer patch of the same name left behind would be read on.
+            k = len(pieces)
+            while os.path.exists(f"{path}.{k:03d}"):
+                os.unlink(f"{path}.{k:03d}")
+                k += 1
+        # Last piece first: PATCH.000, the name a user reaches for, appears only when the
+        # rest are in place.
+        for piece in reversed(pieces):
+            piece.commit()
+        sparse.sync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException:
-        with contextlib.suppress(OSError):
-            f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for piece in pieces:
+            piece.abort()
         raise
+
+
+class _PartFile:
+    """An output file written under a temporary name beside its final one."""
+
+    def __init__(self, path: str):
+        self.path = path
+        folder, base = os.path.split(os.path.abspath(path))
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=folder)
+        except OSError as e:
+            raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+        self.f = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def write(self, b: bytes | memoryview) -> None:
+        try:
+            self.f.write(b)
+        except OSError as e:
+            raise IOFailure(f"{self.path}: write failed: {e.strerror}") from None
+
+    def close(self) -> None:
+        try:
+            self.f.flush()
+            sparse.sync(self.f.fileno())
+            self.f.close()
+            os.chmod(self.tmp, 0o666 & ~_umask())
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot finish output: {e.strerror}") from None
+
+    def commit(self) -> None:
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot finish output: {e.strerror}") from None
+        self.tmp = ""
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        if self.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
 
 
 def _sniff(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:

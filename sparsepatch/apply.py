@@ -30,6 +30,7 @@ from .format import (
     encode_journal_slot,
 )
 
+WRITE_STEP = 1 << 20  # bytes reserved and written at once
 SYNC_BUDGET = 64 << 20  # bytes written between two fdatasyncs of the destination
 JOURNAL_LOOKAHEAD = 64 << 20  # without a plan, how far past a write a journal window reaches
 
@@ -121,6 +122,7 @@ class Applier:
         self._zero = bytes(self.bs)
         self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
         self.punch_ok = True
+        self.is_device = sparse.is_block_device(fd)
 
     # -- destination access
 
@@ -177,13 +179,21 @@ class Applier:
         return end
 
     def _write(self, block: int, data: bytes | memoryview) -> None:
-        off = block << self.shift
-        try:
-            sparse.pwrite_full(self.fd, data, off)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
-        self.bytes_written += len(data)
-        self.unsynced += len(data)
+        """Write whole blocks from block on, in steps of at least 1 MiB, each reserved first:
+        a full disk then stops apply between blocks, never inside one."""
+        view = memoryview(data)
+        step = max(self.bs, WRITE_STEP)
+        for pos in range(0, len(view), step):
+            piece = view[pos : pos + step]
+            off = (block << self.shift) + pos
+            try:
+                if not self.is_device:
+                    sparse.reserve(self.fd, off, len(piece))
+                sparse.pwrite_full(self.fd, piece, off)
+            except OSError as e:
+                raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
+            self.bytes_written += len(piece)
+            self.unsynced += len(piece)
 
     def _punch(self, first: int, count: int) -> None:
         off = first << self.shift

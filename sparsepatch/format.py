@@ -523,6 +523,7 @@ class Record:
     payload: bytes = b""
     offset: int = 0  # byte offset of the record in the patch, for messages
     index: int = 0  # record number, for messages
+    source: str = "patch"  # name of the patch it came from, for messages
 
     @property
     def end_block(self) -> int:
@@ -543,7 +544,7 @@ class Record:
         return self.meta[k * w + HASH_LEN : (k + 1) * w]
 
     def where(self) -> str:
-        return f"patch record {self.index} ({REC_NAMES.get(self.kind, '?')}) at byte {self.offset}"
+        return f"{self.source} record {self.index} ({REC_NAMES.get(self.kind, '?')}) at byte {self.offset}"
 
 
 def encode_record(rec: Record) -> bytes:
@@ -728,7 +729,7 @@ class PatchReader:
             self.counts[k] += count
             self.payload_bytes += payload_len
             next_block = first + count
-            yield Record(k, first, count, meta, source, payload, at, n)
+            yield Record(k, first, count, meta, source, payload, at, n, self.name)
             n += 1
 
     def _finish(self, kind: bytes, at: int, n: int) -> None:
@@ -742,8 +743,13 @@ class PatchReader:
         seen = PatchTrailer(n, self.counts[REC_DATA], self.counts[REC_ZERO], self.counts[REC_COPY],
                             self.payload_bytes, at)
         if t != seen:
+            wrong = ", ".join(
+                f"{f}={getattr(t, f)} (the records give {getattr(seen, f)})"
+                for f in PatchTrailer.__dataclass_fields__
+                if getattr(t, f) != getattr(seen, f)
+            )
             raise FormatError(
-                f"{self.name} trailer at byte {at}: counts {t} disagree with the records read {seen}"
+                f"{self.name} trailer at byte {at}: counts disagree with the records read: {wrong}"
             )
         if not self.r.at_eof():
             raise FormatError(f"{self.name}: unexpected bytes after the trailer at byte {self.r.pos}")

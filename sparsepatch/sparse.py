@@ -88,6 +88,18 @@ def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate a range before writing it, so a full disk fails the whole write up front
+    instead of part-way through a block (which would leave it neither base nor target).
+    A no-op where the filesystem or device cannot preallocate."""
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return
+    raise OSError(err, os.strerror(err))
+
+
 def punch_hole(fd: int, offset: int, length: int, discard: bool = False) -> bool:
     """Deallocate a range so it reads as zeros. False where the filesystem cannot punch.
 
