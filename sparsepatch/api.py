@@ -216,6 +216,15 @@ def _counting(read: Callable[[int], bytes], progress: Callable[[int], None]) -> 
     return counted
 
 
+def _refuse_overwrite(output: str | None, *inputs: str | None) -> None:
+    """-o naming an input would rename the output over it: a typo that destroys an image."""
+    if output is None or output == "-" or not os.path.exists(output):
+        return
+    for path in inputs:
+        if path and path != "-" and os.path.exists(path) and os.path.samefile(output, path):
+            raise UsageError(f"{output}: the output would replace the input {path}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -257,6 +266,7 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
               progress: Callable[[int], None] | None = None) -> SignatureStats:
     """Write the signature of dest (a path or '-') to output (a path, '-' or None: stdout)."""
     shift = block_shift(block_size)
+    _refuse_overwrite(output, dest)
     fd, own = _open_source(dest)
     try:
         with _output(output) as write:
@@ -302,6 +312,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
         raise UsageError("signature and source cannot both be stdin")
+    _refuse_overwrite(output, sig, source, key_file)
     key = load_key(key_file) if key_file else None
     signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
     fd, own = _open_source(source)

@@ -14,7 +14,7 @@ from array import array
 from dataclasses import dataclass
 
 from . import sparse
-from .errors import IOFailure, WrongBase
+from .errors import IOFailure, SparsePatchError, WrongBase
 from .format import (
     JOURNAL_SLOT_SIZE,
     REC_COPY,
@@ -283,6 +283,18 @@ class Applier:
             self._write(dst, memoryview(self._buf)[:length])
             self.copied += 1
 
+    def _release(self, at: int) -> None:
+        """After a refusal (raised before its record wrote anything), every block written is
+        whole, so the journal is not needed, unless an earlier interrupted run's window lies
+        ahead, not yet repaired. Keeping it would block the right patch for no reason."""
+        if self.accepted[1] > at or self.journal.fd is None and self.accepted == (0, 0):
+            return
+        try:
+            sparse.sync_data(self.fd)
+        except OSError:
+            return
+        self.journal.remove()
+
     def precheck(self, reader: PatchReader) -> None:
         """A dry run over a second reading of the patch: every CRC, MAC, payload and block
         hash, and every destination block a record would write, checked before the first
@@ -304,9 +316,17 @@ class Applier:
 
     def run(self) -> ApplyStats:
         n = 0
-        for rec in self.reader.records():
-            self.record(rec)
-            n += 1
+        at = 0
+        try:
+            for rec in self.reader.records():
+                at = rec.first_block
+                self.record(rec)
+                n += 1
+        except IOFailure:
+            raise  # a failed write may have torn a block: the journal must stay
+        except SparsePatchError:
+            self._release(at)
+            raise
         try:
             sparse.set_size(self.fd, self.h.target_size)
             sparse.sync(self.fd)
