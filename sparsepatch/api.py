@@ -107,6 +107,11 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
         yield out.write
         out.flush()
         return
+    if not split and _is_special(path):
+        # /dev/null, a FIFO, a tape: write into it; renaming over it would replace the node.
+        with open(path, "wb") as f:
+            yield f.write
+        return
     pieces: list[_PartFile] = []
     left = split or 0
 
@@ -214,6 +219,14 @@ def _counting(read: Callable[[int], bytes], progress: Callable[[int], None]) -> 
         return chunk
 
     return counted
+
+
+def _is_special(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def _refuse_overwrite(output: str | None, *inputs: str | None) -> None:

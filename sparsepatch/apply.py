@@ -289,6 +289,8 @@ class Applier:
         ahead, not yet repaired. Keeping it would block the right patch for no reason."""
         if self.accepted[1] > at or self.journal.fd is None and self.accepted == (0, 0):
             return
+        if self._size() not in (self.h.base_size, self.h.target_size):
+            return  # writes grew the file: only the journal makes its size acceptable now
         try:
             sparse.sync_data(self.fd)
         except OSError:
