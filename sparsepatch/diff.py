@@ -11,6 +11,7 @@ when the source is a stream)."""
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import threading
 from array import array
@@ -223,6 +224,13 @@ class _Compressors:
         return c
 
 
+def _stamp(fd: int) -> tuple[int, int, int] | None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
 def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: int, name: str) -> None:
     """The first phase chose these blocks by their hashes; a source that changed since
     would otherwise put data in the patch that its own hashes do not describe."""
@@ -244,6 +252,10 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     shift = sig.header.block_shift
     bs = 1 << shift
     scan = Scanner(fd, shift, name, progress=progress)
+    # A regular file that changes while diff runs changes its mtime, ctime or size: one
+    # stat before and after covers every block. Other sources get each changed block
+    # hashed again when it is read for the second time.
+    before = _stamp(fd)
     spool = None if scan.seekable else _Spool(shift)
     changes, t_index, t_hashes = _scan(sig, scan, spool)
     size = scan.size
@@ -289,7 +301,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
-        _recheck(raw, changes, k, m, shift, first, name)
+        if before is None:
+            _recheck(raw, changes, k, m, shift, first, name)
         payload = cctxs.compressor().compress(raw)
         return Record(kind, first, m, b"".join(metas), src, payload), len(raw)
 
@@ -312,8 +325,10 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             pending.append(pool.submit(build, kind, k, m, src, spooled))
             if kind != REC_ZERO:
                 spooled += m
-            drain(2 * COMPRESS_THREADS)
+            drain(COMPRESS_THREADS)
         drain(0)
+    if before is not None and _stamp(fd) != before:
+        raise SourceChanged(f"{name}: the file changed while diff was reading it (mtime or size)")
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],
                                            counts[REC_COPY], payload_bytes, written)))
     return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],

@@ -5,7 +5,6 @@ byte ranges and file descriptors."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -21,7 +20,7 @@ BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 BLKDISCARD = 0x1277
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would fork ldconfig
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
