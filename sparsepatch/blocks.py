@@ -1,5 +1,6 @@
 """Block scanning shared by signature and diff: walk a file's data extents (or a stream)
-in large reads, skip blocks of zeros, and hash the rest.
+in large reads, skip blocks of zeros, and hash the rest; and the builder that turns those
+hashes into the canonical signature (written out, or only its identity).
 
 A block is always seen full length: the last partial block is padded with zeros, which
 is what the format defines its hash over (spec/FORMAT.md, "Blocks")."""
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import sparse
 from .errors import IOFailure, SourceChanged
-from .format import block_hash
+from .format import HASH_LEN, SigHeader, SignatureEncoder, block_hash
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
 _Hashed = Future[list[tuple[int, bytes]]]  # (block, digest) of one chunk's non-zero blocks
@@ -177,3 +179,51 @@ def read_blocks(fd: int, shift: int, size: int, first: int, count: int, name: st
     if got < want:
         raise SourceChanged(f"{name}: file shrank while being read (at byte {off + got})")
     return bytes(buf)
+
+
+class SignatureBuilder:
+    """Feeds block hashes, in order, to the canonical encoder. When the size is known up
+    front the bytes stream out as blocks come; a stream's size is known only at its end
+    while the header comes first, so its hashes are kept compactly (24 bytes a data block)
+    and encoded once the size is known. write may be None: diff wants only the identity."""
+
+    def __init__(self, shift: int, size: int | None, write: Callable[[bytes], object] | None = None):
+        self.shift = shift
+        self.write = write
+        self.written = 0
+        self.enc: SignatureEncoder | None = None
+        self.index, self.hashes = array("Q"), bytearray()
+        if size is not None:
+            self._start(size)
+
+    def _start(self, size: int) -> None:
+        self.enc = SignatureEncoder(SigHeader(self.shift, size))
+        self._emit(self.enc.start())
+
+    def _emit(self, b: bytes) -> None:
+        if b and self.write is not None:
+            self.write(b)
+            self.written += len(b)
+
+    def add(self, index: int, digest: bytes) -> None:
+        if self.enc is not None:
+            self._emit(self.enc.data_at(index, digest))
+        else:
+            self.index.append(index)
+            self.hashes += digest
+
+    def finish(self, size: int, mtime_ns: int = 0) -> bytes:
+        """Returns the identity."""
+        if self.enc is None:
+            self._start(size)
+            assert self.enc is not None
+            for k, i in enumerate(self.index):
+                self._emit(self.enc.data_at(i, bytes(self.hashes[HASH_LEN * k : HASH_LEN * (k + 1)])))
+            self.index, self.hashes = array("Q"), bytearray()
+        tail, identity = self.enc.finish(mtime_ns)
+        self._emit(tail)
+        return identity
+
+    @property
+    def data_blocks(self) -> int:
+        return self.enc.data_blocks if self.enc is not None else len(self.index)

@@ -37,9 +37,7 @@ from .format import (
     PatchHeader,
     PatchTrailer,
     Record,
-    SigHeader,
     Signature,
-    SignatureEncoder,
     block_hash,
     blocks_for,
     data_record_max_blocks,
@@ -47,6 +45,7 @@ from .format import (
     encode_patch_trailer,
     encode_record,
 )
+from .signature import SignatureBuilder
 
 DEFAULT_LEVEL = 3
 COMPRESS_THREADS = 2
@@ -114,16 +113,14 @@ class _Spool:
         return os.pread(self.file.fileno(), count << self.shift, k << self.shift)
 
 
-def _scan(sig: Signature, scan: Scanner, spool: _Spool | None) -> tuple[Changes, array, bytearray]:
-    """Phase one: the target's data blocks (index, hash) and the changes against sig."""
+def _scan(sig: Signature, scan: Scanner, spool: _Spool | None, target: SignatureBuilder) -> Changes:
+    """Phase one: the changes against sig; the target's blocks go to target (its identity)."""
     di, dh = sig.data_index, sig.hashes
     nd = len(di)
     d = 0
     changes = Changes(array("Q"), bytearray(), bytearray())
-    t_index, t_hashes = array("Q"), bytearray()
     for i, digest, blk in scan:
-        t_index.append(i)
-        t_hashes += digest
+        target.add(i, digest)
         while d < nd and di[d] < i:
             changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
             d += 1
@@ -139,15 +136,7 @@ def _scan(sig: Signature, scan: Scanner, spool: _Spool | None) -> tuple[Changes,
     while d < nd:
         changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
         d += 1
-    return changes, t_index, t_hashes
-
-
-def _target_identity(shift: int, size: int, index: array, hashes: bytearray) -> bytes:
-    enc = SignatureEncoder(SigHeader(shift, size))
-    enc.start()
-    for k, i in enumerate(index):
-        enc.data_at(i, bytes(hashes[k * HASH_LEN : (k + 1) * HASH_LEN]))
-    return enc.finish()[1]
+    return changes
 
 
 def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[bytes, int]:
@@ -257,14 +246,14 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # hashed again when it is read for the second time.
     before = _stamp(fd)
     spool = None if scan.seekable else _Spool(shift)
-    changes, t_index, t_hashes = _scan(sig, scan, spool)
+    target = SignatureBuilder(shift, scan.size if scan.seekable else None)
+    changes = _scan(sig, scan, spool, target)
     size = scan.size
     target_blocks = blocks_for(size, shift)
     flags = (FLAG_FULL if full else 0) | (FLAG_MAC if key is not None else 0)
     header = PatchHeader(flags, shift, sig.header.file_size, size, sig.identity,
-                         _target_identity(shift, size, t_index, t_hashes),
+                         target.finish(size),
                          base_mtime_ns=sig.mtime_ns)
-    del t_index, t_hashes
     sources = _copy_sources(sig, changes, target_blocks)
 
     written = 0
