@@ -37,7 +37,7 @@ from .format import (
 from .signature import SignatureStats, write_signature
 from .verify import VerifyStats, against_signature, verify_patch
 
-DEFAULT_BLOCK_SIZE = 64 << 10
+DEFAULT_BLOCK_SIZE = 16 << 10  # measured on changed ext4 images: bench/BLOCKSIZE.md
 
 __all__ = ["signature", "diff", "apply", "info", "check", "verify", "VerifyStats", "ApplyStats", "DiffStats",
            "SignatureStats", "DEFAULT_BLOCK_SIZE"]

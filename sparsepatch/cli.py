@@ -225,7 +225,7 @@ _output = click.option("-o", "--output", metavar="FILE",
 @click.argument("dest", metavar="DEST")
 @_output
 @click.option("-b", "--block-size", type=SizeType(), default=str(api.DEFAULT_BLOCK_SIZE),
-              show_default="64K", help="Block size, a power of two from 4K to 16M.")
+              show_default="16K", help="Block size, a power of two from 4K to 16M.")
 @_common
 def signature(dest: str, output: str | None, block_size: int, quiet: bool, progress: str,
               as_json: bool, stats: str | None) -> None:
@@ -251,7 +251,7 @@ def signature(dest: str, output: str | None, block_size: int, quiet: bool, progr
 @_output
 @click.option("--full", is_flag=True, help="No signature: a patch that creates the whole file.")
 @click.option("-b", "--block-size", type=SizeType(), default=str(api.DEFAULT_BLOCK_SIZE),
-              show_default="64K", help="Block size for --full (otherwise the signature's).")
+              show_default="16K", help="Block size for --full (otherwise the signature's).")
 @click.option("-l", "--level", type=click.IntRange(1, 19), default=3, show_default=True,
               help="zstd compression level.")
 @click.option("-k", "--key-file", metavar="KEY",

@@ -212,7 +212,7 @@ def test_apply_onto_device_keeps_backing_file_sparse(tmp: Path, mode: str) -> No
     with loop(backing, renew=mode == "discard-unsupported") as dev:
         if mode == "discard-unsupported":
             _disable_discard(dev)
-        run_cli("signature", dev, "-o", str(tmp / "dev.sig"), "-q")
+        run_cli("signature", dev, "-o", str(tmp / "dev.sig"), "-q", "-b", "64K")
         run_cli("diff", str(tmp / "dev.sig"), str(target), "-o", str(tmp / "p"), "-q")
         extra = ["--discard"] if mode != "plain" else []
         r = run_cli("apply", str(tmp / "p"), dev, "--verify", "--json", *extra)

@@ -167,7 +167,7 @@ def test_json_stats_of_every_command(tmp: Path, pair: tuple[Path, Path]) -> None
     dest, source = pair
     sig, patch = tmp / "dest.sig", tmp / "p"
 
-    r = run_cli("signature", str(dest), "-o", str(sig), "--json")
+    r = run_cli("signature", str(dest), "-o", str(sig), "--json", "-b", "64K")
     s = json.loads(r.stdout)
     assert r.stderr.startswith(b"signature: ")  # the summary still goes to stderr
     decoded = read_signature(io.BytesIO(sig.read_bytes()).read)

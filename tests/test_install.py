@@ -74,10 +74,10 @@ API_SCRIPT = textwrap.dedent("""
 
     out = {"file": sparsepatch.__file__}
     out["py_typed"] = (pathlib.Path(sparsepatch.__file__).parent / "py.typed").is_file()
-    sig = sparsepatch.signature("dest.img", "dest.sig")
+    sig = sparsepatch.signature("dest.img", "dest.sig", block_size=65536)
     d = sparsepatch.diff("dest.sig", "source.img", "update.patch")
     a = sparsepatch.apply("update.patch", "dest.img", verify=True)
-    full = sparsepatch.diff(None, "source.img", "first.patch", full=True)
+    full = sparsepatch.diff(None, "source.img", "first.patch", full=True, block_size=65536)
     first = sparsepatch.apply("first.patch", "first.img")
     for name, s in (("sig", sig), ("diff", d), ("apply", a), ("full", full), ("first", first)):
         out[name] = {"type": type(s).__name__, "fields": dataclasses.asdict(s)}
