@@ -1,0 +1,688 @@
+#!/usr/bin/env python3
+"""Benchmark sparsepatch against rdiff, rsync (batch mode), xdelta3 and the hardware floor.
+
+Workloads (bench/workloads.py; sizes are options, the ones used are printed):
+  1 ext4       a real ext4 image (mkfs.ext4 -d of files from /usr) changed with debugfs (~5%)
+  2 scattered  a large sparse file with data in scattered extents; 1% of the extents rewritten,
+               some punched, some moved to other aligned offsets
+  3 holes      a huge sparse file with a little data, against a dense file of the same data
+               (signature only: holes must cost nothing)
+  4 dense      a file with no holes, 1% rewritten
+
+Every step runs as its own process, started from a small launcher that reports the wall
+time, CPU time (user + sys) and peak RSS of that process alone (os.wait4). The floor reads
+only the data extents (SEEK_DATA/SEEK_HOLE) into a reused 4 MiB buffer with os.preadv and
+hashes every 64 KiB block with BLAKE3, in one thread, in a plain Python loop: the least a
+signature (of the base) or a diff (of the target) can do. Files are read once before the
+warm measurements; the cold rows drop the page cache before each run (needs root).
+
+    python bench/bench.py                 # scaled-down sizes, 6-10 minutes on 2 cores
+    python bench/bench.py --quick         # small sizes, about a minute
+    python bench/bench.py --full          # 32G/2G, 64G/4G, 1T/64M, 4G: the peers take hours
+    python bench/bench.py --only 2,3 --dir /var/tmp/b --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workloads as wl  # noqa: E402
+from ext4image import parse_size  # noqa: E402
+
+KiB, MiB, GiB = wl.KiB, wl.MiB, wl.GiB
+SPARSEPATCH = [sys.executable, "-m", "sparsepatch"]
+PEERS = ("rdiff", "rsync", "xdelta3")
+NO_ROOM = "not run: no disk space for a dense result"
+NAMES = {1: "ext4", 2: "scattered", 3: "holes", 4: "dense"}
+
+# (apparent size, data) per workload
+FULL = {1: ("32G", "2G"), 2: ("64G", "4G"), 3: ("1T", "64M"), 4: ("4G", "4G")}
+DEFAULT = {1: ("4G", "1G"), 2: ("4G", "256M"), 3: ("1T", "64M"), 4: ("1G", "1G")}
+QUICK = {1: ("512M", "96M"), 2: ("512M", "32M"), 3: ("1T", "16M"), 4: ("64M", "64M")}
+
+# The launcher: a fresh small interpreter forks and execs the command, so that the peak RSS
+# the kernel reports is that of the command (a child inherits its parent's peak at exec).
+_LAUNCHER = r"""
+import os, sys, time
+t = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+print(time.monotonic() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024,
+      os.waitstatus_to_exitcode(status))
+"""
+
+
+@dataclass
+class Run:
+    wall: float = 0.0
+    cpu: float = 0.0
+    rss: int = 0
+    ok: bool = True
+    error: str = ""
+
+
+@dataclass
+class Step:
+    workload: str
+    tool: str
+    step: str
+    wall: float
+    cpu: float
+    rss: int
+    ok: bool = True
+    error: str = ""
+    walls: list[float] = field(default_factory=list)
+    sig_bytes: int | None = None
+    patch_bytes: int | None = None
+    identical: bool | None = None
+    alloc_ratio: float | None = None  # result's allocated bytes / source's
+
+
+def run(cmd: Sequence[str]) -> Run:
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, *cmd], capture_output=True,
+                       text=True)
+    try:
+        wall, cpu, rss, code = r.stdout.split()
+    except ValueError:
+        return Run(ok=False, error=f"launcher failed: {r.stderr.strip()[-300:]}")
+    err = r.stderr.strip().splitlines()
+    return Run(float(wall), float(cpu), int(rss), int(code) == 0,
+               "" if int(code) == 0 else f"exit {code}: {(err or [''])[-1][:200]}")
+
+
+def best_step(workload: str, tool: str, step: str, runs: list[Run]) -> Step:
+    """The fastest run (its wall and CPU time) and the highest peak RSS of all. Other work
+    on the machine only ever adds time, so the fastest run is the best estimate of a
+    program's own cost; sparsepatch and the floor are treated alike."""
+    good = [r for r in runs if r.ok]
+    if len(good) < len(runs):
+        bad = next(r for r in runs if not r.ok)
+        return Step(workload, tool, step, 0, 0, 0, False, bad.error)
+    if not good:
+        return Step(workload, tool, step, 0, 0, 0, False, "not run")
+    best = min(good, key=lambda r: r.wall)
+    return Step(workload, tool, step, best.wall, best.cpu, max(r.rss for r in runs), True, "",
+                [r.wall for r in good])
+
+
+def floor_cmd(path: str) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--floor", path]
+
+
+def floor(path: str) -> int:
+    """The hardware floor: read the data extents, BLAKE3 of every 64 KiB block."""
+    import blake3
+
+    bs = wl.BLOCK
+    buf = bytearray(wl.CHUNK)
+    mv = memoryview(buf)
+    per = wl.CHUNK // bs
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    pos = 0
+    digests = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        b, b1 = start // bs, -(-end // bs)
+        while b < b1:
+            n = min(b1 - b, per)
+            got = os.preadv(fd, [mv[: n * bs]], b * bs)
+            for k in range(0, got, bs):
+                blake3.blake3(mv[k : k + bs]).digest()
+                digests += 1
+            b += n
+        pos = b1 * bs
+    os.close(fd)
+    return digests
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def cold_cache_possible() -> bool:
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def sig_data_blocks(sig: str) -> int:
+    out = subprocess.run([*SPARSEPATCH, "info", "--json", sig], check=True, capture_output=True)
+    return int(json.loads(out.stdout)["data_blocks"])
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------- measuring a pair
+
+class Bench:
+    def __init__(self, root: str, repeat: int, peers: dict[str, bool]):
+        self.root = root
+        self.repeat = repeat
+        self.peers = peers
+        self.steps: list[Step] = []
+        self.info: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
+
+    def add(self, step: Step) -> Step:
+        self.steps.append(step)
+        if not step.ok:
+            log(f"  {step.workload} {step.tool} {step.step}: FAILED ({step.error})")
+        else:
+            log(f"  {step.workload} {step.tool} {step.step}: {step.wall:.2f} s wall, {step.cpu:.2f} s CPU, "
+                f"{step.rss / MiB:.0f} MiB")
+        return step
+
+    def get(self, workload: str, tool: str, step: str) -> Step | None:
+        for s in self.steps:
+            if (s.workload, s.tool, s.step) == (workload, tool, step):
+                return s
+        return None
+
+    def result_check(self, step: Step, result: str, source: str) -> None:
+        step.identical = wl.identical(result, source)
+        step.alloc_ratio = wl.allocated(result) / max(wl.allocated(source), 1)
+
+    def sparsepatch(self, p: wl.Pair, work: str) -> None:
+        w = p.name
+        sig, patch, dest = (os.path.join(work, n) for n in ("base.sig", "update.patch", "dest.img"))
+        runs: dict[str, list[Run]] = {k: [] for k in ("fb", "sig", "ft", "diff", "apply")}
+        for _ in range(self.repeat):
+            runs["fb"].append(run(floor_cmd(p.base)))
+            runs["sig"].append(run([*SPARSEPATCH, "signature", p.base, "-o", sig, "-q"]))
+            runs["ft"].append(run(floor_cmd(p.target)))
+            runs["diff"].append(run([*SPARSEPATCH, "diff", sig, p.target, "-o", patch, "-q"]))
+            wl.sparse_copy(p.base, dest)
+            os.sync()
+            runs["apply"].append(run([*SPARSEPATCH, "apply", patch, dest, "-q"]))
+        self.add(best_step(w, "floor", "base", runs["fb"]))
+        self.add(best_step(w, "floor", "target", runs["ft"]))
+        s = self.add(best_step(w, "sparsepatch", "signature", runs["sig"]))
+        ok = s.ok
+        s.sig_bytes = os.path.getsize(sig) if ok else None
+        d = self.add(best_step(w, "sparsepatch", "diff", runs["diff"]))
+        d.patch_bytes = os.path.getsize(patch) if d.ok else None
+        a = self.add(best_step(w, "sparsepatch", "apply", runs["apply"]))
+        if a.ok:
+            self.result_check(a, dest, p.target)
+        if ok:
+            self.info[w]["sig_data_blocks"] = sig_data_blocks(sig)
+        if w == "scattered" and ok:
+            self.no_change(p, work, sig, dest, patch)
+        if w == "ext4" and ok:
+            self.cold(p, sig)
+        for f in (dest,):
+            if os.path.exists(f):
+                os.unlink(f)
+
+    def no_change(self, p: wl.Pair, work: str, sig: str, dest: str, patch: str) -> None:
+        """Apply of a patch that changes nothing (diff of the base against itself), and the
+        real patch applied a second time onto the updated copy."""
+        same = os.path.join(work, "nochange.patch")
+        d = run([*SPARSEPATCH, "diff", sig, p.base, "-o", same, "-q"])
+        if not d.ok:
+            self.add(best_step(p.name, "sparsepatch", "apply no-change patch", [d]))
+            return
+        again = [run([*SPARSEPATCH, "apply", patch, dest, "-q"]) for _ in range(self.repeat)]
+        wl.sparse_copy(p.base, dest)
+        os.sync()
+        runs = [run([*SPARSEPATCH, "apply", same, dest, "-q"]) for _ in range(self.repeat)]
+        s = self.add(best_step(p.name, "sparsepatch", "apply no-change patch", runs))
+        s.patch_bytes = os.path.getsize(same)
+        self.add(best_step(p.name, "sparsepatch", "apply again (already applied)", again))
+        os.unlink(same)
+
+    def cold(self, p: wl.Pair, sig: str) -> None:
+        if not cold_cache_possible():
+            self.notes.append("cold cache: not measured (/proc/sys/vm/drop_caches is not writable)")
+            log("  cold cache: not measured (/proc/sys/vm/drop_caches is not writable)")
+            return
+        cs, cf = [], []
+        # Cold data, warm code: after dropping the cache, start the interpreter with each
+        # program's modules once, so that the cold rows compare reading the image only.
+        warm_code = [[sys.executable, "-c", "import sparsepatch.cli, blake3, zstandard"],
+                     floor_cmd(os.devnull)]
+        for _ in range(self.repeat):
+            drop_caches()
+            for cmd in warm_code:
+                run(cmd)
+            cs.append(run([*SPARSEPATCH, "signature", p.base, "-o", sig, "-q"]))
+            drop_caches()
+            for cmd in warm_code:
+                run(cmd)
+            cf.append(run(floor_cmd(p.base)))
+        self.add(best_step(p.name, "sparsepatch", "signature (cold)", cs))
+        self.add(best_step(p.name, "floor", "base (cold)", cf))
+        wl.warm(p.base)
+        wl.warm(p.target)
+
+    def room_for(self, size: int, work: str) -> bool:
+        st = os.statvfs(work)
+        return st.f_bavail * st.f_frsize > size + 1 * GiB
+
+    def rdiff(self, p: wl.Pair, work: str) -> None:
+        w = p.name
+        sig, delta, out = (os.path.join(work, n) for n in ("rdiff.sig", "rdiff.delta", "rdiff.out"))
+        s = self.add(best_step(w, "rdiff", "signature", [run(["rdiff", "signature", p.base, sig])]))
+        s.sig_bytes = os.path.getsize(sig) if s.ok else None
+        d = self.add(best_step(w, "rdiff", "delta", [run(["rdiff", "delta", sig, p.target, delta])]))
+        d.patch_bytes = os.path.getsize(delta) if d.ok else None
+        if not self.room_for(p.apparent, work):
+            self.add(Step(w, "rdiff", "patch", 0, 0, 0, False, NO_ROOM))
+        elif d.ok:
+            a = self.add(best_step(w, "rdiff", "patch", [run(["rdiff", "patch", p.base, delta, out])]))
+            if a.ok:
+                self.result_check(a, out, p.target)
+        for f in (sig, delta, out):
+            if os.path.exists(f):
+                os.unlink(f)
+
+    def rsync(self, p: wl.Pair, work: str) -> None:
+        """--only-write-batch against a sparse copy of the base (left unchanged), then
+        --read-batch into that copy, in place and sparse (rsync >= 3.1.3 takes both).
+        --ignore-times on both sides: base and target can have the same size and mtime
+        second here, and the reading side skips such a file without it."""
+        w = p.name
+        batch, dest = os.path.join(work, "rsync.batch"), os.path.join(work, "rsync-dest.img")
+        wl.sparse_copy(p.base, dest)
+        os.sync()
+        s = self.add(best_step(w, "rsync", "write batch", [run(
+            ["rsync", f"--only-write-batch={batch}", "--ignore-times", "--inplace", "--no-whole-file",
+             p.target, dest])]))
+        s.patch_bytes = os.path.getsize(batch) if s.ok else None
+        if s.ok:
+            a = self.add(best_step(w, "rsync", "read batch", [run(
+                ["rsync", f"--read-batch={batch}", "--ignore-times", "--inplace", "--sparse", dest])]))
+            if a.ok:
+                self.result_check(a, dest, p.target)
+        for f in (batch, batch + ".sh", dest):
+            if os.path.exists(f):
+                os.unlink(f)
+
+    def xdelta3(self, p: wl.Pair, work: str) -> None:
+        w = p.name
+        delta, out = os.path.join(work, "xdelta3.delta"), os.path.join(work, "xdelta3.out")
+        e = self.add(best_step(w, "xdelta3", "encode", [run(
+            ["xdelta3", "-e", "-f", "-s", p.base, p.target, delta])]))
+        e.patch_bytes = os.path.getsize(delta) if e.ok else None
+        if not self.room_for(p.apparent, work):
+            self.add(Step(w, "xdelta3", "decode", 0, 0, 0, False, NO_ROOM))
+        elif e.ok:
+            d = self.add(best_step(w, "xdelta3", "decode", [run(
+                ["xdelta3", "-d", "-f", "-s", p.base, delta, out])]))
+            if d.ok:
+                self.result_check(d, out, p.target)
+        for f in (delta, out):
+            if os.path.exists(f):
+                os.unlink(f)
+
+    def pair(self, p: wl.Pair, work: str) -> None:
+        t = time.monotonic()
+        for f in (p.base, p.target):
+            wl.warm(f)
+        log(f"  read once to warm the cache ({time.monotonic() - t:.1f} s)")
+        cd = wl.changed_data(p.base, p.target)
+        self.info[p.name]["changed"] = asdict(cd)
+        log(f"  changed 64 KiB blocks: {cd.blocks:,} ({human(cd.raw_bytes)}), "
+            f"zstd -3: {human(cd.zstd_bytes)}")
+        self.sparsepatch(p, work)
+        for peer in PEERS:
+            if self.peers[peer]:
+                getattr(self, peer)(p, work)
+
+    def holes(self, p: wl.Pair) -> None:
+        dense = p.extra["dense"]
+        for f in (p.base, dense):
+            wl.warm(f)
+        runs: dict[str, list[Run]] = {k: [] for k in ("fs", "ss", "fd", "sd")}
+        sig_s, sig_d = p.base + ".sig", dense + ".sig"
+        for _ in range(self.repeat):
+            runs["fs"].append(run(floor_cmd(p.base)))
+            runs["ss"].append(run([*SPARSEPATCH, "signature", p.base, "-o", sig_s, "-q"]))
+            runs["fd"].append(run(floor_cmd(dense)))
+            runs["sd"].append(run([*SPARSEPATCH, "signature", dense, "-o", sig_d, "-q"]))
+        self.add(best_step("holes", "floor", "base", runs["fs"]))
+        s = self.add(best_step("holes", "sparsepatch", "signature", runs["ss"]))
+        self.add(best_step("holes-dense", "floor", "base", runs["fd"]))
+        d = self.add(best_step("holes-dense", "sparsepatch", "signature", runs["sd"]))
+        if s.ok:
+            s.sig_bytes = os.path.getsize(sig_s)
+            self.info["holes"]["sig_data_blocks"] = sig_data_blocks(sig_s)
+        if d.ok:
+            d.sig_bytes = os.path.getsize(sig_d)
+            self.info["holes-dense"] = {"sig_data_blocks": sig_data_blocks(sig_d), "apparent": p.data,
+                                        "data": p.data}
+
+
+# ---------------------------------------------------------------- reporting
+
+def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+ORDER = ["ext4", "scattered", "holes", "holes-dense", "dense"]
+
+
+def steps_table(b: Bench) -> str:
+    head = ("| workload | tool | step | wall s | CPU s | peak RSS | signature | patch | identical "
+            "| allocated vs source |")
+    rows = [head, "|---|---|---|--:|--:|--:|--:|--:|---|--:|"]
+    for s in sorted(b.steps, key=lambda s: ORDER.index(s.workload)):
+        if not s.ok:
+            rows.append(f"| {s.workload} | {s.tool} | {s.step} | {s.error} | | | | | | |")
+            continue
+        same = {None: "", True: "yes", False: "**NO**"}[s.identical]
+        rows.append(
+            f"| {s.workload} | {s.tool} | {s.step} | {s.wall:.2f} | {s.cpu:.2f} | {s.rss / MiB:.0f} MiB "
+            f"| {human(s.sig_bytes) if s.sig_bytes is not None else ''} "
+            f"| {human(s.patch_bytes) if s.patch_bytes is not None else ''} | {same} "
+            f"| {fmt(s.alloc_ratio, '.2f', 'x') if s.alloc_ratio is not None else ''} |")
+    return "\n".join(rows)
+
+
+def wall(b: Bench, w: str, tool: str, step: str) -> float | None:
+    s = b.get(w, tool, step)
+    return s.wall if s and s.ok else None
+
+
+def patch_bytes(b: Bench, w: str) -> dict[str, int | None]:
+    def pb(tool: str, step: str) -> int | None:
+        s = b.get(w, tool, step)
+        return s.patch_bytes if s and s.ok else None
+    return {"sparsepatch": pb("sparsepatch", "diff"), "rdiff": pb("rdiff", "delta"),
+            "rsync": pb("rsync", "write batch"), "xdelta3": pb("xdelta3", "encode")}
+
+
+def totals(b: Bench, w: str) -> dict[str, float | None]:
+    def tot(*parts: tuple[str, str]) -> float | None:
+        ws = [wall(b, w, t, s) for t, s in parts]
+        return None if any(x is None for x in ws) else sum(x for x in ws if x is not None)
+    sp = "sparsepatch"
+    return {sp: tot((sp, "signature"), (sp, "diff"), (sp, "apply")),
+            "rdiff": tot(("rdiff", "signature"), ("rdiff", "delta"), ("rdiff", "patch")),
+            "rsync": tot(("rsync", "write batch"), ("rsync", "read batch")),
+            "xdelta3": tot(("xdelta3", "encode"), ("xdelta3", "decode"))}
+
+
+def rss_limit(b: Bench, w: str) -> int | None:
+    n = b.info.get(w, {}).get("sig_data_blocks")
+    return None if n is None else 64 * MiB + 40 * n
+
+
+def peak_sp(b: Bench, w: str) -> int | None:
+    r = [s.rss for s in b.steps if s.workload == w and s.tool == "sparsepatch" and s.ok]
+    return max(r) if r else None
+
+
+def both(b: Bench, w: str, step: str, floor_step: str) -> str:
+    """sparsepatch step ÷ floor: wall time (CPU time)."""
+    s, f = b.get(w, "sparsepatch", step), b.get(w, "floor", floor_step)
+    if not (s and f and s.ok and f.ok):
+        return "–"
+    return f"{fmt(ratio(s.wall, f.wall), '.2f', 'x')} ({fmt(ratio(s.cpu, f.cpu), '.2f', 'x')})"
+
+
+def ratio_table(b: Bench) -> str:
+    head = ("| workload | signature ÷ floor | diff ÷ floor | apply ÷ floor | sig+diff+apply | ÷ rdiff "
+            "| ÷ rsync | ÷ xdelta3 | patch | patch ÷ rdiff | ÷ rsync | ÷ xdelta3 | patch ÷ zstd-3 of changed "
+            "| patch ÷ (zstd-3 + 1 MiB) | peak RSS ÷ (64 MiB + 40 B/block) |")
+    rows = [head, "|---" + "|--:" * (head.count("|") - 2) + "|"]
+    for w in ORDER:
+        if w not in b.info:
+            continue
+        tt, pb = totals(b, w), patch_bytes(b, w)
+        z = b.info[w].get("changed", {}).get("zstd_bytes")
+        sp = pb["sparsepatch"]
+        peak, lim = peak_sp(b, w), rss_limit(b, w)
+        rows.append(
+            f"| {w} | {both(b, w, 'signature', 'base')} | {both(b, w, 'diff', 'target')} "
+            f"| {both(b, w, 'apply', 'target')} "
+            f"| {fmt(tt['sparsepatch'], '.2f', ' s')} "
+            + "".join(f"| {fmt(ratio(tt['sparsepatch'], tt[p]), '.3f')} " for p in PEERS)
+            + f"| {human(sp) if sp is not None else '–'} "
+            + "".join(f"| {fmt(ratio(sp, pb[p]), '.3f')} " for p in PEERS)
+            + f"| {fmt(ratio(sp, z), '.2f')} | {fmt(ratio(sp, None if z is None else z + MiB), '.2f')} "
+            f"| {human(peak) if peak else '–'} ÷ {human(lim) if lim else '–'} "
+            f"= {fmt(ratio(peak, lim), '.2f')} |")
+    if wall(b, "ext4", "sparsepatch", "signature (cold)") is not None:
+        rows.append(f"| ext4, cold cache | {both(b, 'ext4', 'signature (cold)', 'base (cold)')} |"
+                    + " – |" * 14)
+    return "\n".join(rows)
+
+
+def targets(b: Bench) -> list[tuple[bool | None, str]]:
+    out: list[tuple[bool | None, str]] = []
+
+    def check(ok: bool | None, text: str) -> None:
+        out.append((ok, text))
+
+    def le(a: float | None, lim: float | None) -> bool | None:
+        return None if a is None or lim is None else a <= lim
+
+    for w in ORDER:
+        if w not in b.info:
+            continue
+        r = ratio(wall(b, w, "sparsepatch", "signature"), wall(b, w, "floor", "base"))
+        check(le(r, 1.0), f"{w}: signature <= 1.0x floor: {fmt(r, '.2f', 'x')}")
+    for w in ("ext4", "scattered", "dense"):
+        if w in b.info:
+            r = ratio(wall(b, w, "sparsepatch", "diff"), wall(b, w, "floor", "target"))
+            check(le(r, 1.3), f"{w}: diff <= 1.3x floor: {fmt(r, '.2f', 'x')}")
+    if "scattered" in b.info:
+        t = wall(b, "scattered", "sparsepatch", "apply no-change patch")
+        check(None if t is None else t < 1.0, f"scattered: no-change apply < 1 s: {fmt(t, '.2f', ' s')}")
+    if "holes" in b.info:
+        r = ratio(wall(b, "holes", "sparsepatch", "signature"),
+                  wall(b, "holes-dense", "sparsepatch", "signature"))
+        check(le(r, 2.0), f"holes: signature <= 2x the dense file's: {fmt(r, '.2f', 'x')}")
+    if "ext4" in b.info:
+        pb = patch_bytes(b, "ext4")
+        r = ratio(pb["sparsepatch"], pb["xdelta3"])
+        check(le(r, 1.0), f"ext4: patch <= xdelta3's: {fmt(r, '.3f', 'x')}")
+        for p in ("rdiff", "rsync"):
+            r = ratio(pb["sparsepatch"], pb[p])
+            check(le(r, 0.5), f"ext4: patch <= 0.5x {p}'s: {fmt(r, '.3f', 'x')}")
+    for w in ("ext4", "scattered", "dense"):
+        if w in b.info:
+            sp = patch_bytes(b, w)["sparsepatch"]
+            z = b.info[w]["changed"]["zstd_bytes"]
+            lim = 1.05 * z + MiB
+            check(le(sp, lim), f"{w}: patch <= 1.05x zstd-3 of changed data + 1 MiB: "
+                               f"{human(sp) if sp is not None else '–'} vs {human(lim)}")
+    for w in ("ext4", "scattered"):
+        if w in b.info:
+            tt = totals(b, w)
+            for p in ("rdiff", "rsync"):
+                r = ratio(tt[p], tt["sparsepatch"])
+                check(None if r is None else r >= 20, f"{w}: sig+diff+apply >= 20x faster than {p}: "
+                                                       f"{fmt(r, '.1f', 'x')}")
+    for w in ORDER:
+        if w not in b.info:
+            continue
+        peak, lim = peak_sp(b, w), rss_limit(b, w)
+        check(le(peak, 150 * MiB), f"{w}: peak RSS <= 150 MiB: {human(peak) if peak else '–'}")
+        check(le(peak, lim), f"{w}: peak RSS <= 64 MiB + 40 B/signature block: "
+                             f"{human(peak) if peak else '–'} vs {human(lim) if lim else '–'}")
+    cs, cf = wall(b, "ext4", "sparsepatch", "signature (cold)"), wall(b, "ext4", "floor", "base (cold)")
+    if "ext4" in b.info:
+        if cs is None:
+            check(None, "ext4: cold signature within 10% of the cold floor: not measured")
+        else:
+            r = ratio(cs, cf)
+            check(le(r, 1.1), f"ext4: cold signature within 10% of the cold floor: {fmt(r, '.2f', 'x')}")
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+def build(n: int, sizes: tuple[int, int], work: str) -> wl.Pair:
+    apparent, data = sizes
+    if n == 1:
+        return wl.ext4_pair(work, apparent, data)
+    if n == 2:
+        return wl.scattered_pair(work, apparent, data)
+    if n == 3:
+        return wl.holes_pair(work, apparent, data)
+    return wl.dense_pair(work, apparent)
+
+
+def parse_only(text: str) -> list[int]:
+    out = sorted({int(x) for x in text.split(",") if x.strip()})
+    if not out or any(n not in NAMES for n in out):
+        raise argparse.ArgumentTypeError("--only takes workload numbers 1-4, e.g. 2 or 1,3")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of about a minute")
+    p.add_argument("--full", action="store_true",
+                   help="the full sizes (32G/2G, 64G/4G, 1T/64M, 4G): peers take very long")
+    p.add_argument("--only", type=parse_only, default=list(NAMES), help="workloads to run, e.g. 2 or 1,3")
+    p.add_argument("--dir", help="where the files go (default: a new directory under /var/tmp)")
+    p.add_argument("--repeat", type=int,
+                   help="runs of every sparsepatch and floor step, fastest reported (5; 3 with --quick)")
+    p.add_argument("--no-peers", action="store_true", help="measure sparsepatch and the floor only")
+    p.add_argument("--keep", action="store_true", help="keep the files")
+    p.add_argument("--json", help="also write every number to this file")
+    for n, name in NAMES.items():
+        p.add_argument(f"--size{n}", type=parse_size, help=f"apparent size of workload {n} ({name})")
+        if n != 4:
+            p.add_argument(f"--data{n}", type=parse_size, help=f"data in workload {n} ({name})")
+    p.add_argument("--floor", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.floor:
+        floor(a.floor)
+        return 0
+    try:
+        import sparsepatch  # noqa: F401
+    except ImportError:
+        p.error(f"sparsepatch is not importable by {sys.executable}: run from its virtual environment")
+
+    preset = FULL if a.full else QUICK if a.quick else DEFAULT
+    sizes = {}
+    for n in a.only:
+        ap, da = (parse_size(x) for x in preset[n])
+        ap = getattr(a, f"size{n}") or ap
+        da = ap if n == 4 else (getattr(a, f"data{n}") or da)
+        sizes[n] = (ap, da)
+
+    peers = {}
+    for peer in PEERS:
+        peers[peer] = not a.no_peers and shutil.which(peer) is not None
+        if not a.no_peers and not peers[peer]:
+            log(f"{peer}: not installed, skipped (apt-get install {peer})")
+    root = a.dir or tempfile.mkdtemp(prefix="sparsepatch-bench-", dir="/var/tmp")
+    os.makedirs(root, exist_ok=True)
+    a.repeat = a.repeat or (3 if a.quick else 5)
+    bench = Bench(root, a.repeat, peers)
+    t0 = time.monotonic()
+    base_rss = run(["true"]).rss
+    load0 = os.getloadavg()
+    log(f"files in {root}; {os.cpu_count()} CPUs, load average {load0[0]:.1f}; "
+        f"peak RSS of an empty command through the launcher: {human(base_rss)}")
+    try:
+        for n in a.only:
+            name = NAMES[n]
+            work = os.path.join(root, name)
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work)
+            ap, da = sizes[n]
+            log(f"workload {n} ({name}): {human(ap)} apparent, {human(da)} data: building")
+            t = time.monotonic()
+            pair = build(n, sizes[n], work)
+            os.sync()
+            info: dict[str, Any] = {
+                "apparent": pair.apparent, "data": pair.data, "notes": pair.notes,
+                "base_allocated": wl.allocated(pair.base), "target_allocated": wl.allocated(pair.target),
+                "build_s": round(time.monotonic() - t, 1)}
+            bench.info[name] = info
+            log(f"  built in {info['build_s']} s; " + "; ".join(pair.notes))
+            if n == 3:
+                bench.holes(pair)
+            else:
+                bench.pair(pair, work)
+            if not a.keep:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if not a.keep and not a.dir:
+            shutil.rmtree(root, ignore_errors=True)
+        elif not a.keep:
+            for n in a.only:
+                shutil.rmtree(os.path.join(root, NAMES[n]), ignore_errors=True)
+    elapsed = time.monotonic() - t0
+    load1 = os.getloadavg()
+
+    print("Sizes used:")
+    for n in a.only:
+        i = bench.info[NAMES[n]]
+        print(f"- {n} {NAMES[n]}: {human(i['apparent'])} apparent, {human(i['data'])} data "
+              f"(base allocates {human(i['base_allocated'])}); " + "; ".join(i["notes"]))
+    print(f"\nEvery sparsepatch and floor step run {a.repeat} times, interleaved (the fastest run is shown, "
+          f"with the highest peak RSS of all runs); peers once (they take seconds to minutes). "
+          f"Peak RSS of an empty command through the launcher: {human(base_rss)}. Load average "
+          f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end; {elapsed / 60:.1f} minutes in all.")
+    for line in bench.notes:
+        print(f"\n{line}")
+    print("\n" + steps_table(bench) + "\n")
+    print("Ratios. ÷ floor: wall time (CPU time in brackets); the floor is of the base for signature, of "
+          "the target for diff and apply. sig+diff+apply ÷ peer: sparsepatch's three wall times over the "
+          "peer's (rdiff signature+delta+patch, rsync write+read batch, xdelta3 encode+decode); patch ÷ "
+          "peer: patch bytes over the peer's delta or batch bytes.\n")
+    print(ratio_table(bench) + "\n")
+    results = targets(bench)
+    for ok, text in results:
+        print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"info": bench.info, "steps": [asdict(s) for s in bench.steps],
+                       "targets": [{"pass": ok, "text": t} for ok, t in results],
+                       "repeat": a.repeat, "launcher_rss": base_rss, "seconds": elapsed}, fh, indent=2)
+    bad = [s for s in bench.steps if not s.ok and not s.error.startswith("not run")]
+    wrong = [s for s in bench.steps if s.identical is False]
+    return 1 if bad or wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

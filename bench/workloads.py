@@ -1,0 +1,331 @@
+"""Workloads for bench/bench.py: pairs of files (base, target) built deterministically
+from a seed, and the helpers that look at them without any sparsepatch code (data
+extents, allocation, byte comparison, the zstd size of the changed blocks).
+
+1. ext4: a real ext4 image (bench/ext4image.py) and a copy changed with debugfs.
+2. scattered: a large sparse file with data in scattered extents; a few extents are
+   rewritten, some punched, some moved to other aligned offsets.
+3. holes: a huge sparse file with a little data, and a dense file holding the same bytes.
+4. dense: a file with no holes; about 1% of it rewritten in scattered runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import blake3
+import zstandard
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ext4image  # noqa: E402
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+BLOCK = 64 * KiB
+CHUNK = 4 * MiB
+PAGE = 4 * KiB
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+# Half of every generated page is random, half is text over a 16-letter alphabet: the data
+# compresses to about 3/4 of its size, like a mix of binaries and text.
+_TEXT = bytes(b"etaoin shrdlucm\n"[b & 15] for b in range(256))
+
+
+@dataclass
+class Pair:
+    name: str
+    base: str
+    target: str
+    apparent: int
+    data: int  # bytes of data written into the base
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)  # more files (workload 3: the dense one)
+
+
+def content(seed: str, n: int) -> bytes:
+    """n deterministic bytes, unique to seed: random pages alternating with text pages."""
+    raw = bytearray(blake3.blake3(seed.encode()).digest(length=n))
+    for off in range(PAGE, n, 2 * PAGE):
+        raw[off : off + PAGE] = raw[off : off + PAGE].translate(_TEXT)
+    return bytes(raw)
+
+
+def write_at(fd: int, offset: int, length: int, seed: str) -> None:
+    done = 0
+    while done < length:
+        n = min(CHUNK, length - done)
+        os.pwrite(fd, content(f"{seed}/{done}", n), offset + done)
+        done += n
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, _PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
+
+
+def sparse_copy(src: str, dst: str) -> None:
+    """cp --sparse=always, keeping the timestamps (the copy stands for the same file)."""
+    subprocess.run(["cp", "--sparse=always", "--preserve=timestamps", src, dst], check=True)
+
+
+# ------------------------------------------------------------------ looking at files
+
+def data_extents(path: str) -> list[tuple[int, int]]:
+    """(start, end) byte ranges SEEK_DATA reports as data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        out, pos = [], 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+        return out
+    finally:
+        os.close(fd)
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def block_union(paths: list[str], bs: int = BLOCK) -> list[tuple[int, int]]:
+    """Data extents of all paths, rounded out to whole blocks, merged: (first, end) blocks."""
+    ranges = sorted((s // bs, -(-e // bs)) for p in paths for s, e in data_extents(p))
+    merged: list[tuple[int, int]] = []
+    for b0, b1 in ranges:
+        if merged and b0 <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b1))
+        else:
+            merged.append((b0, b1))
+    return merged
+
+
+def _chunks(ranges: list[tuple[int, int]], bs: int) -> Iterator[tuple[int, int]]:
+    per = CHUNK // bs
+    for b0, b1 in ranges:
+        for b in range(b0, b1, per):
+            yield b * bs, min(b1 - b, per) * bs
+
+
+def _pread(fd: int, n: int, off: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        k = os.pread(fd, n - got, off + got)
+        if not k:
+            break
+        parts.append(k)
+        got += len(k)
+    return b"".join(parts)
+
+
+def warm(path: str) -> int:
+    """Read a file's data extents once (into the page cache); returns bytes read."""
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(CHUNK)
+    total = 0
+    try:
+        for s, e in data_extents(path):
+            for off in range(s, e, CHUNK):
+                total += os.preadv(fd, [memoryview(buf)[: min(CHUNK, e - off)]], off)
+    finally:
+        os.close(fd)
+    return total
+
+
+def identical(a: str, b: str) -> bool:
+    """Same bytes, as cmp says, but reading only the union of both files' data extents
+    (everything outside it is a hole in both, so zeros in both)."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+    try:
+        for off, n in _chunks(block_union([a, b]), BLOCK):
+            if _pread(fa, n, off) != _pread(fb, n, off):
+                return False
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+@dataclass
+class ChangedData:
+    blocks: int  # 64 KiB blocks whose content differs between base and target
+    raw_bytes: int
+    zstd_bytes: int  # the changed target blocks, in order, compressed at level 3 in one stream
+
+
+def changed_data(base: str, target: str, bs: int = BLOCK, level: int = 3) -> ChangedData:
+    """Compare base and target block by block over the union of their data extents and
+    compress the changed target blocks with zstd in one stream."""
+    fa, fb = os.open(base, os.O_RDONLY), os.open(target, os.O_RDONLY)
+    tsize = os.path.getsize(target)
+    cobj = zstandard.ZstdCompressor(level=level).compressobj()
+    out = blocks = raw = 0
+    try:
+        for off, n in _chunks(block_union([base, target], bs), bs):
+            a, b = _pread(fa, n, off), _pread(fb, n, off)
+            for k in range(0, n, bs):
+                if off + k >= tsize:
+                    break
+                ba, bb = a[k : k + bs], b[k : k + bs]
+                if ba.ljust(bs, b"\0") != bb.ljust(bs, b"\0") or len(ba) != len(bb):
+                    blocks += 1
+                    raw += len(bb)
+                    out += len(cobj.compress(bb))
+        out += len(cobj.flush())
+    finally:
+        os.close(fa)
+        os.close(fb)
+    return ChangedData(blocks, raw, out)
+
+
+# ------------------------------------------------------------------ the workloads
+
+def ext4_pair(work: str, apparent: int, data: int, change: float = 0.05, seed: int = 1) -> Pair:
+    summary = ext4image.build_pair(work, apparent, data, change, seed=seed)
+    base, ch = summary["base"], summary["change"]
+    assert isinstance(base, dict) and isinstance(ch, dict)
+    notes = [f"{base['files']:,} real files ({base['file_bytes'] / MiB:.0f} MiB) from "
+             f"{', '.join(ext4image.DEFAULT_ROOTS)}; debugfs removed {ch['removed_files']}, replaced "
+             f"{ch['replaced_files']} (new versions), added {ch['added_files']} files: "
+             f"{ch['touched_fraction']:.1%} of the file bytes"]
+    if base["repeated"]:
+        notes.append("not enough distinct files: some are repeated under other names")
+    notes += list(ch["notes"])
+    return Pair("ext4", os.path.join(work, "base.img"), os.path.join(work, "changed.img"),
+                apparent, int(base["file_bytes"]), notes)
+
+
+def _layout(rng: random.Random, apparent: int, data: int, min_blocks: int,
+            max_blocks: int) -> list[tuple[int, int]]:
+    """Non-overlapping (offset, length) extents, block aligned, about data bytes in all:
+    one extent placed at random inside each of equal slots of the file."""
+    sizes: list[int] = []
+    while sum(sizes) < data:
+        sizes.append(rng.randint(min_blocks, max_blocks) * BLOCK)
+    slot = apparent // len(sizes) // BLOCK * BLOCK
+    out = []
+    for i, n in enumerate(sizes):
+        n = min(n, slot - BLOCK)
+        room = (slot - n) // BLOCK
+        out.append((i * slot + rng.randrange(room) * BLOCK, n))
+    return out
+
+
+def scattered_pair(work: str, apparent: int, data: int, seed: int = 3, rewrite: float = 0.01,
+                   punched: float = 0.005, moved: float = 0.005) -> Pair:
+    """Extents of 64 KiB..1 MiB scattered over the file. The target rewrites a fraction of
+    the extents with new data, punches some out and moves some to a free aligned offset."""
+    rng = random.Random(seed)
+    extents = _layout(rng, apparent, data, 1, 16)
+    base, target = os.path.join(work, "base.img"), os.path.join(work, "target.img")
+    fd = os.open(base, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, apparent)
+        for i, (off, n) in enumerate(extents):
+            write_at(fd, off, n, f"{seed}/base/{i}")
+    finally:
+        os.close(fd)
+    sparse_copy(base, target)
+    k = len(extents)
+    n_rw, n_punch, n_move = (max(1, round(f * k)) for f in (rewrite, punched, moved))
+    picked = rng.sample(range(k), n_rw + n_punch + n_move)
+    fd = os.open(target, os.O_RDWR)
+    moved_bytes = 0
+    try:
+        for i in picked[:n_rw]:
+            off, n = extents[i]
+            write_at(fd, off, n, f"{seed}/new/{i}")
+        for i in picked[n_rw : n_rw + n_punch]:
+            punch(fd, *extents[i])
+        taken = sorted(extents)
+        for i in picked[n_rw + n_punch :]:
+            off, n = extents[i]
+            data_i = _pread(fd, n, off)
+            punch(fd, off, n)
+            # the free space after some other extent, up to the next one
+            for _ in range(10_000):
+                j = rng.randrange(len(taken) - 1)
+                gap0, gap1 = taken[j][0] + taken[j][1] + BLOCK, taken[j + 1][0] - BLOCK
+                if gap1 - gap0 >= n:
+                    new = gap0 + rng.randrange((gap1 - gap0 - n) // BLOCK + 1) * BLOCK
+                    break
+            else:
+                raise RuntimeError("no free space to move an extent to: make the file larger")
+            os.pwrite(fd, data_i, new)
+            taken = sorted([*taken, (new, n)])
+            moved_bytes += n
+    finally:
+        os.close(fd)
+    total = sum(n for _, n in extents)
+    notes = [f"{k} extents of 64 KiB..1 MiB; target: {n_rw} rewritten "
+             f"({sum(extents[i][1] for i in picked[:n_rw]) / MiB:.1f} MiB), {n_punch} punched, "
+             f"{n_move} moved ({moved_bytes / MiB:.1f} MiB) to other 64 KiB-aligned offsets"]
+    return Pair("scattered", base, target, apparent, total, notes)
+
+
+def holes_pair(work: str, apparent: int, data: int, seed: int = 5, extent: int = 256 * KiB) -> Pair:
+    """A huge sparse file holding data bytes in extents of 256 KiB, and a dense file holding
+    the same bytes one after the other. Only signatures are taken: target = base."""
+    rng = random.Random(seed)
+    extents = _layout(rng, apparent, data, extent // BLOCK, extent // BLOCK)
+    sparse_path, dense_path = os.path.join(work, "sparse.img"), os.path.join(work, "dense.img")
+    fs = os.open(sparse_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fdn = os.open(dense_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    pos = 0
+    try:
+        os.ftruncate(fs, apparent)
+        for i, (off, n) in enumerate(extents):
+            chunk = content(f"{seed}/holes/{i}", n)
+            os.pwrite(fs, chunk, off)
+            os.pwrite(fdn, chunk, pos)
+            pos += n
+    finally:
+        os.close(fs)
+        os.close(fdn)
+    notes = [f"{len(extents)} extents of {extent // KiB} KiB scattered over the file; "
+             f"the dense file holds the same {pos / MiB:.0f} MiB contiguously"]
+    return Pair("holes", sparse_path, sparse_path, apparent, pos, notes, {"dense": dense_path})
+
+
+def dense_pair(work: str, size: int, seed: int = 7, change: float = 0.01) -> Pair:
+    """A file with no holes; the target rewrites about change of its bytes in runs of
+    16 KiB..256 KiB at random 4 KiB-aligned offsets."""
+    rng = random.Random(seed)
+    base, target = os.path.join(work, "base.img"), os.path.join(work, "target.img")
+    fd = os.open(base, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_at(fd, 0, size, f"{seed}/dense")
+    finally:
+        os.close(fd)
+    sparse_copy(base, target)
+    fd = os.open(target, os.O_RDWR)
+    done = runs = 0
+    try:
+        while done < change * size:
+            n = rng.randint(4, 64) * PAGE
+            off = rng.randrange((size - n) // PAGE) * PAGE
+            os.pwrite(fd, content(f"{seed}/dense-new/{runs}", n), off)
+            done += n
+            runs += 1
+    finally:
+        os.close(fd)
+    notes = [f"{runs} runs of 16..256 KiB rewritten ({done / MiB:.1f} MiB, "
+             f"{done / size:.1%}) at 4 KiB-aligned offsets"]
+    return Pair("dense", base, target, size, size, notes)
