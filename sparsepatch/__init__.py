@@ -1,18 +1,21 @@
 """sparsepatch: keep huge sparse files in sync with small, safe, offline patches."""
 
 from .api import (
-           DEFAULT_BLOCK_SIZE,
-           ApplyStats,
-           DiffStats,
-           SignatureStats,
-           apply,
-           check,
-           diff,
-           info,
-           signature,
+    DEFAULT_BLOCK_SIZE,
+    ApplyStats,
+    DiffStats,
+    SignatureStats,
+    VerifyStats,
+    apply,
+    check,
+    diff,
+    info,
+    signature,
+    verify,
 )
 from .errors import SparsePatchError
 
 __version__ = "0.1.0"
-__all__ = ["signature", "diff", "apply", "info", "check", "SparsePatchError", "ApplyStats",
-           "DiffStats", "SignatureStats", "DEFAULT_BLOCK_SIZE", "__version__"]
+__all__ = ["signature", "diff", "apply", "info", "verify", "check", "SparsePatchError",
+           "ApplyStats", "DiffStats", "SignatureStats", "VerifyStats", "DEFAULT_BLOCK_SIZE",
+           "__version__"]
