@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -123,7 +123,7 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
         view = memoryview(b)
         while view:
             if left == 0:
-                pieces.append(_PartFile(f"{path}.{len(pieces):03d}"))
+                _PartFile(f"{path}.{len(pieces):03d}", pieces)
                 left = split
             n = min(len(view), left)
             pieces[-1].write(view[:n])
@@ -131,7 +131,7 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
             view = view[n:]
 
     try:
-        pieces.append(_PartFile(f"{path}.000" if split else path))
+        _PartFile(f"{path}.000" if split else path, pieces)
         left = split or 0
         yield write
         for piece in pieces:
@@ -156,22 +156,38 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
 class _PartFile:
     """An output file written under a temporary name beside its final one."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, registry: list[_PartFile]):
         self.path = path
+        self.tmp = ""
+        self.fd = -1
+        self.f: IO[bytes] | None = None
+        # Registered before the file exists, so that an interrupt at any point after
+        # mkstemp still finds it to remove.
+        registry.append(self)
         folder, base = os.path.split(os.path.abspath(path))
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=folder)
-        except OSError as e:
-            raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
-        self.f = os.fdopen(fd, "wb", buffering=1 << 20)
+        for _ in range(100):
+            # The name is known before the file exists (mkstemp would only say afterwards).
+            self.tmp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.part")
+            try:
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  0o600)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                self.tmp = ""
+                raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+        self.f = os.fdopen(self.fd, "wb", buffering=1 << 20)
 
     def write(self, b: bytes | memoryview) -> None:
+        assert self.f is not None
         try:
             self.f.write(b)
         except OSError as e:
             raise IOFailure(f"{self.path}: write failed: {e.strerror}") from None
 
     def close(self) -> None:
+        assert self.f is not None
         try:
             self.f.flush()
             sparse.sync(self.f.fileno())
@@ -189,7 +205,10 @@ class _PartFile:
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
-            self.f.close()
+            if self.f is not None:
+                self.f.close()
+            elif self.fd >= 0:
+                os.close(self.fd)
         if self.tmp:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp)
