@@ -34,6 +34,34 @@ def make_sparse(path: str | os.PathLike[str], size: int,
     return p
 
 
+def extents(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """Allocated byte ranges of path, from SEEK_DATA/SEEK_HOLE."""
+    out = []
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def allocated_blocks(path: str | os.PathLike[str], bs: int) -> set[int]:
+    """Blocks of size bs that hold any allocated byte."""
+    out: set[int] = set()
+    for start, end in extents(path):
+        out.update(range(start // bs, (end + bs - 1) // bs))
+    return out
+
+
 def allocated(path: str | os.PathLike[str]) -> int:
     """Bytes the filesystem allocated for path."""
     return os.stat(path).st_blocks * 512

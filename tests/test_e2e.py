@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import KiB, MiB, allocated, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, allocated, allocated_blocks, extents, make_sparse, pattern, run_cli
 
 from sparsepatch import SparsePatchError, api
 from sparsepatch.cli import main as cli_main
@@ -26,34 +26,6 @@ SUMMARY = re.compile(
 
 
 # ---------------------------------------------------------------------------- file helpers
-
-
-def extents(path: Path) -> list[tuple[int, int]]:
-    """Allocated byte ranges of path, from SEEK_DATA/SEEK_HOLE."""
-    out = []
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
-
-
-def allocated_blocks(path: Path, bs: int) -> set[int]:
-    """Blocks of size bs that hold any allocated byte."""
-    out: set[int] = set()
-    for start, end in extents(path):
-        out.update(range(start // bs, (end + bs - 1) // bs))
-    return out
 
 
 def nonzero_blocks(path: Path, bs: int) -> set[int]:

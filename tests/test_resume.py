@@ -15,36 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import KiB, MiB, allocated, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, allocated, allocated_blocks, extents, make_sparse, pattern, run_cli
 
 BS = 64 * KiB
 CLI = [sys.executable, "-m", "sparsepatch"]
-
-
-def extents(path: Path) -> list[tuple[int, int]]:
-    out = []
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
-
-
-def allocated_blocks(path: Path) -> set[int]:
-    out: set[int] = set()
-    for start, end in extents(path):
-        out.update(range(start // BS, (end + BS - 1) // BS))
-    return out
 
 
 def clone(src: Path, dst: Path) -> None:
@@ -103,7 +77,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Big:
     info = json.loads(run_cli("info", str(patch), "--json").stdout)
     assert all(info["records"][k] >= 1 for k in ("data", "zero", "copy")), info
     assert info["data_bytes"] >= 100 * MiB
-    nonzero = {b for b in allocated_blocks(target)
+    nonzero = {b for b in allocated_blocks(target, BS)
                if _read(target, b * BS, BS).strip(b"\0")}
     return Big(d, base, target, nonzero, patch, full, sig)
 
@@ -180,7 +154,7 @@ def _finish(args: list[str]) -> dict[str, object]:
 
 def _check_result(big: Big, dest: Path) -> None:
     assert same_bytes(dest, big.target)
-    assert allocated_blocks(dest) <= big.target_blocks  # still sparse after the interruptions
+    assert allocated_blocks(dest, BS) <= big.target_blocks  # still sparse after the interruptions
     # Nothing hidden either (space reserved and never written, or kept past the end).
     assert allocated(dest) <= allocated(big.target) + 16 * BS
     assert not _journals(dest.parent)

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import allocated_blocks
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -32,32 +33,6 @@ def punch(f: object, off: int, n: int) -> None:
     n = min(n, size - off)
     if n > 0 and _libc.fallocate(fd, 0x01 | 0x02, off, n) != 0:  # KEEP_SIZE | PUNCH_HOLE
         raise OSError(ctypes.get_errno(), "fallocate")
-
-
-def data_ranges(path: Path) -> list[tuple[int, int]]:
-    out = []
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
-
-
-def allocated_blocks(path: Path, bs: int) -> set[int]:
-    out: set[int] = set()
-    for start, end in data_ranges(path):
-        out.update(range(start // bs, (end + bs - 1) // bs))
-    return out
 
 
 def nonzero_blocks(data: bytes, bs: int) -> set[int]:
