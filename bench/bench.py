@@ -12,14 +12,20 @@ Workloads (bench/workloads.py; sizes are options, the ones used are printed):
 Every step runs as its own process, started from a small launcher that reports the wall
 time, CPU time (user + sys) and peak RSS of that process alone (os.wait4). The floor reads
 only the data extents (SEEK_DATA/SEEK_HOLE) into a reused 4 MiB buffer with os.preadv and
-hashes every 64 KiB block with BLAKE3, in one thread, in a plain Python loop: the least a
+hashes every block with BLAKE3, in one thread, in a plain Python loop: the least a
 signature (of the base) or a diff (of the target) can do. Files are read once before the
 warm measurements; the cold rows drop the page cache before each run (needs root).
+
+One block size is used throughout: `sparsepatch signature -b`, the floor's blocks and the
+comparison that finds the changed blocks ("zstd-3 of changed"). It is sparsepatch's default
+(sparsepatch.api.DEFAULT_BLOCK_SIZE) unless --block-size gives another. The workloads' extents
+stay 64 KiB-aligned whatever the block size.
 
     python bench/bench.py                 # scaled-down sizes, 6-10 minutes on 2 cores
     python bench/bench.py --quick         # small sizes, about a minute
     python bench/bench.py --full          # 32G/2G, 64G/4G, 1T/64M, 4G: the peers take hours
     python bench/bench.py --only 2,3 --dir /var/tmp/b --json results.json
+    python bench/bench.py --block-size 64K
 """
 
 from __future__ import annotations
@@ -123,15 +129,14 @@ def best_step(workload: str, tool: str, step: str, runs: list[Run]) -> Step:
                 [r.wall for r in good])
 
 
-def floor_cmd(path: str) -> list[str]:
-    return [sys.executable, os.path.abspath(__file__), "--floor", path]
+def floor_cmd(path: str, bs: int) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--floor", path, "--floor-block-size", str(bs)]
 
 
-def floor(path: str) -> int:
-    """The hardware floor: read the data extents, BLAKE3 of every 64 KiB block."""
+def floor(path: str, bs: int) -> int:
+    """The hardware floor: read the data extents, BLAKE3 of every block of bs bytes."""
     import blake3
 
-    bs = wl.BLOCK
     buf = bytearray(wl.CHUNK)
     mv = memoryview(buf)
     per = wl.CHUNK // bs
@@ -177,6 +182,10 @@ def sig_data_blocks(sig: str) -> int:
     return int(json.loads(out.stdout)["data_blocks"])
 
 
+def kib(n: int) -> str:
+    return f"{n // KiB} KiB"
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -192,8 +201,9 @@ def human(n: float) -> str:
 # ---------------------------------------------------------------- measuring a pair
 
 class Bench:
-    def __init__(self, root: str, repeat: int, peers: dict[str, bool]):
+    def __init__(self, root: str, repeat: int, peers: dict[str, bool], block_size: int):
         self.root = root
+        self.bs = block_size
         self.repeat = repeat
         self.peers = peers
         self.steps: list[Step] = []
@@ -215,6 +225,12 @@ class Bench:
                 return s
         return None
 
+    def sig_cmd(self, path: str, sig: str) -> list[str]:
+        return [*SPARSEPATCH, "signature", path, "-o", sig, "-b", str(self.bs), "-q"]
+
+    def floor_cmd(self, path: str) -> list[str]:
+        return floor_cmd(path, self.bs)
+
     def result_check(self, step: Step, result: str, source: str) -> None:
         step.identical = wl.identical(result, source)
         step.alloc_ratio = wl.allocated(result) / max(wl.allocated(source), 1)
@@ -224,9 +240,9 @@ class Bench:
         sig, patch, dest = (os.path.join(work, n) for n in ("base.sig", "update.patch", "dest.img"))
         runs: dict[str, list[Run]] = {k: [] for k in ("fb", "sig", "ft", "diff", "apply")}
         for _ in range(self.repeat):
-            runs["fb"].append(run(floor_cmd(p.base)))
-            runs["sig"].append(run([*SPARSEPATCH, "signature", p.base, "-o", sig, "-q"]))
-            runs["ft"].append(run(floor_cmd(p.target)))
+            runs["fb"].append(run(self.floor_cmd(p.base)))
+            runs["sig"].append(run(self.sig_cmd(p.base, sig)))
+            runs["ft"].append(run(self.floor_cmd(p.target)))
             runs["diff"].append(run([*SPARSEPATCH, "diff", sig, p.target, "-o", patch, "-q"]))
             wl.sparse_copy(p.base, dest)
             os.sync()
@@ -277,16 +293,16 @@ class Bench:
         # Cold data, warm code: after dropping the cache, start the interpreter with each
         # program's modules once, so that the cold rows compare reading the image only.
         warm_code = [[sys.executable, "-c", "import sparsepatch.cli, blake3, zstandard"],
-                     floor_cmd(os.devnull)]
+                     self.floor_cmd(os.devnull)]
         for _ in range(self.repeat):
             drop_caches()
             for cmd in warm_code:
                 run(cmd)
-            cs.append(run([*SPARSEPATCH, "signature", p.base, "-o", sig, "-q"]))
+            cs.append(run(self.sig_cmd(p.base, sig)))
             drop_caches()
             for cmd in warm_code:
                 run(cmd)
-            cf.append(run(floor_cmd(p.base)))
+            cf.append(run(self.floor_cmd(p.base)))
         self.add(best_step(p.name, "sparsepatch", "signature (cold)", cs))
         self.add(best_step(p.name, "floor", "base (cold)", cf))
         wl.warm(p.base)
@@ -357,9 +373,9 @@ class Bench:
         for f in (p.base, p.target):
             wl.warm(f)
         log(f"  read once to warm the cache ({time.monotonic() - t:.1f} s)")
-        cd = wl.changed_data(p.base, p.target)
+        cd = wl.changed_data(p.base, p.target, self.bs)
         self.info[p.name]["changed"] = asdict(cd)
-        log(f"  changed 64 KiB blocks: {cd.blocks:,} ({human(cd.raw_bytes)}), "
+        log(f"  changed {kib(self.bs)} blocks: {cd.blocks:,} ({human(cd.raw_bytes)}), "
             f"zstd -3: {human(cd.zstd_bytes)}")
         self.sparsepatch(p, work)
         for peer in PEERS:
@@ -373,10 +389,10 @@ class Bench:
         runs: dict[str, list[Run]] = {k: [] for k in ("fs", "ss", "fd", "sd")}
         sig_s, sig_d = p.base + ".sig", dense + ".sig"
         for _ in range(self.repeat):
-            runs["fs"].append(run(floor_cmd(p.base)))
-            runs["ss"].append(run([*SPARSEPATCH, "signature", p.base, "-o", sig_s, "-q"]))
-            runs["fd"].append(run(floor_cmd(dense)))
-            runs["sd"].append(run([*SPARSEPATCH, "signature", dense, "-o", sig_d, "-q"]))
+            runs["fs"].append(run(self.floor_cmd(p.base)))
+            runs["ss"].append(run(self.sig_cmd(p.base, sig_s)))
+            runs["fd"].append(run(self.floor_cmd(dense)))
+            runs["sd"].append(run(self.sig_cmd(dense, sig_d)))
         self.add(best_step("holes", "floor", "base", runs["fs"]))
         s = self.add(best_step("holes", "sparsepatch", "signature", runs["ss"]))
         self.add(best_step("holes-dense", "floor", "base", runs["fd"]))
@@ -404,8 +420,8 @@ ORDER = ["ext4", "scattered", "holes", "holes-dense", "dense"]
 
 
 def steps_table(b: Bench) -> str:
-    head = ("| workload | tool | step | wall s | CPU s | peak RSS | signature | patch | identical "
-            "| allocated vs source |")
+    head = (f"| workload | tool | step ({kib(b.bs)} blocks) | wall s | CPU s | peak RSS | signature "
+            "| patch | identical | allocated vs source |")
     rows = [head, "|---|---|---|--:|--:|--:|--:|--:|---|--:|"]
     for s in sorted(b.steps, key=lambda s: ORDER.index(s.workload)):
         if not s.ok:
@@ -464,7 +480,8 @@ def both(b: Bench, w: str, step: str, floor_step: str) -> str:
 
 def ratio_table(b: Bench) -> str:
     head = ("| workload | signature ÷ floor | diff ÷ floor | apply ÷ floor | sig+diff+apply | ÷ rdiff "
-            "| ÷ rsync | ÷ xdelta3 | patch | patch ÷ rdiff | ÷ rsync | ÷ xdelta3 | patch ÷ zstd-3 of changed "
+            "| ÷ rsync | ÷ xdelta3 | patch | patch ÷ rdiff | ÷ rsync | ÷ xdelta3 "
+            f"| patch ÷ zstd-3 of changed {kib(b.bs)} blocks "
             "| patch ÷ (zstd-3 + 1 MiB) | peak RSS ÷ (64 MiB + 40 B/block) |")
     rows = [head, "|---" + "|--:" * (head.count("|") - 2) + "|"]
     for w in ORDER:
@@ -590,15 +607,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(f"--size{n}", type=parse_size, help=f"apparent size of workload {n} ({name})")
         if n != 4:
             p.add_argument(f"--data{n}", type=parse_size, help=f"data in workload {n} ({name})")
+    p.add_argument("--block-size", type=parse_size,
+                   help="block size of the signatures, the floor and the changed-data comparison "
+                        "(default: sparsepatch's default block size)")
     p.add_argument("--floor", help=argparse.SUPPRESS)
+    p.add_argument("--floor-block-size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.floor:
-        floor(a.floor)
+        floor(a.floor, a.floor_block_size or wl.BLOCK)
         return 0
     try:
-        import sparsepatch  # noqa: F401
+        from sparsepatch.api import DEFAULT_BLOCK_SIZE
     except ImportError:
         p.error(f"sparsepatch is not importable by {sys.executable}: run from its virtual environment")
+    bs = a.block_size or DEFAULT_BLOCK_SIZE
+    if bs & (bs - 1) or not 4 * KiB <= bs <= wl.CHUNK:
+        p.error(f"--block-size {bs}: must be a power of two from 4 KiB to {human(wl.CHUNK)}")
 
     preset = FULL if a.full else QUICK if a.quick else DEFAULT
     sizes = {}
@@ -616,11 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = a.dir or tempfile.mkdtemp(prefix="sparsepatch-bench-", dir="/var/tmp")
     os.makedirs(root, exist_ok=True)
     a.repeat = a.repeat or (3 if a.quick else 5)
-    bench = Bench(root, a.repeat, peers)
+    bench = Bench(root, a.repeat, peers, bs)
     t0 = time.monotonic()
     base_rss = run(["true"]).rss
     load0 = os.getloadavg()
-    log(f"files in {root}; {os.cpu_count()} CPUs, load average {load0[0]:.1f}; "
+    log(f"files in {root}; block size {kib(bs)}; {os.cpu_count()} CPUs, load average {load0[0]:.1f}; "
         f"peak RSS of an empty command through the launcher: {human(base_rss)}")
     try:
         for n in a.only:
@@ -654,6 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - t0
     load1 = os.getloadavg()
 
+    print(f"Block size: {kib(bs)} (`sparsepatch signature -b {bs}`, the floor's BLAKE3 blocks and the "
+          f"changed-data comparison); workload extents are {kib(wl.BLOCK)}-aligned.\n")
     print("Sizes used:")
     for n in a.only:
         i = bench.info[NAMES[n]]
@@ -678,7 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(a.json, "w") as fh:
             json.dump({"info": bench.info, "steps": [asdict(s) for s in bench.steps],
                        "targets": [{"pass": ok, "text": t} for ok, t in results],
-                       "repeat": a.repeat, "launcher_rss": base_rss, "seconds": elapsed}, fh, indent=2)
+                       "block_size": bs, "repeat": a.repeat, "launcher_rss": base_rss,
+                       "seconds": elapsed}, fh, indent=2)
     bad = [s for s in bench.steps if not s.ok and not s.error.startswith("not run")]
     wrong = [s for s in bench.steps if s.identical is False]
     return 1 if bad or wrong else 0

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ext4image  # noqa: E402
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-BLOCK = 64 * KiB
+BLOCK = 64 * KiB  # alignment of the workloads' extents (not the block size measured)
 CHUNK = 4 * MiB
 PAGE = 4 * KiB
 
@@ -165,14 +165,16 @@ def identical(a: str, b: str) -> bool:
 
 @dataclass
 class ChangedData:
-    blocks: int  # 64 KiB blocks whose content differs between base and target
+    block_size: int
+    blocks: int  # blocks of block_size whose content differs between base and target
     raw_bytes: int
     zstd_bytes: int  # the changed target blocks, in order, compressed at level 3 in one stream
 
 
-def changed_data(base: str, target: str, bs: int = BLOCK, level: int = 3) -> ChangedData:
-    """Compare base and target block by block over the union of their data extents and
-    compress the changed target blocks with zstd in one stream."""
+def changed_data(base: str, target: str, bs: int, level: int = 3) -> ChangedData:
+    """Compare base and target block by block (blocks of bs bytes, the block size the
+    signature uses) over the union of their data extents and compress the changed target
+    blocks with zstd in one stream."""
     fa, fb = os.open(base, os.O_RDONLY), os.open(target, os.O_RDONLY)
     tsize = os.path.getsize(target)
     cobj = zstandard.ZstdCompressor(level=level).compressobj()
@@ -192,7 +194,7 @@ def changed_data(base: str, target: str, bs: int = BLOCK, level: int = 3) -> Cha
     finally:
         os.close(fa)
         os.close(fb)
-    return ChangedData(blocks, raw, out)
+    return ChangedData(bs, blocks, raw, out)
 
 
 # ------------------------------------------------------------------ the workloads
