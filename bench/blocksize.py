@@ -31,6 +31,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ext4image  # noqa: E402
 
+from sparsepatch.cli import human  # noqa: E402
+
 SPARSEPATCH = [sys.executable, "-m", "sparsepatch"]
 
 
@@ -122,14 +124,6 @@ def measure(base: str, changed: str, work: str, block_size: int, repeat: int = 1
     for path in (sig, patch, dest):
         os.unlink(path)
     return result
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:

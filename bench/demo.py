@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sparsepatch.cli import human
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -231,14 +233,6 @@ def make_plan(seed: int) -> Plan:
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
