@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import secrets
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -167,7 +166,7 @@ class _PartFile:
         folder, base = os.path.split(os.path.abspath(path))
         for _ in range(100):
             # The name is known before the file exists (mkstemp would only say afterwards).
-            self.tmp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.part")
+            self.tmp = os.path.join(folder, f".{base}.{os.urandom(4).hex()}.part")
             try:
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                   0o600)
