@@ -62,7 +62,7 @@ def _input(path: str) -> Iterator[IO[bytes]]:
 def patch_pieces(paths: list[str]) -> list[str]:
     """The files a patch is read from: the paths given, or for a single PATCH.000 every
     numbered piece after it that exists (diff --split writes them)."""
-    if len(paths) == 1 and paths[0].endswith(".000") and not os.path.exists(paths[0][:-4]):
+    if len(paths) == 1 and paths[0].endswith(".000") and os.path.exists(paths[0][:-4] + ".001"):
         stem, k, out = paths[0][:-4], 0, []
         while os.path.exists(f"{stem}.{k:03d}"):
             out.append(f"{stem}.{k:03d}")
@@ -102,14 +102,17 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
     if path is None or path == "-":
         if split:
             raise UsageError("--split needs -o FILE")
-        out = sys.stdout.buffer
-        yield out.write
-        out.flush()
+        with _direct(sys.stdout.buffer, "standard output") as out:
+            yield out
         return
     if not split and _is_special(path):
         # /dev/null, a FIFO, a tape: write into it; renaming over it would replace the node.
-        with open(path, "wb") as f:
-            yield f.write
+        try:
+            f = open(path, "wb", buffering=0)  # nothing left to flush (and fail) at close
+        except OSError as e:
+            raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
+        with f, _direct(f, path) as out:
+            yield out
         return
     pieces: list[_PartFile] = []
     left = split or 0
@@ -150,6 +153,28 @@ def _output(path: str | None, split: int | None = None) -> Iterator[Callable[[by
         for piece in pieces:
             piece.abort()
         raise
+
+
+@contextlib.contextmanager
+def _direct(f: IO[bytes], name: str) -> Iterator[Callable[[bytes], object]]:
+    """Writes to an already open stream, with errors as one line (a broken pipe stays a
+    BrokenPipeError: the CLI treats a reader that went away as a quiet exit)."""
+
+    def write(b: bytes) -> None:
+        try:
+            f.write(b)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise IOFailure(f"{name}: write failed: {e.strerror}") from None
+
+    yield write
+    try:
+        f.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise IOFailure(f"{name}: write failed: {e.strerror}") from None
 
 
 class _PartFile:

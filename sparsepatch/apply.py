@@ -149,6 +149,13 @@ class Applier:
         if self.window[0] <= first and end <= self.window[1]:
             return
         start = self.window[0] if self.window[1] else first
+        if not self.window[1] and self.accepted[1] and self.accepted[1] <= first:
+            # This run's first window would drop the interrupted run's, whose writes may not
+            # be durable yet (its blocks read as target from the page cache): sync them first.
+            try:
+                sparse.sync_data(self.fd)
+            except OSError as e:
+                raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
         if self.unsynced >= SYNC_BUDGET:
             try:
                 sparse.sync_data(self.fd)  # durable before the window stops covering it
@@ -289,8 +296,13 @@ class Applier:
         ahead, not yet repaired. Keeping it would block the right patch for no reason."""
         if self.accepted[1] > at or self.journal.fd is None and self.accepted == (0, 0):
             return
-        if self._size() not in (self.h.base_size, self.h.target_size):
+        size = self._size()
+        if size not in (self.h.base_size, self.h.target_size):
             return  # writes grew the file: only the journal makes its size acceptable now
+        if size > self.h.target_size:
+            # A shrink not yet truncated: the last target block was written clipped, and with
+            # the old bytes after it still there it reads as neither base nor target.
+            return
         try:
             sparse.sync_data(self.fd)
         except OSError:

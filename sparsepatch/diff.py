@@ -144,6 +144,8 @@ def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[
     """For each changed target hash, the lowest destination block holding it that the
     patch leaves unchanged (and that survives the final truncate)."""
     wanted: dict[bytes, int] = {}
+    if not len(sig.data_index):
+        return {}  # nothing to copy from (a full patch): spare the dict of every target hash
     for k in range(len(changes.index)):
         t = bytes(changes.target[k * HASH_LEN : (k + 1) * HASH_LEN])
         if t != ZERO_HASH:
@@ -244,8 +246,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     bs = 1 << shift
     scan = Scanner(fd, shift, name, progress=progress)
     # A regular file that changes while diff runs changes its mtime, ctime or size: one
-    # stat before and after covers every block. Other sources get each changed block
-    # hashed again when it is read for the second time.
+    # stat before and after covers the blocks read once. The DATA blocks, read twice, are
+    # hashed again too: a write through a shared mmap changes no timestamp.
     before = _stamp(fd)
     spool = None if scan.seekable else _Spool(shift)
     target = SignatureBuilder(shift, scan.size if scan.seekable else None)
@@ -292,8 +294,7 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
-        if before is None:
-            _recheck(raw, changes, k, m, shift, first, name)
+        _recheck(raw, changes, k, m, shift, first, name)
         payload = cctxs.compressor().compress(raw)
         return Record(kind, first, m, b"".join(metas), src, payload), len(raw)
 
