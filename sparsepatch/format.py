@@ -8,6 +8,7 @@ This module never opens a file.
 from __future__ import annotations
 
 import bisect
+import heapq
 import hmac
 import struct
 from array import array
@@ -598,6 +599,27 @@ class RangeSet:
         return k > 0 and self.ends[k - 1] > start
 
 
+class CopySources:
+    """Block ranges that copy records read, asked only whether a later record's range
+    meets one. Records ascend, so a source ending at or before a record's first block can
+    never meet a later record: it is dropped. Among the rest, a range [first, end) meets
+    one exactly when the smallest start is below end. A heap by start, with ranges that
+    ended dropped from its top, answers in O(log n) (a sorted insert would be quadratic
+    for a crafted patch whose sources descend)."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        heapq.heappush(self.heap, (start, end))
+
+    def meets(self, first: int, end: int) -> bool:
+        heap = self.heap
+        while heap and heap[0][1] <= first:
+            heapq.heappop(heap)
+        return bool(heap) and heap[0][0] < end
+
+
 def raw_length(header: PatchHeader, first_block: int, count: int) -> int:
     """Bytes of target a DATA record carries: its blocks clipped at the target size."""
     start = first_block << header.block_shift
@@ -658,7 +680,7 @@ class PatchReader:
         n = 0
         # A copy must read a block no record changes, or the result would depend on the
         # order records are applied in and a resumed apply could read half-written data.
-        changed, copied_from = RangeSet(), RangeSet()
+        changed, copied_from = RangeSet(), CopySources()
         while True:
             at = r.pos
             kind = r.exact(1, f"record {n} kind")
