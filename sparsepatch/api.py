@@ -72,26 +72,33 @@ def patch_pieces(paths: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _inputs(paths: list[str]) -> Iterator[Callable[[int], bytes]]:
-    """One read callable over several files in order (pieces of a split patch)."""
-    if len(paths) == 1:
-        with _input(paths[0]) as f:
-            yield f.read
-        return
+def _inputs(paths: list[str]) -> Iterator[_Chain]:
+    """One reader over several files in order (pieces of a split patch)."""
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(_input(p)) for p in paths]
-        current = 0
+        yield _Chain([stack.enter_context(_input(p)) for p in paths])
 
-        def read(n: int) -> bytes:
-            nonlocal current
-            while current < len(files):
-                chunk = files[current].read(n)
-                if chunk:
-                    return chunk
-                current += 1
-            return b""
 
-        yield read
+class _Chain:
+    """Reads files one after the other; rewind() starts again from the first byte of the
+    same open files (so a second pass reads what the first did, even if a path is
+    replaced meanwhile)."""
+
+    def __init__(self, files: list[IO[bytes]]):
+        self.files = files
+        self.current = 0
+
+    def read(self, n: int) -> bytes:
+        while self.current < len(self.files):
+            chunk = self.files[self.current].read(n)
+            if chunk:
+                return chunk
+            self.current += 1
+        return b""
+
+    def rewind(self) -> None:
+        for f in self.files:
+            f.seek(0)
+        self.current = 0
 
 
 @contextlib.contextmanager
@@ -433,10 +440,12 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     key = load_key(key_file) if key_file else None
     pieces = patch_pieces([patch] if isinstance(patch, str) else list(patch))
     jpath = journal or default_journal(dest)
-    with _inputs(pieces) as raw_read:
-        read = raw_read if progress is None else _counting(raw_read, progress)
+    # A patch file is read twice, a stream once: see the precheck below.
+    twice = precheck and all(input_size(p) is not None for p in pieces)
+    with _inputs(pieces) as chain:
+        read = chain.read if progress is None else _counting(chain.read, progress)
         name = "patch" if pieces == ["-"] else pieces[0]
-        reader = PatchReader(read, name, key, unauthenticated_ok)
+        reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)
         h = reader.header
         fd, created = _open_dest(dest, h.full)
         try:
@@ -465,9 +474,12 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             stale = bool(h.base_mtime_ns) and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns
             accepted = (slot.start_block, slot.end_block) if slot else None
             applier = Applier(reader, fd, dest, journal_, accepted, discard)
-            if precheck and all(input_size(p) is not None for p in pieces):
-                with _inputs(pieces) as again:
-                    applier.precheck(PatchReader(again, name, key, unauthenticated_ok))
+            if twice:
+                applier.precheck(reader)
+                chain.rewind()
+                applier.reader = PatchReader(read, name, key, unauthenticated_ok)
+                if applier.reader.header != h:
+                    raise FormatError(f"{name}: the patch changed while apply was reading it")
             stats = applier.run()
             if warn and stale and stats.blocks_written + stats.blocks_punched + stats.blocks_copied:
                 # Only worth saying when this run changed something: a repeated apply also
