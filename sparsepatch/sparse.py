@@ -186,10 +186,6 @@ def open_device_exclusive(path: str) -> int:
         raise IOFailure(f"{path}: {e.strerror}") from None
 
 
-def allocated_bytes(fd: int) -> int:
-    return os.fstat(fd).st_blocks * 512
-
-
 def open_path(path: str, flags: int, mode: int = 0o666) -> int:
     try:
         return os.open(path, flags | os.O_CLOEXEC, mode)

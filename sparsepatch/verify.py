@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from .blocks import Scanner
 from .errors import VerifyMismatch
 from .format import (
-    HASH_LEN,
     REC_DATA,
     ZERO_HASH,
     PatchReader,
@@ -44,7 +43,7 @@ def against_signature(fd: int, name: str, sig: Signature) -> None:
     scan = Scanner(fd, shift, name)
     if scan.seekable and scan.size != sig.header.file_size:
         raise VerifyMismatch(f"{name}: {scan.size} bytes, the signature says {sig.header.file_size}")
-    di, dh, nd, d = sig.data_index, sig.hashes, len(sig.data_index), 0
+    di, nd, d = sig.data_index, len(sig.data_index), 0
 
     def differ(block: int, expected: bytes, found: bytes) -> VerifyMismatch:
         return VerifyMismatch(
@@ -54,16 +53,16 @@ def against_signature(fd: int, name: str, sig: Signature) -> None:
 
     for i, digest, _ in scan:
         if d < nd and di[d] < i:
-            raise differ(di[d], bytes(dh[d * HASH_LEN : (d + 1) * HASH_LEN]), ZERO_HASH)
+            raise differ(di[d], sig.hash_at(d), ZERO_HASH)
         if d < nd and di[d] == i:
-            expected = bytes(dh[d * HASH_LEN : (d + 1) * HASH_LEN])
+            expected = sig.hash_at(d)
             d += 1
             if expected != digest:
                 raise differ(i, expected, digest)
         else:
             raise differ(i, ZERO_HASH, digest)
     if d < nd:
-        raise differ(di[d], bytes(dh[d * HASH_LEN : (d + 1) * HASH_LEN]), ZERO_HASH)
+        raise differ(di[d], sig.hash_at(d), ZERO_HASH)
     if scan.size != sig.header.file_size:
         raise VerifyMismatch(f"{name}: {scan.size} bytes, the signature says {sig.header.file_size}")
 

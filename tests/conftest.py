@@ -77,6 +77,23 @@ def run_cli(*args: str, input: bytes | None = None, check: bool = True,
     return r
 
 
+def error_line(r: subprocess.CompletedProcess[bytes], code: int, *, warnings_ok: bool = False) -> str:
+    """Check a failed run the way a user sees it: the exit code, no traceback, exactly one
+    `sparsepatch: error:` line (with warnings_ok, other lines may be warnings); return it."""
+    text = r.stderr.decode()
+    assert r.returncode == code, text
+    assert "Traceback" not in text, text
+    lines = text.splitlines()
+    errors = [ln for ln in lines if ln.startswith("sparsepatch: error:")]
+    assert len(errors) == 1, lines
+    others = [ln for ln in lines if ln not in errors]
+    if warnings_ok:
+        assert all(ln.startswith("sparsepatch: warning:") for ln in others), lines
+    else:
+        assert not others, lines
+    return errors[0]
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path

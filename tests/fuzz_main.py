@@ -188,15 +188,7 @@ def encode_patch(header: PatchHeader, records: list[Record], key: bytes | None) 
 
 
 def patch_units(data: bytes) -> list[Unit]:
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        out = data[pos : pos + n]
-        pos += len(out)
-        return out
-
-    reader = PatchReader(read, "patch", None, unauthenticated_ok=True)
+    reader = PatchReader(io.BytesIO(data).read, "patch", None, unauthenticated_ok=True)
     tag = MAC_LEN if reader.header.authenticated else 0
     units = [Unit(0, PATCH_HEADER.size, PATCH_HEADER.size + CRC.size + tag)]
     for rec in reader.records():

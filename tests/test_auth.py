@@ -7,6 +7,7 @@ breaks off)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import allocated, make_sparse, pattern, run_cli
+from conftest import allocated, error_line, make_sparse, pattern, run_cli
 
 from sparsepatch.format import (
     CRC,
@@ -59,15 +60,7 @@ class Signed:
 
     @classmethod
     def parse(cls, data: bytes) -> Signed:
-        pos = 0
-
-        def read(n: int) -> bytes:
-            nonlocal pos
-            out = data[pos : pos + n]
-            pos += len(out)
-            return out
-
-        reader = PatchReader(read, "patch", None, unauthenticated_ok=True)
+        reader = PatchReader(io.BytesIO(data).read, "patch", None, unauthenticated_ok=True)
         assert reader.header.authenticated
         records = list(reader.records())
         raw, tags = [], []
@@ -182,14 +175,6 @@ def world(made: World, tmp: Path) -> World:
 
 def snapshot(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), allocated(path)
-
-
-def error_line(r: subprocess.CompletedProcess[bytes], code: int) -> str:
-    text = r.stderr.decode()
-    assert r.returncode == code, text
-    assert "Traceback" not in text, text
-    assert len(text.splitlines()) == 1 and text.startswith("sparsepatch: error:"), text
-    return text.strip()
 
 
 def apply(w: World, patch: Path | bytes, *args: str) -> subprocess.CompletedProcess[bytes]:

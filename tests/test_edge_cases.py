@@ -9,16 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import error_line, run_cli
 
 BS = 4096
-
-
-def _one_error(r, code: int) -> str:  # type: ignore[no-untyped-def]
-    assert r.returncode == code, r.stderr
-    lines = r.stderr.decode().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sparsepatch: error: "), lines
-    return str(lines[0])
 
 
 def test_refused_stream_of_a_shrinking_patch_leaves_it_resumable(tmp: Path) -> None:
@@ -33,7 +26,7 @@ def test_refused_stream_of_a_shrinking_patch_leaves_it_resumable(tmp: Path) -> N
     bad[-3] ^= 1  # in the trailer: every record arrives, then the stream is refused
     dest = tmp / "dest.img"
     dest.write_bytes(base.read_bytes())
-    _one_error(run_cli("apply", "-", str(dest), input=bytes(bad), check=False), 4)
+    error_line(run_cli("apply", "-", str(dest), input=bytes(bad), check=False), 4)
     run_cli("apply", str(tmp / "p"), str(dest))
     assert dest.read_bytes() == target.read_bytes()
 
@@ -42,12 +35,12 @@ def test_refused_stream_of_a_shrinking_patch_leaves_it_resumable(tmp: Path) -> N
 def test_no_space_on_stdout_or_a_device_is_one_line_exit_3(tmp: Path) -> None:
     img = tmp / "img"
     img.write_bytes(os.urandom(256 * 1024))
-    line = _one_error(run_cli("signature", str(img), "-o", "/dev/full", check=False), 3)
+    line = error_line(run_cli("signature", str(img), "-o", "/dev/full", check=False), 3)
     assert "No space left" in line and "/dev/full" in line
     with open("/dev/full", "wb") as full:
         r = subprocess.run([sys.executable, "-m", "sparsepatch", "signature", str(img)],
                            stdout=full, stderr=subprocess.PIPE)
-    assert "No space left" in _one_error(r, 3)
+    assert "No space left" in error_line(r, 3)
     run_cli("signature", str(img), "-o", os.devnull)  # written into, not renamed over
     assert not os.path.isfile(os.devnull)
 

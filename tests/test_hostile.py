@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import allocated, make_sparse, pattern, run_cli
+from conftest import allocated, error_line, make_sparse, pattern, run_cli
 
 from sparsepatch import api
 from sparsepatch.errors import ChecksumMismatch, FormatError, SparsePatchError
@@ -282,15 +282,6 @@ def snapshot(path: Path) -> tuple[bytes, int]:
 
 def journal(w: World) -> Path:
     return w.dest.parent / f".{w.dest.name}.sparsepatch-journal"
-
-
-def error_line(r: subprocess.CompletedProcess[bytes], code: int) -> str:
-    text = r.stderr.decode()
-    assert r.returncode == code, text
-    assert "Traceback" not in text, text
-    lines = [ln for ln in text.splitlines() if ln.startswith("sparsepatch: error:")]
-    assert len(lines) == 1 and len(text.splitlines()) == 1, text
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------- tests

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_sparse, pattern, run_cli
+from conftest import error_line, make_sparse, pattern, run_cli
 
 MiB = 1 << 20
 BS = 64 << 10  # the default block size, as a user would run it
@@ -113,15 +113,6 @@ def reserve(folder: Path, n: int) -> Path:
 
 def blocks(data: bytes) -> list[bytes]:
     return [data[i : i + BS] for i in range(0, len(data), BS)]
-
-
-def error_line(r: subprocess.CompletedProcess[bytes], code: int) -> str:
-    text = r.stderr.decode()
-    assert r.returncode == code, text
-    assert "Traceback" not in text, text
-    lines = text.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sparsepatch: error:"), lines
-    return lines[0]
 
 
 def base_and_target(tmp: Path, dest: Path) -> tuple[bytes, bytes, Path, Path]:

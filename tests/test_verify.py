@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import KiB, MiB, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
 
 BS = 16 * KiB
 
@@ -21,28 +21,21 @@ def _pair(tmp: Path) -> tuple[Path, Path]:
     return base, target
 
 
-def _one_error(r: subprocess.CompletedProcess[bytes], code: int) -> str:
-    assert r.returncode == code, r.stderr
-    lines = r.stderr.decode().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sparsepatch: error: "), lines
-    return lines[0]
-
-
 def test_file_against_its_signature_and_the_first_difference(tmp: Path) -> None:
     base, target = _pair(tmp)
     run_cli("signature", str(base), "-o", str(tmp / "base.sig"), "-b", "16K")
     assert run_cli("verify", "--against", str(tmp / "base.sig"), str(base)).returncode == 0
-    line = _one_error(run_cli("verify", "--against", str(tmp / "base.sig"), str(target),
+    line = error_line(run_cli("verify", "--against", str(tmp / "base.sig"), str(target),
                               check=False), 8)
     assert f"block at byte {64 * KiB} differs" in line  # the first block that differs
     # A block that became zeros is named as such.
     zeroed = make_sparse(tmp / "zeroed.img", 8 * MiB, [(0, 256 * KiB)])
-    line = _one_error(run_cli("verify", "--against", str(tmp / "base.sig"), str(zeroed),
+    line = error_line(run_cli("verify", "--against", str(tmp / "base.sig"), str(zeroed),
                               check=False), 8)
     assert f"block at byte {4 * MiB} differs" in line and "found a hole or zeros" in line
     # A different size is a difference too, named first.
     grown = make_sparse(tmp / "grown.img", 8 * MiB + 1, [(0, 256 * KiB), (4 * MiB, 128 * KiB)])
-    line = _one_error(run_cli("verify", "--against", str(tmp / "base.sig"), str(grown),
+    line = error_line(run_cli("verify", "--against", str(tmp / "base.sig"), str(grown),
                               check=False), 8)
     assert f"{8 * MiB + 1} bytes, the signature says {8 * MiB}" in line
 
@@ -52,7 +45,7 @@ def test_file_against_a_patch_target(tmp: Path) -> None:
     run_cli("signature", str(base), "-o", str(tmp / "base.sig"), "-b", "16K")
     run_cli("diff", str(tmp / "base.sig"), str(target), "-o", str(tmp / "p"))
     assert run_cli("verify", "--against", str(tmp / "p"), str(target)).returncode == 0
-    line = _one_error(run_cli("verify", "--against", str(tmp / "p"), str(base), check=False), 8)
+    line = error_line(run_cli("verify", "--against", str(tmp / "p"), str(base), check=False), 8)
     assert "does not match the target identity" in line
 
 
@@ -65,9 +58,9 @@ def test_patch_alone_checked_to_the_last_block_hash(tmp: Path) -> None:
     data = bytearray((tmp / "p").read_bytes())
     data[-100] ^= 0x40  # inside the trailer region or the last payload: refused either way
     (tmp / "bad").write_bytes(bytes(data))
-    _one_error(run_cli("verify", str(tmp / "bad"), check=False), 4)
+    error_line(run_cli("verify", str(tmp / "bad"), check=False), 4)
     (tmp / "cut").write_bytes((tmp / "p").read_bytes()[:-10])
-    assert "truncated" in _one_error(run_cli("verify", str(tmp / "cut"), check=False), 4)
+    assert "truncated" in error_line(run_cli("verify", str(tmp / "cut"), check=False), 4)
 
 
 def test_killed_signature_never_leaves_its_output_name(tmp: Path) -> None:
