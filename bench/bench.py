@@ -31,6 +31,7 @@ stay 64 KiB-aligned whatever the block size.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -129,38 +130,13 @@ def best_step(workload: str, tool: str, step: str, runs: list[Run]) -> Step:
                 [r.wall for r in good])
 
 
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.py")
+
+
 def floor_cmd(path: str, bs: int) -> list[str]:
-    return [sys.executable, os.path.abspath(__file__), "--floor", path, "--floor-block-size", str(bs)]
-
-
-def floor(path: str, bs: int) -> int:
-    """The hardware floor: read the data extents, BLAKE3 of every block of bs bytes."""
-    import blake3
-
-    buf = bytearray(wl.CHUNK)
-    mv = memoryview(buf)
-    per = wl.CHUNK // bs
-    fd = os.open(path, os.O_RDONLY)
-    size = os.fstat(fd).st_size
-    pos = 0
-    digests = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        b, b1 = start // bs, -(-end // bs)
-        while b < b1:
-            n = min(b1 - b, per)
-            got = os.preadv(fd, [mv[: n * bs]], b * bs)
-            for k in range(0, got, bs):
-                blake3.blake3(mv[k : k + bs]).digest()
-                digests += 1
-            b += n
-        pos = b1 * bs
-    os.close(fd)
-    return digests
+    """The floor runs as its own small script (bench/floor.py), so that its process starts
+    like a minimal Python program and not like this benchmark."""
+    return [sys.executable, FLOOR, path, str(bs)]
 
 
 def drop_caches() -> bool:
@@ -610,16 +586,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--block-size", type=parse_size,
                    help="block size of the signatures, the floor and the changed-data comparison "
                         "(default: sparsepatch's default block size)")
-    p.add_argument("--floor", help=argparse.SUPPRESS)
-    p.add_argument("--floor-block-size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.floor:
-        floor(a.floor, a.floor_block_size or wl.BLOCK)
-        return 0
     try:
+        import sparsepatch
         from sparsepatch.api import DEFAULT_BLOCK_SIZE
     except ImportError:
         p.error(f"sparsepatch is not importable by {sys.executable}: run from its virtual environment")
+    # Measure sparsepatch as installed: pip writes the bytecode at install time, but an
+    # editable install under PYTHONDONTWRITEBYTECODE would compile every module on every run.
+    compileall.compile_dir(os.path.dirname(sparsepatch.__file__), quiet=1)
     bs = a.block_size or DEFAULT_BLOCK_SIZE
     if bs & (bs - 1) or not 4 * KiB <= bs <= wl.CHUNK:
         p.error(f"--block-size {bs}: must be a power of two from 4 KiB to {human(wl.CHUNK)}")
