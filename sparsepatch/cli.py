@@ -4,7 +4,6 @@ Never touches file contents: everything goes through api."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -152,6 +151,8 @@ def _finish(command: str, result: Any, seconds: float, summary: str, quiet: bool
         is_stats = dataclasses.is_dataclass(result) and not isinstance(result, type)
         d = dataclasses.asdict(result) if is_stats else dict(result or {})
         d = {"command": command, **d, "seconds": round(seconds, 3)}
+        import json  # only --json and --stats need it
+
         text = json.dumps(d, indent=2, sort_keys=True) + "\n"
         if stats_to == "-":
             click.echo(text, nl=False)
@@ -377,6 +378,8 @@ def info(file: str, as_json: bool) -> None:
     """
     d = _run(api.info, file)
     if as_json:
+        import json
+
         click.echo(json.dumps(d, indent=2))
         return
     for k, v in d.items():

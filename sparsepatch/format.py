@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import hmac
 import struct
 from array import array
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 
 import blake3
 import crcmod.predefined
-import zstandard
 
 from .errors import (
     AuthenticationError,
@@ -286,7 +284,8 @@ class SignatureEncoder:
         self.data_blocks = 0
         self.runs = 0
         self._hole = 0
-        self._hashes: list[bytes] = []
+        self._hashes = bytearray()  # digests of the data run being built
+        self._count = 0  # blocks in it
 
     def start(self) -> bytes:
         out = encode_sig_header(self.header)
@@ -310,17 +309,18 @@ class SignatureEncoder:
         return out
 
     def _flush_data(self) -> bytes:
-        if not self._hashes:
+        if not self._count:
             return b""
-        n = len(self._hashes)
-        out = self._emit(SIG_DATA, self.block, n, b"".join(self._hashes))
+        n = self._count
+        out = self._emit(SIG_DATA, self.block, n, bytes(self._hashes))
         self.block += n
         self.data_blocks += n
-        self._hashes = []
+        self._hashes = bytearray()
+        self._count = 0
         return out
 
     def hole(self, count: int) -> bytes:
-        out = self._flush_data() if self._hashes else b""
+        out = self._flush_data() if self._count else b""
         self._hole += count
         return out
 
@@ -328,21 +328,52 @@ class SignatureEncoder:
         if digest == ZERO_HASH:
             return self.hole(1)
         out = self._flush_hole() if self._hole else b""
-        self._hashes.append(digest)
-        if len(self._hashes) == MAX_SIG_DATA_RUN:
+        self._hashes += digest
+        self._count += 1
+        if self._count == MAX_SIG_DATA_RUN:
             out += self._flush_data()
         return out
 
     @property
     def position(self) -> int:
         """Number of blocks described so far."""
-        return self.block + self._hole + len(self._hashes)
+        return self.block + self._hole + self._count
 
     def data_at(self, index: int, digest: bytes) -> bytes:
         """Describe block index as data; blocks between the last one and index are holes."""
         gap = index - self.position
         out = self.hole(gap) if gap else b""
         return out + self.data(digest)
+
+    def data_many(self, index: array, digests: bytes | bytearray) -> bytes:
+        """data_at for many blocks at once: index ascending, digests HASH_LEN bytes each, of
+        blocks that are not zeros. The same bytes as one data_at per block, without a
+        Python call per block: consecutive blocks are taken as one slice."""
+        n = len(index)
+        if not n:
+            return b""
+        parts: list[bytes] = []
+        k = 0
+        while k < n:
+            first = index[k]
+            j = n if index[n - 1] - first == n - 1 - k else k + 1
+            while j < n and index[j] == first + (j - k):
+                j += 1
+            gap = first - self.position
+            if gap:
+                parts.append(self.hole(gap))
+            if self._hole:
+                parts.append(self._flush_hole())
+            pos = k * HASH_LEN
+            while k < j:
+                take = min(j - k, MAX_SIG_DATA_RUN - self._count)
+                self._hashes += digests[pos : pos + take * HASH_LEN]
+                self._count += take
+                k += take
+                pos += take * HASH_LEN
+                if self._count == MAX_SIG_DATA_RUN:
+                    parts.append(self._flush_data())
+        return b"".join(parts)
 
     def finish(self, mtime_ns: int = 0) -> tuple[bytes, bytes]:
         """Close the stream; returns (remaining bytes, identity). Pads with a hole to block_count.
@@ -444,9 +475,13 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
         crc = CRC.unpack(r.exact(CRC.size, f"run {runs} CRC"))[0]
         _check_crc(kind_b + rest + payload, crc, where, at)
         if kind == SIG_DATA:
-            for k in range(count):
-                if payload[k * HASH_LEN : (k + 1) * HASH_LEN] == ZERO_HASH:
-                    raise FormatError(f"{where}: block {first + k} has the zero hash in a data run")
+            zero_at = payload.find(ZERO_HASH)  # a search, not a Python loop per hash
+            while zero_at >= 0:
+                if zero_at % HASH_LEN == 0:
+                    raise FormatError(
+                        f"{where}: block {first + zero_at // HASH_LEN} has the zero hash in a data run"
+                    )
+                zero_at = payload.find(ZERO_HASH, zero_at + 1)
             index.extend(range(first, first + count))
             hashes += payload
         block += count
@@ -665,6 +700,8 @@ class PatchReader:
         at = self.r.pos
         tag = self.r.exact(MAC_LEN, f"MAC tag after {where}")
         if self.mac is not None:
+            import hmac  # only authenticated patches need it
+
             expected = self.mac.next(*element)
             if not hmac.compare_digest(tag, expected):
                 raise AuthenticationError(
@@ -781,6 +818,8 @@ class PatchReader:
 def _check_frame_layout(rec: Record) -> None:
     """The payload is exactly one zstd frame with a content checksum: walk its block
     headers (RFC 8878, 3.1.1.2) so no byte of the payload goes unchecked."""
+    import zstandard  # imported where used: a signature never needs it
+
     p = rec.payload
     try:
         params = zstandard.get_frame_parameters(p)
@@ -809,6 +848,8 @@ def _check_frame_layout(rec: Record) -> None:
 def decode_payload(header: PatchHeader, rec: Record) -> bytes:
     """Decompress a DATA record's payload, refusing any frame whose declared size is not
     exactly the record's length, so output is bounded by the record before decoding."""
+    import zstandard
+
     raw = raw_length(header, rec.first_block, rec.count)
     try:
         declared = zstandard.frame_content_size(rec.payload)

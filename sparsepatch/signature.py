@@ -26,8 +26,8 @@ def write_signature(fd: int, shift: int, name: str, write: Callable[[bytes], obj
                     mtime_ns: int = 0) -> SignatureStats:
     scan = Scanner(fd, shift, name, progress=progress)
     out = SignatureBuilder(shift, scan.size if scan.seekable else None, write)
-    for i, digest, _ in scan:
-        out.add(i, digest)
+    for _, index, digests, _ in scan.chunks():
+        out.add_many(index, digests)
     identity = out.finish(scan.size, mtime_ns)
     blocks = blocks_for(scan.size, shift)
     return SignatureStats(scan.size, 1 << shift, blocks, out.data_blocks, blocks - out.data_blocks,

@@ -4,13 +4,13 @@ byte ranges and file descriptors."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .errors import IOFailure, Locked
 
@@ -20,10 +20,25 @@ BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 BLKDISCARD = 0x1277
 
-_libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would fork ldconfig
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-_fallocate.restype = ctypes.c_int
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2), which os lacks: 0, or the errno. ctypes is loaded on first use, so
+    signature and diff, which never allocate, do not pay for it at start-up."""
+    global _fallocate_c
+    if _fallocate_c is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)  # already loaded; find_library would fork ldconfig
+        f = libc.fallocate
+        f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        f.restype = ctypes.c_int
+        _fallocate_c = (f, ctypes.get_errno)
+    call, get_errno = _fallocate_c
+    return 0 if call(fd, mode, offset, length) == 0 else get_errno()
+
+
+_fallocate_c: tuple[Any, Callable[[], int]] | None = None
 
 
 def is_block_device(fd: int) -> bool:
@@ -91,9 +106,9 @@ def reserve(fd: int, offset: int, length: int) -> None:
     """Allocate a range before writing it, so a full disk fails the whole write up front
     instead of part-way through a block (which would leave it neither base nor target).
     A no-op where the filesystem or device cannot preallocate."""
-    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    err = _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+    if not err:
         return
-    err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
         return
     raise OSError(err, os.strerror(err))
@@ -109,9 +124,9 @@ def punch_hole(fd: int, offset: int, length: int, discard: bool = False) -> bool
         return True
     if discard and is_block_device(fd) and _discard_zeroes(fd, offset, length):
         return True
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    err = _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    if not err:
         return True
-    err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
         if is_block_device(fd):
             return _zeroout(fd, offset, length)

@@ -1,0 +1,173 @@
+"""The forked hashing worker: a file's scan is split between this process and a second one.
+Its output must be byte for byte what one process makes, its failures must come back as
+the usual one-line errors, and it must never outlive the scan."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import MiB, make_sparse, pattern
+
+import sparsepatch
+from sparsepatch import blocks
+from sparsepatch.errors import IOFailure, SourceChanged
+
+# Many 4 MiB stripes, extents of assorted sizes, holes between them, zero blocks inside.
+EXTENTS = [(0, 3 * MiB), (5 * MiB, 9 * MiB + 4096), (16 * MiB, bytes(64 << 10) + pattern(MiB, 7)),
+           (20 * MiB + 12288, 700 << 10), (24 * MiB, 13 * MiB), (40 * MiB, 6 * MiB + 100)]
+SIZE = 48 * MiB + 100
+
+
+@pytest.fixture
+def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each worker the scans start."""
+    started: list[int] = []
+    init = blocks._Worker.__init__
+
+    def counting(self: blocks._Worker, *a: object, **kw: object) -> None:
+        init(self, *a, **kw)  # type: ignore[arg-type]
+        started.append(self.pid)
+
+    monkeypatch.setattr(blocks._Worker, "__init__", counting)
+    return started
+
+
+def no_children() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blocks, "worker_count", lambda: 1)
+
+
+def test_signature_and_patch_are_the_same_with_a_worker(tmp_path: Path, forks: list[int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if blocks.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    base = make_sparse(tmp_path / "base", SIZE, EXTENTS)
+    target = make_sparse(tmp_path / "target", SIZE, EXTENTS[:3] + [(30 * MiB, MiB), (41 * MiB, 2 * MiB)])
+    sparsepatch.signature(str(base), str(tmp_path / "two.sig"))
+    sparsepatch.diff(str(tmp_path / "two.sig"), str(target), str(tmp_path / "two.patch"))
+    assert len(forks) == 2 and no_children()
+    one_process(monkeypatch)
+    sparsepatch.signature(str(base), str(tmp_path / "one.sig"))
+    sparsepatch.diff(str(tmp_path / "one.sig"), str(target), str(tmp_path / "one.patch"))
+    assert len(forks) == 2
+    assert (tmp_path / "two.sig").read_bytes() == (tmp_path / "one.sig").read_bytes()
+    assert (tmp_path / "two.patch").read_bytes() == (tmp_path / "one.patch").read_bytes()
+    sparsepatch.apply(str(tmp_path / "two.patch"), str(base), verify=True)
+    assert base.read_bytes() == target.read_bytes()
+
+
+def test_a_small_file_starts_no_worker(tmp_path: Path, forks: list[int]) -> None:
+    f = make_sparse(tmp_path / "f", 64 * MiB, [(0, MiB), (60 * MiB, 2 * MiB)])
+    sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
+    assert forks == []
+
+
+def _in_worker(parent: int) -> bool:
+    return os.getpid() != parent
+
+
+def test_a_read_error_in_the_worker_is_the_usual_error(tmp_path: Path, forks: list[int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if blocks.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    parent = os.getpid()
+    read_hash = blocks.Scanner._read_hash
+
+    def failing(self: blocks.Scanner, b: int, n: int, want: int) -> object:
+        if _in_worker(parent) and b << self.shift >= 24 * MiB:
+            raise IOFailure(f"{self.name}: read failed at byte {b << self.shift}: Input/output error")
+        return read_hash(self, b, n, want)
+
+    monkeypatch.setattr(blocks.Scanner, "_read_hash", failing)
+    with pytest.raises(IOFailure, match=r"/f: read failed at byte \d+: Input/output error$"):
+        sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
+    assert forks and no_children()
+    assert not (tmp_path / "f.sig").exists()
+
+
+def test_a_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if blocks.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    parent = os.getpid()
+    read_hash = blocks.Scanner._read_hash
+
+    def dying(self: blocks.Scanner, b: int, n: int, want: int) -> object:
+        if _in_worker(parent) and b << self.shift >= 24 * MiB:
+            os._exit(9)
+        return read_hash(self, b, n, want)
+
+    monkeypatch.setattr(blocks.Scanner, "_read_hash", dying)
+    with pytest.raises(IOFailure, match="hashing worker process ended unexpectedly"):
+        sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
+    assert no_children()
+
+
+def test_extents_that_differ_between_the_two_walks_are_a_changed_file(
+        tmp_path: Path, forks: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each process walks SEEK_DATA itself; a file written meanwhile can give them different
+    extents, and the halves must then not be stitched together."""
+    if blocks.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    parent = os.getpid()
+    lseek = os.lseek
+
+    def moved(fd: int, pos: int, how: int) -> int:
+        at = lseek(fd, pos, how)
+        if _in_worker(parent) and how == os.SEEK_DATA and at >= 24 * MiB:
+            return at + (64 << 10)  # whole blocks later
+        return at
+
+    monkeypatch.setattr(os, "lseek", moved)
+    with pytest.raises(SourceChanged, match="data extents changed while it was being read"):
+        sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
+    assert no_children()
+
+
+def test_a_failing_consumer_stops_the_worker(tmp_path: Path, forks: list[int]) -> None:
+    """The caller may stop reading part-way (an error of its own): the worker is reaped."""
+    if blocks.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        scan = blocks.Scanner(fd, 14, str(f))
+        chunks = scan.chunks()
+        for first, _, _, _ in chunks:
+            if first << 14 >= 30 * MiB:
+                break
+        assert forks
+        chunks.close()  # what a raising consumer's generator cleanup does
+    finally:
+        os.close(fd)
+    assert no_children()
+
+
+def test_no_worker_while_other_threads_run(tmp_path: Path, forks: list[int]) -> None:
+    """A program embedding the library may hold locks in other threads: no fork then."""
+    import threading
+
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        sparsepatch.signature(str(f), str(tmp_path / "threads.sig"))
+    finally:
+        stop.set()
+        t.join()
+    assert forks == []
+    sparsepatch.signature(str(f), str(tmp_path / "alone.sig"))
+    assert (tmp_path / "threads.sig").read_bytes() == (tmp_path / "alone.sig").read_bytes()
