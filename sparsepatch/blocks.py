@@ -10,39 +10,22 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import sys
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import blake3
 
 from . import sparse
-from .errors import IOFailure, SourceChanged, SparsePatchError
+from .errors import IOFailure, SourceChanged
+from .fork import split_map
 from .format import HASH_LEN, SigHeader, SignatureEncoder
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
-# A second process hashes part of a file (BLAKE3 at 16 KiB per call gains nothing from a
-# second thread: the GIL hand-off per call costs as much as the hash). It is forked once
-# the scan has met STRIPE bytes of data, and takes every other stripe of STRIPE bytes.
-STRIPE = CHUNK
-_MSG = struct.Struct("<BQQQI")  # kind, first block, blocks, bytes read, digests (or text length)
-_CHUNK, _ERROR, _END = 0, 1, 2
-_PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: lets the worker run a few chunks ahead
-_F_SETPIPE_SZ = 1031
-
-
-def worker_count() -> int:
-    """Processes that hash a file: two where two CPUs are ours to use, and only while this
-    process runs one thread (a program that embeds the library may hold locks in others,
-    which a forked child would inherit locked)."""
-    threading = sys.modules.get("threading")
-    if threading is not None and threading.active_count() > 1:
-        return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return 2 if cpus >= 2 else 1
+_SCAN_KEY = struct.Struct("<QQQ")  # first block, blocks, bytes: which chunk a result is
+# The forked worker (fork.split_map) takes every other stripe of STRIPE bytes of data: long
+# enough for each process's read-ahead to see a sequential read, short enough to share a
+# few hundred MiB evenly.
+STRIPE = 16 << 20
 
 
 def block_ranges(fd: int, size: int, shift: int) -> Iterator[tuple[int, int]]:
@@ -88,9 +71,9 @@ class Scanner:
         # Private: after the fork, the worker must get its own copy of every page it writes.
         self._buf = memoryview(mmap.mmap(-1, max(CHUNK, bs), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
         self._zero = bytes(bs)
-        self.workers = worker_count() if workers is None else workers
+        self.workers = workers
 
-    def __iter__(self) -> Iterator[tuple[int, bytes, memoryview | None]]:
+    def __iter__(self) -> Generator[tuple[int, bytes, memoryview | None], None, None]:
         """Block by block (see chunks() for the faster form)."""
         shift = self.shift
         for first, index, digests, view in self.chunks():
@@ -98,7 +81,7 @@ class Scanner:
                 blk = None if view is None else view[(i - first) << shift : (i - first + 1) << shift]
                 yield i, digests[k * HASH_LEN : (k + 1) * HASH_LEN], blk
 
-    def chunks(self) -> Iterator[tuple[int, array, bytes, memoryview | None]]:
+    def chunks(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
         """(first block, numbers of its non-zero blocks, their digests, view) per read, in
         order. view holds the chunk's bytes from block first (a stream's only; valid until
         the next item), None for a file. Per chunk rather than per block: the callers'
@@ -150,31 +133,32 @@ class Scanner:
                 add(hasher(blk).digest(length=HASH_LEN))
         return index, b"".join(digests)
 
-    def _scan_file(self) -> Iterator[tuple[int, array, bytes, memoryview | None]]:
-        worker: _Worker | None = None
-        chunks = self._chunks()
-        try:
-            for b, n, want, theirs in chunks:
-                if theirs and self.workers > 1:
-                    if worker is None:
-                        worker = _Worker(self, chunks, (b, n, want))
-                    index, digests = worker.take(b, n, want)
-                else:
-                    index, digests = self._read_hash(b, n, want)
-                yield b, index, digests, None
-                self._account(want)
-            if worker is not None:
-                worker.finish()
-        finally:
-            if worker is not None:
-                worker.stop()
+    def _scan_file(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
+        def work(chunk: tuple[int, int, int, bool]) -> bytes:
+            index, digests = self._read_hash(*chunk[:3])
+            return index.tobytes() + digests
+
+        def own_fd() -> None:
+            # Two processes reading alternate stripes through one shared file description
+            # look like random reads to the kernel's read-ahead: the worker opens its own.
+            self.fd = sparse.reopen(self.fd)
+
+        results = split_map(self._chunks(), lambda c: c[3], work, lambda c: _SCAN_KEY.pack(*c[:3]),
+                            f"{self.name}: the file's data extents changed while it was being read",
+                            workers=self.workers, child_setup=own_fd)
+        for (b, _, want, _), payload in results:
+            n = len(payload) // (8 + HASH_LEN)
+            index = array("Q")
+            index.frombytes(payload[: 8 * n])
+            yield b, index, payload[8 * n :], None
+            self._account(want)
 
     def _account(self, n: int) -> None:
         self.bytes_read += n
         if self.progress:
             self.progress(n)
 
-    def _scan_stream(self) -> Iterator[tuple[int, array, bytes, memoryview | None]]:
+    def _scan_stream(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
         shift = self.shift
         bs = 1 << shift
         mv = self._buf
@@ -200,105 +184,6 @@ class Scanner:
             block += n
             if got < len(mv):
                 return
-
-class _Worker:
-    """The forked half of a file scan. It continues the scan's own chunk sequence from the
-    chunk that made it, hashes the chunks marked as the worker's and writes, for each, a
-    header (which chunk) and the block numbers and digests, in order. The parent checks
-    that each header is the chunk it expects: a file whose extents changed between the two
-    walks is reported as changed, never silently mixed."""
-
-    def __init__(self, scan: Scanner, chunks: Iterator[tuple[int, int, int, bool]],
-                 first: tuple[int, int, int]):
-        rfd, wfd = os.pipe()
-        try:
-            import fcntl
-
-            fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe only means less read-ahead
-        self.pid = os.fork()
-        if self.pid == 0:  # the worker: never returns
-            os.close(rfd)
-            _work(scan, chunks, first, wfd)
-        os.close(wfd)
-        self.name = scan.name
-        self.pipe = os.fdopen(rfd, "rb", buffering=_PIPE_SIZE)
-
-    def _read(self, n: int) -> bytes:
-        data = self.pipe.read(n)
-        if len(data) != n:
-            self._died()
-        return data
-
-    def _died(self) -> None:
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = 0
-        raise IOFailure(f"{self.name}: the hashing worker process ended unexpectedly (wait status {status})")
-
-    def _message(self) -> tuple[int, int, int, int, int]:
-        kind, b, n, want, count = _MSG.unpack(self._read(_MSG.size))
-        if kind == _ERROR:
-            text = self._read(count).decode("utf-8", "replace")
-            raise (SourceChanged if b == 1 else IOFailure)(text)
-        return kind, b, n, want, count
-
-    def take(self, b: int, n: int, want: int) -> tuple[array, bytes]:
-        kind, wb, wn, wwant, count = self._message()
-        if kind != _CHUNK or (wb, wn, wwant) != (b, n, want):
-            raise SourceChanged(f"{self.name}: the file's data extents changed while it was being read")
-        index = array("Q")
-        index.frombytes(self._read(8 * count))
-        return index, self._read(HASH_LEN * count)
-
-    def finish(self) -> None:
-        if self._message()[0] != _END:
-            raise SourceChanged(f"{self.name}: the file's data extents changed while it was being read")
-
-    def stop(self) -> None:
-        self.pipe.close()  # a worker still writing gets EPIPE and exits
-        if self.pid:
-            try:
-                os.kill(self.pid, 9)
-            except ProcessLookupError:
-                pass
-            os.waitpid(self.pid, 0)
-            self.pid = 0
-
-
-def _work(scan: Scanner, chunks: Iterator[tuple[int, int, int, bool]], first: tuple[int, int, int],
-          wfd: int) -> None:
-    """Body of the worker process: hash its chunks, report, and _exit (no atexit handlers,
-    no flushing of the parent's buffers)."""
-    code = 0
-    try:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-        out = os.fdopen(wfd, "wb", buffering=_PIPE_SIZE)
-
-        def one(b: int, n: int, want: int) -> None:
-            index, digests = scan._read_hash(b, n, want)
-            out.write(_MSG.pack(_CHUNK, b, n, want, len(index)))
-            out.write(index.tobytes())
-            out.write(digests)
-            out.flush()
-
-        try:
-            one(*first)
-            for b, n, want, theirs in chunks:
-                if theirs:
-                    one(b, n, want)
-            out.write(_MSG.pack(_END, 0, 0, 0, 0))
-        except SparsePatchError as e:
-            text = str(e).encode()
-            out.write(_MSG.pack(_ERROR, 1 if isinstance(e, SourceChanged) else 0, 0, 0, len(text)) + text)
-        out.flush()
-    except BaseException:  # the parent is gone (EPIPE) or we were stopped: nothing to tell
-        code = 1
-    finally:
-        os._exit(code)
-
 
 def read_blocks(fd: int, shift: int, size: int, first: int, count: int, name: str) -> bytes:
     """The bytes of blocks first..first+count-1, clipped at size (no padding)."""

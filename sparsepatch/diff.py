@@ -13,14 +13,16 @@ from __future__ import annotations
 import bisect
 import os
 import stat
+import struct
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .blocks import Scanner, read_blocks
 from .errors import IOFailure, SourceChanged
+from .fork import share_map
 from .format import (
     FLAG_FULL,
     FLAG_MAC,
@@ -45,13 +47,11 @@ from .format import (
 from .signature import SignatureBuilder
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     import zstandard
 
 DEFAULT_LEVEL = 3
-COMPRESS_THREADS = 2
-BATCH_BYTES = 1 << 20  # data per compression task
+BATCH_BYTES = 1 << 20  # data per batch of records (the unit shared with the worker process)
+_BUILT = struct.Struct("<BIQII")
 
 
 @dataclass(frozen=True)
@@ -125,30 +125,31 @@ def _scan(sig: Signature, scan: Scanner, spool: _Spool | None, target: Signature
     d = 0
     changes = Changes(array("Q"), bytearray(), bytearray())
     shift = scan.shift
-    for first, index, digests, view in scan.chunks():
-        target.add_many(index, digests)
-        n = len(index)
-        if not n:
-            continue
-        # Most chunks are unchanged: the signature holds exactly these blocks and hashes.
-        e = bisect.bisect_right(di, index[n - 1], d)
-        if e - d == n and di[d:e] == index and dh[d * HASH_LEN : e * HASH_LEN] == digests:
-            d = e
-            continue
-        for k, i in enumerate(index):
-            digest = digests[k * HASH_LEN : (k + 1) * HASH_LEN]
-            while d < nd and di[d] < i:
-                changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
-                d += 1
-            base: bytes | bytearray = ZERO_HASH
-            if d < nd and di[d] == i:
-                base = dh[d * HASH_LEN : (d + 1) * HASH_LEN]
-                d += 1
-                if base == digest:
-                    continue
-            changes.add(i, base, digest)
-            if spool and view is not None:  # only a stream scan hands out block contents
-                spool.add(view[(i - first) << shift : (i - first + 1) << shift])
+    with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
+        for first, index, digests, view in chunks:
+            target.add_many(index, digests)
+            n = len(index)
+            if not n:
+                continue
+            # Most chunks are unchanged: the signature holds exactly these blocks and hashes.
+            e = bisect.bisect_right(di, index[n - 1], d)
+            if e - d == n and di[d:e] == index and dh[d * HASH_LEN : e * HASH_LEN] == digests:
+                d = e
+                continue
+            for k, i in enumerate(index):
+                digest = digests[k * HASH_LEN : (k + 1) * HASH_LEN]
+                while d < nd and di[d] < i:
+                    changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
+                    d += 1
+                base: bytes | bytearray = ZERO_HASH
+                if d < nd and di[d] == i:
+                    base = dh[d * HASH_LEN : (d + 1) * HASH_LEN]
+                    d += 1
+                    if base == digest:
+                        continue
+                changes.add(i, base, digest)
+                if spool and view is not None:  # only a stream scan hands out block contents
+                    spool.add(view[(i - first) << shift : (i - first + 1) << shift])
     while d < nd:
         changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
         d += 1
@@ -216,24 +217,20 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
         k += m
 
 
-class _Compressors:
-    """One zstd context per thread: a context is not safe to share between threads."""
+class _Compressor:
+    """The zstd context of this process, made on first use (a signature never needs zstd)."""
 
     def __init__(self, level: int):
-        import threading
-
         self.level = level
-        self.local = threading.local()
+        self.c: zstandard.ZstdCompressor | None = None
 
-    def compressor(self) -> zstandard.ZstdCompressor:
-        c = getattr(self.local, "c", None)
-        if c is None:
+    def compress(self, raw: bytes | bytearray) -> bytes:
+        if self.c is None:
             import zstandard
 
-            c = self.local.c = zstandard.ZstdCompressor(
-                level=self.level, write_checksum=True, write_content_size=True
-            )
-        return c
+            self.c = zstandard.ZstdCompressor(level=self.level, write_checksum=True,
+                                              write_content_size=True)
+        return self.c.compress(raw)
 
 
 def _stamp(fd: int) -> tuple[int, int, int] | None:
@@ -299,9 +296,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         spool.finish()
 
     def build(kind: int, k: int, m: int, src: int, spooled: int) -> tuple[Record, int]:
-        """One record with its payload: read, re-check and compress in a worker thread
-        (pread, BLAKE3 and zstd release the GIL). Each payload is its own frame, so the
-        bytes do not depend on how many workers ran."""
+        """One record with its payload: read, re-check and compress. Each payload is its
+        own frame, so the bytes do not depend on which process made them."""
         first = changes.index[k]
         metas = []
         for b in range(m):
@@ -314,11 +310,18 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
         _recheck(raw, changes, k, m, shift, first, name)
-        payload = cctxs.compressor().compress(raw)
+        payload = cctx.compress(raw)
         return Record(kind, first, m, b"".join(metas), src, payload), len(raw)
 
-    def build_batch(batch: list[tuple[int, int, int, int, int]]) -> list[tuple[Record, int]]:
-        return [build(*item) for item in batch]
+    def build_batch(batch: list[tuple[int, int, int, int, int]]) -> bytes:
+        """A batch's records, encoded, each after its numbers (kind, blocks, data bytes,
+        payload bytes, encoded length): what the forked worker sends back."""
+        out = []
+        for plan in batch:
+            rec, raw_len = build(*plan)
+            enc = encode_record(rec)
+            out += [_BUILT.pack(rec.kind, rec.count, raw_len, len(rec.payload), len(enc)), enc]
+        return b"".join(out)
 
     def batches() -> Iterator[list[tuple[int, int, int, int, int]]]:
         """Records in groups of about BATCH_BYTES of data: a task per record made the
@@ -337,27 +340,21 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         if batch:
             yield batch
 
-    # Imported here: the package imports this module, and a signature needs neither.
-    from concurrent.futures import ThreadPoolExecutor
-
-    cctxs = _Compressors(level)
-    with ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="sparsepatch-zstd") as pool:
-        pending: deque[Future[list[tuple[Record, int]]]] = deque()
-
-        def drain(limit: int) -> None:
-            nonlocal records, payload_bytes, data_bytes
-            while len(pending) > limit:
-                for rec, raw_len in pending.popleft().result():
-                    emit(encode_record(rec))
-                    counts[rec.kind] += rec.count
-                    records += 1
-                    data_bytes += raw_len
-                    payload_bytes += len(rec.payload)
-
-        for batch in batches():
-            pending.append(pool.submit(build_batch, batch))
-            drain(2 * COMPRESS_THREADS)
-        drain(0)
+    # The records are built (read, re-checked, compressed) by this process and a forked
+    # worker, batches shared out as they come, and written here in order.
+    cctx = _Compressor(level)
+    with closing(share_map(batches(), build_batch)) as built:
+        for _, payload in built:
+            view, pos = memoryview(payload), 0
+            while pos < len(view):
+                kind, count, raw_len, payload_len, enc_len = _BUILT.unpack_from(view, pos)
+                pos += _BUILT.size
+                emit(bytes(view[pos : pos + enc_len]))
+                pos += enc_len
+                counts[kind] += count
+                records += 1
+                data_bytes += raw_len
+                payload_bytes += payload_len
     if before is not None and _stamp(fd) != before:
         raise SourceChanged(f"{name}: the file changed while diff was reading it (mtime or size)")
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],

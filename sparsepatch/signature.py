@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 from .blocks import Scanner, SignatureBuilder
@@ -26,8 +27,9 @@ def write_signature(fd: int, shift: int, name: str, write: Callable[[bytes], obj
                     mtime_ns: int = 0) -> SignatureStats:
     scan = Scanner(fd, shift, name, progress=progress)
     out = SignatureBuilder(shift, scan.size if scan.seekable else None, write)
-    for _, index, digests, _ in scan.chunks():
-        out.add_many(index, digests)
+    with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
+        for _, index, digests, _ in chunks:
+            out.add_many(index, digests)
     identity = out.finish(scan.size, mtime_ns)
     blocks = blocks_for(scan.size, shift)
     return SignatureStats(scan.size, 1 << shift, blocks, out.data_blocks, blocks - out.data_blocks,

@@ -83,6 +83,23 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
+def reopen(fd: int) -> int:
+    """A new open file description of the file behind fd, with its own read-ahead state
+    (a forked process shares fd's): fd itself where /proc is not available."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return fd
+
+
+def will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range now (posix_fadvise WILLNEED): a hint only."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
+
+
 def pread_full(fd: int, view: memoryview, offset: int) -> int:
     """Fill view from offset; returns bytes read, short only at end of file."""
     got = 0

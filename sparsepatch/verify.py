@@ -3,6 +3,7 @@ patch's target."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 
 from .blocks import Scanner
@@ -51,16 +52,17 @@ def against_signature(fd: int, name: str, sig: Signature) -> None:
             f"found {_describe(found)})"
         )
 
-    for i, digest, _ in scan:
-        if d < nd and di[d] < i:
-            raise differ(di[d], sig.hash_at(d), ZERO_HASH)
-        if d < nd and di[d] == i:
-            expected = sig.hash_at(d)
-            d += 1
-            if expected != digest:
-                raise differ(i, expected, digest)
-        else:
-            raise differ(i, ZERO_HASH, digest)
+    with closing(iter(scan)) as blocks:  # closed at once when a difference is raised
+        for i, digest, _ in blocks:
+            if d < nd and di[d] < i:
+                raise differ(di[d], sig.hash_at(d), ZERO_HASH)
+            if d < nd and di[d] == i:
+                expected = sig.hash_at(d)
+                d += 1
+                if expected != digest:
+                    raise differ(i, expected, digest)
+            else:
+                raise differ(i, ZERO_HASH, digest)
     if d < nd:
         raise differ(di[d], sig.hash_at(d), ZERO_HASH)
     if scan.size != sig.header.file_size:

@@ -11,7 +11,7 @@ import pytest
 from conftest import MiB, make_sparse, pattern
 
 import sparsepatch
-from sparsepatch import blocks
+from sparsepatch import blocks, fork
 from sparsepatch.errors import IOFailure, SourceChanged
 
 # Many 4 MiB stripes, extents of assorted sizes, holes between them, zero blocks inside.
@@ -20,17 +20,23 @@ EXTENTS = [(0, 3 * MiB), (5 * MiB, 9 * MiB + 4096), (16 * MiB, bytes(64 << 10) +
 SIZE = 48 * MiB + 100
 
 
+@pytest.fixture(autouse=True)
+def small_stripes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stripes of 4 MiB, so that files of tens of MiB hold many of them."""
+    monkeypatch.setattr(blocks, "STRIPE", 4 * MiB)
+
+
 @pytest.fixture
 def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records each worker the scans start."""
     started: list[int] = []
-    init = blocks._Worker.__init__
+    init = fork._Child.__init__
 
-    def counting(self: blocks._Worker, *a: object, **kw: object) -> None:
+    def counting(self: fork._Child, *a: object, **kw: object) -> None:
         init(self, *a, **kw)  # type: ignore[arg-type]
         started.append(self.pid)
 
-    monkeypatch.setattr(blocks._Worker, "__init__", counting)
+    monkeypatch.setattr(fork._Child, "__init__", counting)
     return started
 
 
@@ -43,12 +49,12 @@ def no_children() -> bool:
 
 
 def one_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(blocks, "worker_count", lambda: 1)
+    monkeypatch.setattr(fork, "worker_count", lambda: 1)
 
 
 def test_signature_and_patch_are_the_same_with_a_worker(tmp_path: Path, forks: list[int],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    if blocks.worker_count() < 2:
+    if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     base = make_sparse(tmp_path / "base", SIZE, EXTENTS)
     target = make_sparse(tmp_path / "target", SIZE, EXTENTS[:3] + [(30 * MiB, MiB), (41 * MiB, 2 * MiB)])
@@ -77,7 +83,7 @@ def _in_worker(parent: int) -> bool:
 
 def test_a_read_error_in_the_worker_is_the_usual_error(tmp_path: Path, forks: list[int],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    if blocks.worker_count() < 2:
+    if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
     parent = os.getpid()
@@ -97,7 +103,7 @@ def test_a_read_error_in_the_worker_is_the_usual_error(tmp_path: Path, forks: li
 
 def test_a_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    if blocks.worker_count() < 2:
+    if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
     parent = os.getpid()
@@ -109,7 +115,7 @@ def test_a_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
         return read_hash(self, b, n, want)
 
     monkeypatch.setattr(blocks.Scanner, "_read_hash", dying)
-    with pytest.raises(IOFailure, match="hashing worker process ended unexpectedly"):
+    with pytest.raises(IOFailure, match="worker process ended unexpectedly"):
         sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
     assert no_children()
 
@@ -118,7 +124,7 @@ def test_extents_that_differ_between_the_two_walks_are_a_changed_file(
         tmp_path: Path, forks: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Each process walks SEEK_DATA itself; a file written meanwhile can give them different
     extents, and the halves must then not be stitched together."""
-    if blocks.worker_count() < 2:
+    if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
     parent = os.getpid()
@@ -138,7 +144,7 @@ def test_extents_that_differ_between_the_two_walks_are_a_changed_file(
 
 def test_a_failing_consumer_stops_the_worker(tmp_path: Path, forks: list[int]) -> None:
     """The caller may stop reading part-way (an error of its own): the worker is reaped."""
-    if blocks.worker_count() < 2:
+    if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
     fd = os.open(f, os.O_RDONLY)
@@ -171,3 +177,93 @@ def test_no_worker_while_other_threads_run(tmp_path: Path, forks: list[int]) -> 
     assert forks == []
     sparsepatch.signature(str(f), str(tmp_path / "alone.sig"))
     assert (tmp_path / "threads.sig").read_bytes() == (tmp_path / "alone.sig").read_bytes()
+
+
+@pytest.fixture
+def shares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each worker that diff's record building starts."""
+    started: list[int] = []
+    init = fork._Shared.__init__
+
+    def counting(self: fork._Shared, *a: object, **kw: object) -> None:
+        init(self, *a, **kw)  # type: ignore[arg-type]
+        started.append(self.pid)
+
+    monkeypatch.setattr(fork._Shared, "__init__", counting)
+    return started
+
+
+def _changed_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A base and a target that differ in 20 MiB: many batches of records to share out,
+    some compressible and some not, so the two processes get uneven work."""
+    base = make_sparse(tmp_path / "base", SIZE, EXTENTS)
+    text = (b"sparsepatch shares the records out " * 40000)[: 2 * MiB]
+    target = make_sparse(tmp_path / "target", SIZE, EXTENTS + [
+        (2 * MiB, text), (6 * MiB, 5 * MiB), (25 * MiB, text), (28 * MiB, 6 * MiB + 4096),
+        (41 * MiB, text + text[:MiB])])
+    return base, target
+
+
+def test_records_built_by_two_processes_are_the_same(tmp_path: Path, shares: list[int],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if fork.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    base, target = _changed_pair(tmp_path)
+    sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
+    st = sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "two.patch"))
+    assert shares and no_children()
+    assert st.data_bytes > 16 * MiB
+    one_process(monkeypatch)
+    sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "one.patch"))
+    assert len(shares) == 1
+    assert (tmp_path / "two.patch").read_bytes() == (tmp_path / "one.patch").read_bytes()
+    sparsepatch.apply(str(tmp_path / "two.patch"), str(base), verify=True)
+    assert base.read_bytes() == target.read_bytes()
+
+
+def test_a_change_seen_by_the_record_worker_is_the_usual_error(
+        tmp_path: Path, shares: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker re-reads and re-hashes the blocks it compresses, like this process."""
+    if fork.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    import sys
+
+    diff_module = sys.modules["sparsepatch.diff"]
+    base, target = _changed_pair(tmp_path)
+    sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
+    parent = os.getpid()
+    recheck = diff_module._recheck
+
+    def changed(raw: bytes, changes: object, k: int, m: int, shift: int, first: int, name: str) -> None:
+        if _in_worker(parent):
+            raise SourceChanged(f"{name}: block at byte {first << shift} changed while diff was reading it")
+        recheck(raw, changes, k, m, shift, first, name)
+
+    monkeypatch.setattr(diff_module, "_recheck", changed)
+    with pytest.raises(SourceChanged, match=r"/target: block at byte \d+ changed while diff was reading it$"):
+        sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
+    assert shares and no_children()
+    assert not (tmp_path / "p.patch").exists()
+
+
+def test_a_record_worker_that_dies_is_reported(tmp_path: Path, shares: list[int],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if fork.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    import sys
+
+    diff_module = sys.modules["sparsepatch.diff"]
+    base, target = _changed_pair(tmp_path)
+    sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
+    parent = os.getpid()
+    recheck = diff_module._recheck
+
+    def dying(*a: object) -> None:
+        if _in_worker(parent):
+            os._exit(9)
+        recheck(*a)
+
+    monkeypatch.setattr(diff_module, "_recheck", dying)
+    with pytest.raises(IOFailure, match="worker process ended unexpectedly"):
+        sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
+    assert no_children()
