@@ -10,7 +10,9 @@ Workloads (bench/workloads.py; sizes are options, the ones used are printed):
   4 dense      a file with no holes, 1% rewritten
 
 Every step runs as its own process, started from a small launcher that reports the wall
-time, CPU time (user + sys) and peak RSS of that process alone (os.wait4). The floor reads
+time, CPU time (user + sys, its worker process included) and peak RSS (os.wait4).
+sparsepatch forks a worker process; a further run of each sparsepatch step samples the sum
+of Pss over both every 5 ms, and the larger of that and the peak RSS is reported. The floor reads
 only the data extents (SEEK_DATA/SEEK_HOLE) into a reused 4 MiB buffer with os.preadv and
 hashes every block with BLAKE3, in one thread, in a plain Python loop: the least a
 signature (of the base) or a diff (of the target) can do. Files are read once before the
@@ -55,25 +57,56 @@ NAMES = {1: "ext4", 2: "scattered", 3: "holes", 4: "dense"}
 
 # (apparent size, data) per workload
 FULL = {1: ("32G", "2G"), 2: ("64G", "4G"), 3: ("1T", "64M"), 4: ("4G", "4G")}
-DEFAULT = {1: ("4G", "1G"), 2: ("4G", "256M"), 3: ("1T", "64M"), 4: ("1G", "1G")}
+DEFAULT = {1: ("4G", "1G"), 2: ("8G", "512M"), 3: ("1T", "64M"), 4: ("1G", "1G")}
 QUICK = {1: ("512M", "96M"), 2: ("512M", "32M"), 3: ("1T", "16M"), 4: ("64M", "64M")}
 
 # The launcher: a fresh small interpreter forks and execs the command, so that the peak RSS
 # the kernel reports is that of the command (a child inherits its parent's peak at exec).
 _LAUNCHER = r"""
 import os, sys, time
+sample = sys.argv[1] == "--pss"
+argv = sys.argv[2:]
+
+
+def tree_pss(root):
+    # Sum of Pss over the process and its descendants: a forked worker's pages that are
+    # still shared with its parent count once, its own pages count in full.
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+            for t in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 t = time.monotonic()
 pid = os.fork()
 if pid == 0:
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
         os.dup2(fd, 1)
-        os.execvp(sys.argv[1], sys.argv[1:])
+        os.execvp(argv[0], argv)
     finally:
         os._exit(127)
-_, status, ru = os.wait4(pid, 0)
+peak = 0
+if sample:
+    while True:
+        got, status, ru = os.wait4(pid, os.WNOHANG)
+        if got:
+            break
+        peak = max(peak, tree_pss(pid))
+        time.sleep(0.005)
+else:
+    _, status, ru = os.wait4(pid, 0)
 print(time.monotonic() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024,
-      os.waitstatus_to_exitcode(status))
+      os.waitstatus_to_exitcode(status), peak)
 """
 
 
@@ -103,15 +136,18 @@ class Step:
     alloc_ratio: float | None = None  # result's allocated bytes / source's
 
 
-def run(cmd: Sequence[str]) -> Run:
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, *cmd], capture_output=True,
-                       text=True)
+def run(cmd: Sequence[str], pss: bool = False) -> Run:
+    """One run through the launcher. pss=True also samples, every 5 ms, the sum of Pss
+    over the process and its children (sparsepatch forks a worker): a run for memory
+    only, as the sampling takes CPU time from the run it measures."""
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, *(["--pss"] if pss else ["-"]),
+                        *cmd], capture_output=True, text=True)
     try:
-        wall, cpu, rss, code = r.stdout.split()
+        wall, cpu, rss, code, peak = r.stdout.split()
     except ValueError:
         return Run(ok=False, error=f"launcher failed: {r.stderr.strip()[-300:]}")
     err = r.stderr.strip().splitlines()
-    return Run(float(wall), float(cpu), int(rss), int(code) == 0,
+    return Run(float(wall), float(cpu), max(int(rss), int(peak)), int(code) == 0,
                "" if int(code) == 0 else f"exit {code}: {(err or [''])[-1][:200]}")
 
 
@@ -223,6 +259,15 @@ class Bench:
             wl.sparse_copy(p.base, dest)
             os.sync()
             runs["apply"].append(run([*SPARSEPATCH, "apply", patch, dest, "-q"]))
+        # One more run of each step for memory: peak RSS, or the sum of its processes' Pss.
+        memory = {"sig": run(self.sig_cmd(p.base, sig), pss=True),
+                  "diff": run([*SPARSEPATCH, "diff", sig, p.target, "-o", patch, "-q"], pss=True)}
+        wl.sparse_copy(p.base, dest)
+        os.sync()
+        memory["apply"] = run([*SPARSEPATCH, "apply", patch, dest, "-q"], pss=True)
+        for k, m in memory.items():
+            for r in runs[k]:
+                r.rss = max(r.rss, m.rss)
         self.add(best_step(w, "floor", "base", runs["fb"]))
         self.add(best_step(w, "floor", "target", runs["ft"]))
         s = self.add(best_step(w, "sparsepatch", "signature", runs["sig"]))
@@ -369,6 +414,10 @@ class Bench:
             runs["ss"].append(run(self.sig_cmd(p.base, sig_s)))
             runs["fd"].append(run(self.floor_cmd(dense)))
             runs["sd"].append(run(self.sig_cmd(dense, sig_d)))
+        for k, path, out in (("ss", p.base, sig_s), ("sd", dense, sig_d)):
+            m = run(self.sig_cmd(path, out), pss=True)
+            for r in runs[k]:
+                r.rss = max(r.rss, m.rss)
         self.add(best_step("holes", "floor", "base", runs["fs"]))
         s = self.add(best_step("holes", "sparsepatch", "signature", runs["ss"]))
         self.add(best_step("holes-dense", "floor", "base", runs["fd"]))

@@ -11,7 +11,9 @@ import mmap
 import os
 import struct
 from array import array
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
 import blake3
 
@@ -26,6 +28,27 @@ _SCAN_KEY = struct.Struct("<QQQ")  # first block, blocks, bytes: which chunk a r
 # enough for each process's read-ahead to see a sequential read, short enough to share a
 # few hundred MiB evenly.
 STRIPE = 16 << 20
+
+
+_Chunk = tuple[int, int, int, bool, "tuple[int, int] | None"]
+
+
+def _with_ahead(chunks: Iterator[tuple[int, int, int, bool]]) -> Iterator[_Chunk]:
+    """Each chunk with (first block, bytes) of the next chunk of the same process, or None:
+    held back until that one is known, at most a stripe of the other process's chunks."""
+    queue: deque[list[Any]] = deque()
+    last: dict[bool, list[Any]] = {}
+    for c in chunks:
+        entry = [*c, None, False]  # chunk, ahead, complete
+        prev = last.get(c[3])
+        if prev is not None:
+            prev[4], prev[5] = (c[0], c[2]), True
+        last[c[3]] = entry
+        queue.append(entry)
+        while queue and queue[0][5]:
+            yield tuple(queue.popleft()[:5])
+    while queue:
+        yield tuple(queue.popleft()[:5])
 
 
 def block_ranges(fd: int, size: int, shift: int) -> Iterator[tuple[int, int]]:
@@ -134,7 +157,12 @@ class Scanner:
         return index, b"".join(digests)
 
     def _scan_file(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
-        def work(chunk: tuple[int, int, int, bool]) -> bytes:
+        def work(chunk: _Chunk) -> bytes:
+            ahead = chunk[4]
+            if ahead is not None and ahead[0] != chunk[0] + chunk[1]:
+                # This process's next chunk is not the next one in the file, where the
+                # kernel's read-ahead would look: ask for it now (cold reads).
+                sparse.will_need(self.fd, ahead[0] << self.shift, ahead[1])
             index, digests = self._read_hash(*chunk[:3])
             return index.tobytes() + digests
 
@@ -143,10 +171,11 @@ class Scanner:
             # look like random reads to the kernel's read-ahead: the worker opens its own.
             self.fd = sparse.reopen(self.fd)
 
-        results = split_map(self._chunks(), lambda c: c[3], work, lambda c: _SCAN_KEY.pack(*c[:3]),
+        results = split_map(_with_ahead(self._chunks()), lambda c: c[3], work,
+                            lambda c: _SCAN_KEY.pack(*c[:3]),
                             f"{self.name}: the file's data extents changed while it was being read",
                             workers=self.workers, child_setup=own_fd)
-        for (b, _, want, _), payload in results:
+        for (b, _, want, _, _), payload in results:
             n = len(payload) // (8 + HASH_LEN)
             index = array("Q")
             index.frombytes(payload[: 8 * n])

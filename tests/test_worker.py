@@ -267,3 +267,13 @@ def test_a_record_worker_that_dies_is_reported(tmp_path: Path, shares: list[int]
     with pytest.raises(IOFailure, match="worker process ended unexpectedly"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
     assert no_children()
+
+
+def test_each_chunk_knows_its_process_next_chunk() -> None:
+    """The read-ahead hint: each chunk carries the next chunk the same process will read;
+    order and content are unchanged."""
+    chunks = [(0, 4, 100, False), (4, 4, 100, False), (8, 4, 100, True), (20, 1, 10, True),
+              (30, 2, 20, False), (40, 4, 100, True)]
+    out = list(blocks._with_ahead(iter(chunks)))
+    assert [c[:4] for c in out] == chunks
+    assert [c[4] for c in out] == [(4, 100), (30, 20), (20, 10), (40, 100), None, None]
