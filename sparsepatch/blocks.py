@@ -11,44 +11,23 @@ import mmap
 import os
 import struct
 from array import array
-from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from contextlib import closing
 
 import blake3
 
 from . import sparse
 from .errors import IOFailure, SourceChanged
-from .fork import split_map
+from .fork import share_map
 from .format import HASH_LEN, SigHeader, SignatureEncoder
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
-_SCAN_KEY = struct.Struct("<QQQ")  # first block, blocks, bytes: which chunk a result is
-# The forked worker (fork.split_map) takes every other stripe of STRIPE bytes of data: long
-# enough for each process's read-ahead to see a sequential read, short enough to share a
-# few hundred MiB evenly.
-STRIPE = 16 << 20
-
-
-_Chunk = tuple[int, int, int, bool, "tuple[int, int] | None"]
-
-
-def _with_ahead(chunks: Iterator[tuple[int, int, int, bool]]) -> Iterator[_Chunk]:
-    """Each chunk with (first block, bytes) of the next chunk of the same process, or None:
-    held back until that one is known, at most a stripe of the other process's chunks."""
-    queue: deque[list[Any]] = deque()
-    last: dict[bool, list[Any]] = {}
-    for c in chunks:
-        entry = [*c, None, False]  # chunk, ahead, complete
-        prev = last.get(c[3])
-        if prev is not None:
-            prev[4], prev[5] = (c[0], c[2]), True
-        last[c[3]] = entry
-        queue.append(entry)
-        while queue and queue[0][5]:
-            yield tuple(queue.popleft()[:5])
-    while queue:
-        yield tuple(queue.popleft()[:5])
+_COUNT = struct.Struct("<I")  # digests of one chunk, in a group's result
+# Chunks go to the two processes (fork.share_map) in groups of about GROUP bytes (at most
+# MAX_GROUP chunks, which bounds a group's description): a file of many small extents is
+# then not one hand-over per extent.
+GROUP = CHUNK
+MAX_GROUP = 1024
 
 
 def block_ranges(fd: int, size: int, shift: int) -> Iterator[tuple[int, int]]:
@@ -95,6 +74,7 @@ class Scanner:
         self._buf = memoryview(mmap.mmap(-1, max(CHUNK, bs), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
         self._zero = bytes(bs)
         self.workers = workers
+        self._own_fd = False
 
     def __iter__(self) -> Generator[tuple[int, bytes, memoryview | None], None, None]:
         """Block by block (see chunks() for the faster form)."""
@@ -113,18 +93,28 @@ class Scanner:
             return self._scan_file()
         return self._scan_stream()
 
-    def _chunks(self) -> Iterator[tuple[int, int, int, bool]]:
-        """(first block, block count, bytes to read, worker's?) for each read, in file order.
-        Both processes walk this same sequence; each reads the chunks that are its own."""
+    def _chunks(self) -> Iterator[tuple[int, int, int]]:
+        """(first block, block count, bytes to read) for each read, in file order. Only
+        this process walks the extents: reading a preallocated (unwritten) range makes
+        SEEK_DATA call it data from then on, so a second walk could see other extents."""
         shift, size = self.shift, self.size
         per = len(self._buf) >> shift
-        seen = 0
         for b0, b1 in block_ranges(self.fd, size, shift):
             for b in range(b0, b1, per):
                 n = min(b1 - b, per)
-                want = min(n << shift, size - (b << shift))
-                yield b, n, want, (seen // STRIPE) % 2 == 1
-                seen += want
+                yield b, n, min(n << shift, size - (b << shift))
+
+    def _groups(self) -> Iterator[list[tuple[int, int, int]]]:
+        group: list[tuple[int, int, int]] = []
+        size = 0
+        for chunk in self._chunks():
+            group.append(chunk)
+            size += chunk[2]
+            if size >= GROUP or len(group) >= MAX_GROUP:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
 
     def _read_hash(self, b: int, n: int, want: int) -> tuple[array, bytes]:
         """Read one chunk and hash its non-zero blocks: their numbers and digests."""
@@ -157,30 +147,40 @@ class Scanner:
         return index, b"".join(digests)
 
     def _scan_file(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
-        def work(chunk: _Chunk) -> bytes:
-            ahead = chunk[4]
-            if ahead is not None and ahead[0] != chunk[0] + chunk[1]:
-                # This process's next chunk is not the next one in the file, where the
-                # kernel's read-ahead would look: ask for it now (cold reads).
-                sparse.will_need(self.fd, ahead[0] << self.shift, ahead[1])
-            index, digests = self._read_hash(*chunk[:3])
-            return index.tobytes() + digests
+        parent = os.getpid()
 
-        def own_fd() -> None:
-            # Two processes reading alternate stripes through one shared file description
-            # look like random reads to the kernel's read-ahead: the worker opens its own.
-            self.fd = sparse.reopen(self.fd)
+        def work(group: list[tuple[int, int, int]]) -> bytes:
+            if os.getpid() != parent and not self._own_fd:
+                # The worker reads through its own file description: sharing this one, two
+                # processes reading alternate chunks look like random reads to read-ahead.
+                self.fd, self._own_fd = sparse.reopen(self.fd), True
+            out = []
+            for b, n, want in group:
+                index, digests = self._read_hash(b, n, want)
+                out += [_COUNT.pack(len(index)), index.tobytes(), digests]
+            return b"".join(out)
 
-        results = split_map(_with_ahead(self._chunks()), lambda c: c[3], work,
-                            lambda c: _SCAN_KEY.pack(*c[:3]),
-                            f"{self.name}: the file's data extents changed while it was being read",
-                            workers=self.workers, child_setup=own_fd)
-        for (b, _, want, _, _), payload in results:
-            n = len(payload) // (8 + HASH_LEN)
-            index = array("Q")
-            index.frombytes(payload[: 8 * n])
-            yield b, index, payload[8 * n :], None
-            self._account(want)
+        def encode(group: list[tuple[int, int, int]]) -> bytes:
+            return array("Q", [x for chunk in group for x in chunk]).tobytes()
+
+        def decode(data: bytes) -> list[tuple[int, int, int]]:
+            a = array("Q")
+            a.frombytes(data)
+            return [(a[i], a[i + 1], a[i + 2]) for i in range(0, len(a), 3)]
+
+        results = share_map(self._groups(), work, encode, decode, workers=self.workers)
+        with closing(results):
+            for group, payload in results:
+                pos = 0
+                for b, _, want in group:
+                    (k,) = _COUNT.unpack_from(payload, pos)
+                    pos += _COUNT.size
+                    index = array("Q")
+                    index.frombytes(payload[pos : pos + 8 * k])
+                    pos += 8 * k
+                    yield b, index, payload[pos : pos + HASH_LEN * k], None
+                    pos += HASH_LEN * k
+                    self._account(want)
 
     def _account(self, n: int) -> None:
         self.bytes_read += n

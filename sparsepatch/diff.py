@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LEVEL = 3
 BATCH_BYTES = 1 << 20  # data per batch of records (the unit shared with the worker process)
+MAX_BATCH = 800  # records per batch: its description (40 bytes a record) stays within fork.MAX_COMMAND
 _BUILT = struct.Struct("<BIQII")
 
 
@@ -333,8 +334,9 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             batch.append((kind, k, m, src, spooled))
             if kind != REC_ZERO:
                 spooled += m
-            weight += (m << shift) if kind == REC_DATA else 1024
-            if weight >= BATCH_BYTES:
+            # DATA weighs its data; ZERO and COPY their hashes (16 or 32 bytes a block).
+            weight += (m << shift) if kind == REC_DATA else m * 2 * HASH_LEN
+            if weight >= BATCH_BYTES or len(batch) >= MAX_BATCH:
                 yield batch
                 batch, weight = [], 0
         if batch:
@@ -343,7 +345,15 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # The records are built (read, re-checked, compressed) by this process and a forked
     # worker, batches shared out as they come, and written here in order.
     cctx = _Compressor(level)
-    with closing(share_map(batches(), build_batch)) as built:
+    def encode(batch: list[tuple[int, int, int, int, int]]) -> bytes:
+        return array("Q", [x for plan in batch for x in plan]).tobytes()
+
+    def decode(data: bytes) -> list[tuple[int, int, int, int, int]]:
+        a = array("Q")
+        a.frombytes(data)
+        return [(a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4]) for i in range(0, len(a), 5)]
+
+    with closing(share_map(batches(), build_batch, encode, decode)) as built:
         for _, payload in built:
             view, pos = memoryview(payload), 0
             while pos < len(view):

@@ -92,14 +92,6 @@ def reopen(fd: int) -> int:
         return fd
 
 
-def will_need(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start reading a range now (posix_fadvise WILLNEED): a hint only."""
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-    except (OSError, AttributeError):
-        pass
-
-
 def pread_full(fd: int, view: memoryview, offset: int) -> int:
     """Fill view from offset; returns bytes read, short only at end of file."""
     got = 0

@@ -5,6 +5,7 @@ the usual one-line errors, and it must never outlive the scan."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import MiB, make_sparse, pattern
 
 import sparsepatch
 from sparsepatch import blocks, fork
-from sparsepatch.errors import IOFailure, SourceChanged
+from sparsepatch.errors import IOFailure, SourceChanged, SparsePatchError
 
 # Many 4 MiB stripes, extents of assorted sizes, holes between them, zero blocks inside.
 EXTENTS = [(0, 3 * MiB), (5 * MiB, 9 * MiB + 4096), (16 * MiB, bytes(64 << 10) + pattern(MiB, 7)),
@@ -20,23 +21,19 @@ EXTENTS = [(0, 3 * MiB), (5 * MiB, 9 * MiB + 4096), (16 * MiB, bytes(64 << 10) +
 SIZE = 48 * MiB + 100
 
 
-@pytest.fixture(autouse=True)
-def small_stripes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stripes of 4 MiB, so that files of tens of MiB hold many of them."""
-    monkeypatch.setattr(blocks, "STRIPE", 4 * MiB)
-
-
 @pytest.fixture
 def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records each worker the scans start."""
+    """Records each worker process started."""
     started: list[int] = []
-    init = fork._Child.__init__
+    start = fork._Worker.start
 
-    def counting(self: fork._Child, *a: object, **kw: object) -> None:
-        init(self, *a, **kw)  # type: ignore[arg-type]
-        started.append(self.pid)
+    def counting(*a: object) -> fork._Worker | None:
+        w = start(*a)  # type: ignore[arg-type]
+        if w is not None:
+            started.append(w.pid)
+        return w
 
-    monkeypatch.setattr(fork._Child, "__init__", counting)
+    monkeypatch.setattr(fork._Worker, "start", staticmethod(counting))
     return started
 
 
@@ -60,11 +57,12 @@ def test_signature_and_patch_are_the_same_with_a_worker(tmp_path: Path, forks: l
     target = make_sparse(tmp_path / "target", SIZE, EXTENTS[:3] + [(30 * MiB, MiB), (41 * MiB, 2 * MiB)])
     sparsepatch.signature(str(base), str(tmp_path / "two.sig"))
     sparsepatch.diff(str(tmp_path / "two.sig"), str(target), str(tmp_path / "two.patch"))
-    assert len(forks) == 2 and no_children()
+    assert len(forks) >= 2 and no_children()
+    started = len(forks)
     one_process(monkeypatch)
     sparsepatch.signature(str(base), str(tmp_path / "one.sig"))
     sparsepatch.diff(str(tmp_path / "one.sig"), str(target), str(tmp_path / "one.patch"))
-    assert len(forks) == 2
+    assert len(forks) == started
     assert (tmp_path / "two.sig").read_bytes() == (tmp_path / "one.sig").read_bytes()
     assert (tmp_path / "two.patch").read_bytes() == (tmp_path / "one.patch").read_bytes()
     sparsepatch.apply(str(tmp_path / "two.patch"), str(base), verify=True)
@@ -90,7 +88,7 @@ def test_a_read_error_in_the_worker_is_the_usual_error(tmp_path: Path, forks: li
     read_hash = blocks.Scanner._read_hash
 
     def failing(self: blocks.Scanner, b: int, n: int, want: int) -> object:
-        if _in_worker(parent) and b << self.shift >= 24 * MiB:
+        if _in_worker(parent):
             raise IOFailure(f"{self.name}: read failed at byte {b << self.shift}: Input/output error")
         return read_hash(self, b, n, want)
 
@@ -115,31 +113,45 @@ def test_a_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
         return read_hash(self, b, n, want)
 
     monkeypatch.setattr(blocks.Scanner, "_read_hash", dying)
-    with pytest.raises(IOFailure, match="worker process ended unexpectedly"):
+    with pytest.raises(SparsePatchError, match=r"the worker process ended unexpectedly \(exit status 9\)$"):
         sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
     assert no_children()
 
 
-def test_extents_that_differ_between_the_two_walks_are_a_changed_file(
-        tmp_path: Path, forks: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each process walks SEEK_DATA itself; a file written meanwhile can give them different
-    extents, and the halves must then not be stitched together."""
+def test_only_this_process_walks_the_extents(tmp_path: Path, forks: list[int],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a preallocated (unwritten) range makes SEEK_DATA report it as data from then
+    on, so two processes each walking the extents could disagree about an unchanged file.
+    The worker is handed its chunks and never asks SEEK_DATA itself."""
     if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
-    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    f = tmp_path / "prealloc.img"
+    with open(f, "wb") as fh:
+        fh.truncate(40 * MiB)
+        for k in range(16):
+            off = k * 2 * MiB
+            fh.seek(off)
+            fh.write(pattern(3 * MiB // 2, k))
+            os.posix_fallocate(fh.fileno(), off + 3 * MiB // 2, MiB // 2)
     parent = os.getpid()
     lseek = os.lseek
 
-    def moved(fd: int, pos: int, how: int) -> int:
-        at = lseek(fd, pos, how)
-        if _in_worker(parent) and how == os.SEEK_DATA and at >= 24 * MiB:
-            return at + (64 << 10)  # whole blocks later
-        return at
+    def only_parent(fd: int, pos: int, how: int) -> int:
+        if _in_worker(parent) and how in (os.SEEK_DATA, os.SEEK_HOLE):
+            os._exit(3)  # seen by the parent as the worker ending unexpectedly
+        return lseek(fd, pos, how)
 
-    monkeypatch.setattr(os, "lseek", moved)
-    with pytest.raises(SourceChanged, match="data extents changed while it was being read"):
-        sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
-    assert no_children()
+    monkeypatch.setattr(os, "lseek", only_parent)
+    for run in range(3):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # unread again: cold
+        os.close(fd)
+        sparsepatch.signature(str(f), str(tmp_path / f"two{run}.sig"))
+    assert forks and no_children()
+    one_process(monkeypatch)
+    sparsepatch.signature(str(f), str(tmp_path / "one.sig"))
+    for run in range(3):
+        assert (tmp_path / f"two{run}.sig").read_bytes() == (tmp_path / "one.sig").read_bytes()
 
 
 def test_a_failing_consumer_stops_the_worker(tmp_path: Path, forks: list[int]) -> None:
@@ -179,20 +191,6 @@ def test_no_worker_while_other_threads_run(tmp_path: Path, forks: list[int]) -> 
     assert (tmp_path / "threads.sig").read_bytes() == (tmp_path / "alone.sig").read_bytes()
 
 
-@pytest.fixture
-def shares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records each worker that diff's record building starts."""
-    started: list[int] = []
-    init = fork._Shared.__init__
-
-    def counting(self: fork._Shared, *a: object, **kw: object) -> None:
-        init(self, *a, **kw)  # type: ignore[arg-type]
-        started.append(self.pid)
-
-    monkeypatch.setattr(fork._Shared, "__init__", counting)
-    return started
-
-
 def _changed_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A base and a target that differ in 20 MiB: many batches of records to share out,
     some compressible and some not, so the two processes get uneven work."""
@@ -204,25 +202,26 @@ def _changed_pair(tmp_path: Path) -> tuple[Path, Path]:
     return base, target
 
 
-def test_records_built_by_two_processes_are_the_same(tmp_path: Path, shares: list[int],
+def test_records_built_by_two_processes_are_the_same(tmp_path: Path, forks: list[int],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     base, target = _changed_pair(tmp_path)
     sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
     st = sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "two.patch"))
-    assert shares and no_children()
+    assert forks and no_children()
+    started = len(forks)
     assert st.data_bytes > 16 * MiB
     one_process(monkeypatch)
     sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "one.patch"))
-    assert len(shares) == 1
+    assert len(forks) == started
     assert (tmp_path / "two.patch").read_bytes() == (tmp_path / "one.patch").read_bytes()
     sparsepatch.apply(str(tmp_path / "two.patch"), str(base), verify=True)
     assert base.read_bytes() == target.read_bytes()
 
 
 def test_a_change_seen_by_the_record_worker_is_the_usual_error(
-        tmp_path: Path, shares: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, forks: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker re-reads and re-hashes the blocks it compresses, like this process."""
     if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
@@ -242,11 +241,11 @@ def test_a_change_seen_by_the_record_worker_is_the_usual_error(
     monkeypatch.setattr(diff_module, "_recheck", changed)
     with pytest.raises(SourceChanged, match=r"/target: block at byte \d+ changed while diff was reading it$"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
-    assert shares and no_children()
+    assert forks and no_children()
     assert not (tmp_path / "p.patch").exists()
 
 
-def test_a_record_worker_that_dies_is_reported(tmp_path: Path, shares: list[int],
+def test_a_record_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
@@ -264,16 +263,103 @@ def test_a_record_worker_that_dies_is_reported(tmp_path: Path, shares: list[int]
         recheck(*a)
 
     monkeypatch.setattr(diff_module, "_recheck", dying)
-    with pytest.raises(IOFailure, match="worker process ended unexpectedly"):
+    with pytest.raises(SparsePatchError, match=r"the worker process ended unexpectedly \(exit status 9\)$"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
     assert no_children()
 
 
-def test_each_chunk_knows_its_process_next_chunk() -> None:
-    """The read-ahead hint: each chunk carries the next chunk the same process will read;
-    order and content are unchanged."""
-    chunks = [(0, 4, 100, False), (4, 4, 100, False), (8, 4, 100, True), (20, 1, 10, True),
-              (30, 2, 20, False), (40, 4, 100, True)]
-    out = list(blocks._with_ahead(iter(chunks)))
-    assert [c[:4] for c in out] == chunks
-    assert [c[4] for c in out] == [(4, 100), (30, 20), (20, 10), (40, 100), None, None]
+# share_map itself, on made-up work: the races and failures of the machinery.
+
+def _enc(k: int) -> bytes:
+    return k.to_bytes(8, "little")
+
+
+def _dec(b: bytes) -> int:
+    return int.from_bytes(b, "little")
+
+
+def test_an_error_sent_before_the_worker_exits_is_not_a_broken_pipe() -> None:
+    """The worker fails on its first item and exits; this process, slow to produce the
+    next item, then hands it over into a closed pipe. The worker's error must come out."""
+    if fork.worker_count() < 2:
+        pytest.skip("one CPU: no worker is started")
+    import time
+
+    parent = os.getpid()
+
+    def items() -> Iterator[int]:
+        yield 0
+        yield 1
+        time.sleep(0.1)  # the worker fails on item 1 and exits meanwhile
+        yield from range(2, 6)
+
+    def work(k: int) -> bytes:
+        if _in_worker(parent):
+            raise SourceChanged(f"item {k} failed")
+        return _enc(k)
+
+    with pytest.raises(SourceChanged, match="^item 1 failed$"):
+        for _ in fork.share_map(items(), work, _enc, _dec):
+            pass
+    assert no_children()
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_errors_come_out_in_item_order(trial: int) -> None:
+    """Whichever process meets it, the first failing item's error is the one raised."""
+    def work(k: int) -> bytes:
+        if k >= 7:
+            raise SourceChanged(f"item {k} failed") if k % 2 else IOFailure(f"item {k} failed")
+        return _enc(k) * 1000
+
+    with pytest.raises(SourceChanged, match="^item 7 failed$"):
+        out = [_dec(r[:8]) for _, r in fork.share_map(range(40), work, _enc, _dec)]
+        assert out == list(range(40))
+    assert no_children()
+
+
+def test_results_in_order_and_equal_to_one_process() -> None:
+    def work(k: int) -> bytes:
+        return _enc(k) * (1 + k % 50_000)  # some results larger than the pipe
+
+    items = [k * 7919 % 100_003 for k in range(60)]
+    two = list(fork.share_map(items, work, _enc, _dec))
+    one = list(fork.share_map(items, work, _enc, _dec, workers=1))
+    assert two == one and [k for k, _ in two] == items
+    assert no_children()
+
+
+def test_sigchld_ignored(tmp_path: Path, forks: list[int]) -> None:
+    """A parent that ignores SIGCHLD passes that on through exec: children are then reaped
+    by the kernel, and waiting for one fails. The scan must still succeed."""
+    import signal
+
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        sparsepatch.signature(str(f), str(tmp_path / "ign.sig"))
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+    sparsepatch.signature(str(f), str(tmp_path / "dfl.sig"))
+    assert (tmp_path / "ign.sig").read_bytes() == (tmp_path / "dfl.sig").read_bytes()
+
+
+def test_a_fork_that_fails_falls_back_to_one_process(tmp_path: Path, forks: list[int],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    base, target = _changed_pair(tmp_path)
+    sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
+    sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "forked.patch"))
+    before = len(forks)
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    fds = len(os.listdir("/proc/self/fd"))
+    sparsepatch.signature(str(base), str(tmp_path / "c.sig"))
+    sparsepatch.diff(str(tmp_path / "c.sig"), str(target), str(tmp_path / "alone.patch"))
+    assert len(forks) == before
+    assert len(os.listdir("/proc/self/fd")) == fds  # the pipes made for it are closed
+    assert (tmp_path / "alone.patch").read_bytes() == (tmp_path / "forked.patch").read_bytes()
