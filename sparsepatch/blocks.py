@@ -53,9 +53,10 @@ class Scanner:
     changed blocks again). Blocks not yielded are holes or zeros. For a stream, size is
     known only once the scan is complete.
 
-    A file is hashed by two processes where two CPUs are available: this one and a forked
-    worker, each reading and hashing its own stripes and the worker sending its digests
-    back through a pipe. Output is the same whether or not a worker ran."""
+    A file is hashed by two processes where two CPUs are available: this one walks the
+    data extents and hands groups of chunks to a forked worker as it is free; each reads
+    and hashes its groups, and the worker sends its digests back through a pipe. Output is
+    the same whether or not a worker ran."""
 
     def __init__(self, fd: int, shift: int, name: str, size: int | None = None,
                  progress: Callable[[int], None] | None = None, workers: int | None = None):
