@@ -42,10 +42,42 @@ def worker_count() -> int:
     if threading is not None and threading.active_count() > 1:
         return 1
     try:
-        cpus = len(os.sched_getaffinity(0))
+        cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, quota)
     return 2 if cpus >= 2 else 1
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs this process's cgroup may use (a container's CPU limit), None if unlimited or
+    unknown: cgroup v2 cpu.max, else v1 cpu.cfs_quota_us / cpu.cfs_period_us."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        try:
+            if controllers == "":
+                with open(f"{root}{path.rstrip('/')}/cpu.max") as f:
+                    quota, period = f.read().split()
+                if quota != "max":
+                    return int(quota) / int(period)
+            elif "cpu" in controllers.split(","):
+                base = f"{root}/{controllers}{path.rstrip('/')}"
+                with open(f"{base}/cpu.cfs_quota_us") as f:
+                    quota_us = int(f.read())
+                with open(f"{base}/cpu.cfs_period_us") as f:
+                    period_us = int(f.read())
+                if quota_us > 0:
+                    return quota_us / period_us
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def share_map(items: Iterable[T], work: Callable[[T], bytes], encode: Callable[[T], bytes],

@@ -363,3 +363,38 @@ def test_a_fork_that_fails_falls_back_to_one_process(tmp_path: Path, forks: list
     assert len(forks) == before
     assert len(os.listdir("/proc/self/fd")) == fds  # the pipes made for it are closed
     assert (tmp_path / "alone.patch").read_bytes() == (tmp_path / "forked.patch").read_bytes()
+
+
+@pytest.mark.parametrize(("v2", "v1", "cpus"), [
+    ("max 100000", None, None), ("50000 100000", None, 0.5), ("200000 100000", None, 2.0),
+    (None, ("-1", "100000"), None), (None, ("150000", "100000"), 1.5)])
+def test_cpu_quota_of_a_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: str | None,
+                                  v1: tuple[str, str] | None, cpus: float | None) -> None:
+    """A container limited to one CPU by its cgroup gets no worker: it would only compete."""
+    import builtins
+
+    root = tmp_path / "cgroup"
+    if v2 is not None:
+        (root / "box").mkdir(parents=True)
+        (root / "box" / "cpu.max").write_text(v2 + "\n")
+        table = "0::/box\n"
+    else:
+        assert v1 is not None
+        (root / "cpu,cpuacct" / "box").mkdir(parents=True)
+        (root / "cpu,cpuacct" / "box" / "cpu.cfs_quota_us").write_text(v1[0] + "\n")
+        (root / "cpu,cpuacct" / "box" / "cpu.cfs_period_us").write_text(v1[1] + "\n")
+        table = "4:memory:/other\n3:cpu,cpuacct:/box\n"
+    real_open = builtins.open
+
+    def fake_open(path: object, *a: object, **kw: object) -> object:
+        if path == "/proc/self/cgroup":
+            import io
+
+            return io.StringIO(table)
+        return real_open(path, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert fork.cpu_quota(str(root)) == cpus
+    monkeypatch.setattr(fork, "cpu_quota", lambda: cpus)
+    if cpus is not None and cpus < 2:
+        assert fork.worker_count() == 1
