@@ -5,8 +5,9 @@ the usual one-line errors, and it must never outlive the scan."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MiB, make_sparse, pattern
@@ -79,20 +80,35 @@ def _in_worker(parent: int) -> bool:
     return os.getpid() != parent
 
 
+def _in_the_worker(monkeypatch: pytest.MonkeyPatch, owner: object, name: str,
+                   action: Callable[..., None]) -> None:
+    """Replace owner.name so that, in the worker process only, action(*args) runs first
+    (to raise or to die there)."""
+    parent = os.getpid()
+    real = getattr(owner, name)
+
+    def wrapped(*a: Any) -> Any:
+        if _in_worker(parent):
+            action(*a)
+        return real(*a)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def _die(*_: object) -> None:
+    os._exit(9)
+
+
 def test_a_read_error_in_the_worker_is_the_usual_error(tmp_path: Path, forks: list[int],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
-    parent = os.getpid()
-    read_hash = blocks.Scanner._read_hash
 
-    def failing(self: blocks.Scanner, b: int, n: int, want: int) -> object:
-        if _in_worker(parent):
-            raise IOFailure(f"{self.name}: read failed at byte {b << self.shift}: Input/output error")
-        return read_hash(self, b, n, want)
+    def failing(self: blocks.Scanner, b: int, n: int, want: int) -> None:
+        raise IOFailure(f"{self.name}: read failed at byte {b << self.shift}: Input/output error")
 
-    monkeypatch.setattr(blocks.Scanner, "_read_hash", failing)
+    _in_the_worker(monkeypatch, blocks.Scanner, "_read_hash", failing)
     with pytest.raises(IOFailure, match=r"/f: read failed at byte \d+: Input/output error$"):
         sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
     assert forks and no_children()
@@ -104,15 +120,7 @@ def test_a_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
     if fork.worker_count() < 2:
         pytest.skip("one CPU: no worker is started")
     f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
-    parent = os.getpid()
-    read_hash = blocks.Scanner._read_hash
-
-    def dying(self: blocks.Scanner, b: int, n: int, want: int) -> object:
-        if _in_worker(parent) and b << self.shift >= 24 * MiB:
-            os._exit(9)
-        return read_hash(self, b, n, want)
-
-    monkeypatch.setattr(blocks.Scanner, "_read_hash", dying)
+    _in_the_worker(monkeypatch, blocks.Scanner, "_read_hash", _die)
     with pytest.raises(SparsePatchError, match=r"the worker process ended unexpectedly \(exit status 9\)$"):
         sparsepatch.signature(str(f), str(tmp_path / "f.sig"))
     assert no_children()
@@ -230,15 +238,11 @@ def test_a_change_seen_by_the_record_worker_is_the_usual_error(
     diff_module = sys.modules["sparsepatch.diff"]
     base, target = _changed_pair(tmp_path)
     sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
-    parent = os.getpid()
-    recheck = diff_module._recheck
 
     def changed(raw: bytes, changes: object, k: int, m: int, shift: int, first: int, name: str) -> None:
-        if _in_worker(parent):
-            raise SourceChanged(f"{name}: block at byte {first << shift} changed while diff was reading it")
-        recheck(raw, changes, k, m, shift, first, name)
+        raise SourceChanged(f"{name}: block at byte {first << shift} changed while diff was reading it")
 
-    monkeypatch.setattr(diff_module, "_recheck", changed)
+    _in_the_worker(monkeypatch, diff_module, "_recheck", changed)
     with pytest.raises(SourceChanged, match=r"/target: block at byte \d+ changed while diff was reading it$"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
     assert forks and no_children()
@@ -254,15 +258,7 @@ def test_a_record_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
     diff_module = sys.modules["sparsepatch.diff"]
     base, target = _changed_pair(tmp_path)
     sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
-    parent = os.getpid()
-    recheck = diff_module._recheck
-
-    def dying(*a: object) -> None:
-        if _in_worker(parent):
-            os._exit(9)
-        recheck(*a)
-
-    monkeypatch.setattr(diff_module, "_recheck", dying)
+    _in_the_worker(monkeypatch, diff_module, "_recheck", _die)
     with pytest.raises(SparsePatchError, match=r"the worker process ended unexpectedly \(exit status 9\)$"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
     assert no_children()
