@@ -18,7 +18,7 @@ import blake3
 
 from . import sparse
 from .errors import IOFailure, SourceChanged
-from .fork import share_map
+from .fork import Rows, pack_rows, share_map, unpack_rows
 from .format import HASH_LEN, SigHeader, SignatureEncoder
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
@@ -105,8 +105,8 @@ class Scanner:
                 n = min(b1 - b, per)
                 yield b, n, min(n << shift, size - (b << shift))
 
-    def _groups(self) -> Iterator[list[tuple[int, int, int]]]:
-        group: list[tuple[int, int, int]] = []
+    def _groups(self) -> Iterator[Rows]:
+        group: Rows = []
         size = 0
         for chunk in self._chunks():
             group.append(chunk)
@@ -150,7 +150,7 @@ class Scanner:
     def _scan_file(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
         parent = os.getpid()
 
-        def work(group: list[tuple[int, int, int]]) -> bytes:
+        def work(group: Rows) -> bytes:
             if os.getpid() != parent and not self._own_fd:
                 # The worker reads through its own file description: sharing this one, two
                 # processes reading alternate chunks look like random reads to read-ahead.
@@ -161,15 +161,8 @@ class Scanner:
                 out += [_COUNT.pack(len(index)), index.tobytes(), digests]
             return b"".join(out)
 
-        def encode(group: list[tuple[int, int, int]]) -> bytes:
-            return array("Q", [x for chunk in group for x in chunk]).tobytes()
-
-        def decode(data: bytes) -> list[tuple[int, int, int]]:
-            a = array("Q")
-            a.frombytes(data)
-            return [(a[i], a[i + 1], a[i + 2]) for i in range(0, len(a), 3)]
-
-        results = share_map(self._groups(), work, encode, decode, workers=self.workers)
+        results = share_map(self._groups(), work, pack_rows, lambda d: unpack_rows(d, 3),
+                            workers=self.workers)
         with closing(results):
             for group, payload in results:
                 pos = 0
@@ -253,15 +246,8 @@ class SignatureBuilder:
             self.write(b)
             self.written += len(b)
 
-    def add(self, index: int, digest: bytes) -> None:
-        if self.enc is not None:
-            self._emit(self.enc.data_at(index, digest))
-        else:
-            self.index.append(index)
-            self.hashes += digest
-
     def add_many(self, index: array, digests: bytes) -> None:
-        """add() for one chunk's blocks (Scanner.chunks)."""
+        """One chunk's blocks (Scanner.chunks): their numbers, ascending, and digests."""
         if self.enc is not None:
             self._emit(self.enc.data_many(index, digests))
         else:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from .blocks import Scanner, read_blocks
 from .errors import IOFailure, SourceChanged
-from .fork import share_map
+from .fork import Rows, pack_rows, share_map, unpack_rows
 from .format import (
     FLAG_FULL,
     FLAG_MAC,
@@ -314,7 +314,7 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         payload = cctx.compress(raw)
         return Record(kind, first, m, b"".join(metas), src, payload), len(raw)
 
-    def build_batch(batch: list[tuple[int, int, int, int, int]]) -> bytes:
+    def build_batch(batch: Rows) -> bytes:
         """A batch's records, encoded, each after its numbers (kind, blocks, data bytes,
         payload bytes, encoded length): what the forked worker sends back."""
         out = []
@@ -324,11 +324,11 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             out += [_BUILT.pack(rec.kind, rec.count, raw_len, len(rec.payload), len(enc)), enc]
         return b"".join(out)
 
-    def batches() -> Iterator[list[tuple[int, int, int, int, int]]]:
+    def batches() -> Iterator[Rows]:
         """Records in groups of about BATCH_BYTES of data: a task per record made the
         workers wait on the hand-off more than they compressed (2,000 records of 40 KiB)."""
         spooled = 0
-        batch: list[tuple[int, int, int, int, int]] = []
+        batch: Rows = []
         weight = 0
         for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift)):
             batch.append((kind, k, m, src, spooled))
@@ -345,15 +345,7 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # The records are built (read, re-checked, compressed) by this process and a forked
     # worker, batches shared out as they come, and written here in order.
     cctx = _Compressor(level)
-    def encode(batch: list[tuple[int, int, int, int, int]]) -> bytes:
-        return array("Q", [x for plan in batch for x in plan]).tobytes()
-
-    def decode(data: bytes) -> list[tuple[int, int, int, int, int]]:
-        a = array("Q")
-        a.frombytes(data)
-        return [(a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4]) for i in range(0, len(a), 5)]
-
-    with closing(share_map(batches(), build_batch, encode, decode)) as built:
+    with closing(share_map(batches(), build_batch, pack_rows, lambda d: unpack_rows(d, 5))) as built:
         for _, payload in built:
             view, pos = memoryview(payload), 0
             while pos < len(view):

@@ -80,6 +80,25 @@ def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     return None
 
 
+Rows = list[tuple[int, ...]]  # how signature and diff describe an item: rows of integers
+
+
+def pack_rows(rows: Rows) -> bytes:
+    """An item's description for the worker: its rows of unsigned integers, 8 bytes each."""
+    from array import array
+
+    return array("Q", [x for row in rows for x in row]).tobytes()
+
+
+def unpack_rows(data: bytes, width: int) -> Rows:
+    """pack_rows undone, for rows of width integers."""
+    from array import array
+
+    a = array("Q")
+    a.frombytes(data)
+    return [tuple(a[i : i + width]) for i in range(0, len(a), width)]
+
+
 def share_map(items: Iterable[T], work: Callable[[T], bytes], encode: Callable[[T], bytes],
               decode: Callable[[bytes], T], *, workers: int | None = None, ahead: int = 2,
               hold: int = 6) -> Generator[tuple[T, bytes], None, None]:
