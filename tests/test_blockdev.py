@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import KiB, MiB, allocated, make_sparse, pattern, run_cli
 
-from sparsepatch import api
+from sparsepatch import api, files
 from sparsepatch.format import CRC, SIG_TRAILER, read_signature
 
 BS = 64 * KiB
@@ -84,7 +84,7 @@ def _renew(dev: str) -> None:
 
 def device_journal(dev: str) -> str:
     """Where apply keeps the journal for dev unless told otherwise."""
-    path = api.default_journal(dev)
+    path = files.default_journal(dev)
     assert os.path.dirname(path) == "/var/tmp"
     return path
 
