@@ -944,52 +944,61 @@ def _frame(raw: bytes, **params: Any) -> bytes:
     return zstandard.ZstdCompressor(write_checksum=True, write_content_size=True, **params).compress(raw)
 
 
-def test_payload_frames_the_spec_rules_out() -> None:
+def _skippable_first(raw: bytes) -> bytes:
+    return struct.pack("<II", 0x184D2A53, 4) + b"abcd" + _frame(raw)
+
+
+def _with_dictionary(raw: bytes) -> bytes:
+    # Dictionary_ID 7 in the frame header (1 byte, flag value 1); the frame is otherwise plain.
+    out = bytearray(_frame(raw))
+    assert out[4] & 3 == 0
+    out[4] |= 1
+    out[5:5] = b"\x07"
+    return bytes(out)
+
+
+def _wide_window(raw: bytes) -> bytes:
+    # Not single-segment, with a Window_Descriptor of 2^25 (exponent 15, mantissa 0).
+    out = bytearray(_frame(raw))
+    assert out[4] & 0x20, "expected a single-segment frame"
+    out[4] &= ~0x20 & 0xFF
+    out[5:5] = bytes([(25 - 10) << 3])
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (_skippable_first, "payload is a skippable frame"),
+    (_with_dictionary, "payload frame names dictionary 7; none is allowed"),
+    (_wide_window, f"payload frame window is {1 << 25} bytes, more than {1 << 24}"),
+])
+def test_payload_frames_the_spec_rules_out(build: Any, message: str) -> None:
     """Rule 16: no skippable frame, no dictionary, a window of at most 16 MiB."""
     reader, recs = parse_patch(fixture("data-record", "patch.bin"))
-    raw = decode_data(reader.header, recs[0])
-    skippable = struct.pack("<II", 0x184D2A53, 4) + b"abcd" + _frame(raw)
-    header, rec, _ = _with_payload("data-record", skippable)
-    refuses(FormatError, lambda: decode_payload(header, rec), "payload is a skippable frame")
-    d = zstandard.ZstdCompressionDict(b"dictionary " * 100, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    with_dict = zstandard.ZstdCompressor(dict_data=d, write_checksum=True,
-                                         write_content_size=True, write_dict_id=True).compress(raw)
-    # a raw-content dictionary has no ID of its own: give the frame one in its header
-    fhd = with_dict[4]
-    if fhd & 3 == 0:
-        with_dict = bytearray(with_dict)
-        with_dict[4] |= 1
-        with_dict[5:5] = b"\x07"
-        with_dict = bytes(with_dict)
-    header, rec, _ = _with_payload("data-record", with_dict)
-    refuses(FormatError, lambda: decode_payload(header, rec), "payload frame names dictionary 7")
-    # A window descriptor of 2^25: exponent 15, no mantissa.
-    wide = bytearray(_frame(raw))
-    assert wide[4] & 0x20, "expected a single-segment frame"
-    wide[4] &= ~0x20 & 0xFF
-    wide[5:5] = bytes([(25 - 10) << 3])
-    header, rec, _ = _with_payload("data-record", bytes(wide))
-    refuses(FormatError, lambda: decode_payload(header, rec),
-            f"payload frame window is {1 << 25} bytes, more than {1 << 24}")
+    header, rec, _ = _with_payload("data-record", build(decode_data(reader.header, recs[0])))
+    refuses(FormatError, lambda: decode_payload(header, rec), f"record 0 (data) at byte {rec.offset}",
+            message)
 
 
 def test_zstd_errors_are_named_for_what_they_are() -> None:
     """A frame that does not decode is a corrupt payload; only a failed content checksum
     is a checksum mismatch."""
-    reader, recs = parse_patch(fixture("data-record", "patch.bin"))
-    good = recs[0].payload
-    bad_sum = flip(good, len(good) - 1, 0x01)
-    header, rec, _ = _with_payload("data-record", bad_sum)
-    refuses(ChecksumMismatch, lambda: decode_payload(header, rec), "zstd content checksum")
-    # A compressed block's first byte damaged: the frame no longer decodes.
-    for pos in range(zstandard.frame_header_size(good) + 3, len(good) - 4):
-        header, rec, _ = _with_payload("data-record", flip(good, pos))
+    reader, recs = parse_patch(fixture("spec-example", "patch.bin"))
+    rec = recs[0]
+    good = rec.payload  # 9 bytes of compressed block, then the content checksum
+    bad_sum = dataclasses.replace(rec, payload=flip(good, len(good) - 1, 0x01))
+    refuses(ChecksumMismatch, lambda: decode_payload(reader.header, bad_sum),
+            "payload's zstd content checksum does not match its decompressed bytes")
+    corrupt = 0
+    for pos in range(10, len(good) - 4):  # inside the compressed block
+        damaged = dataclasses.replace(rec, payload=flip(good, pos))
         try:
-            decode_payload(header, rec)
+            decode_payload(reader.header, damaged)
         except ChecksumMismatch as e:
             assert "zstd content checksum" in str(e)
         except FormatError as e:
-            assert "corrupt zstd frame" in str(e) or "payload gave" in str(e), str(e)
+            assert "payload is a corrupt zstd frame" in str(e) or "payload gave" in str(e), str(e)
+            corrupt += "corrupt zstd frame" in str(e)
+    assert corrupt, "no damaged block was reported as a corrupt frame"
 
 
 def test_a_mac_patch_without_a_key_says_so_in_codec_words() -> None:
