@@ -3,7 +3,6 @@ reads; the section 7 rules it applies on the way are in rules.py."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
 
@@ -189,7 +188,11 @@ class PatchReader:
             return
         at = self.r.pos
         tag = self.r.exact(MAC_LEN, f"MAC tag after {where}")
-        if self.mac is not None and not hmac.compare_digest(tag, self.mac.next(*element)):
+        if self.mac is None:
+            return
+        import hmac  # only authenticated patches need it
+
+        if not hmac.compare_digest(tag, self.mac.next(*element)):
             raise AuthenticationError(
                 f"{where}: MAC mismatch at byte {at}: the patch was altered or the key is wrong"
             )
