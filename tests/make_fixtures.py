@@ -22,6 +22,8 @@ bytes, except zstd payloads, whose bytes depend on the zstd library version (spe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -188,6 +190,68 @@ def generate(case: dict[str, Any], out: Path) -> None:
     (out / "case.json").write_text(case_json(case))
 
 
+def zstd_independent(data: bytes, key: bytes | None) -> list[bytes]:
+    """Every byte of a patch that does not depend on how zstd compressed its payloads, and
+    what each payload decodes to. Left out: the payloads, the fields that count their bytes
+    (payload_len, the trailer's payload_bytes and body_bytes), and the record and trailer
+    CRCs and Tags over them; the reader has checked all of these."""
+    from sparsepatch.format import (
+        CRC,
+        MAC_LEN,
+        PATCH_HEADER,
+        PATCH_TRAILER,
+        REC_DATA,
+        RECORD,
+        PatchReader,
+        decode_data,
+    )
+
+    reader = PatchReader(io.BytesIO(data).read, "patch", key)
+    records = list(reader.records())
+    h = PATCH_HEADER.size + CRC.size + (MAC_LEN if reader.header.authenticated else 0)
+    parts = [data[:h]]
+    for r in records:
+        at = r.offset
+        parts += [data[at : at + 16], data[at + 20 : at + RECORD.size], r.meta]
+        if r.kind == REC_DATA:
+            parts.append(decode_data(reader.header, r))
+    at = reader.trailer.body_bytes if reader.trailer else -1
+    parts.append(data[at : at + PATCH_TRAILER.size - 16])
+    return parts
+
+
+def case_key(folder: Path) -> bytes | None:
+    """The MAC key of a fixture folder, None if the case has no key file."""
+    from sparsepatch.format import derive_mac_key
+
+    path = folder / KEY_FILE
+    return derive_mac_key(path.read_bytes()) if path.exists() else None
+
+
+def update(case: dict[str, Any], out: Path) -> list[str]:
+    """Generate case and write into out the files that changed; a patch whose payloads only
+    compress differently (another zstd version) is kept as it is. Returns the files written."""
+    from sparsepatch.errors import SparsePatchError
+
+    written = []
+    with tempfile.TemporaryDirectory(prefix="sparsepatch-fixtures-") as work:
+        fresh = Path(work) / out.name
+        generate(case, fresh)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files_of(case):
+            new, old = (fresh / name).read_bytes(), out / name
+            if old.exists() and old.read_bytes() == new:
+                continue
+            if name == "patch.bin" and old.exists():
+                key = case_key(fresh)
+                with contextlib.suppress(SparsePatchError):
+                    if zstd_independent(old.read_bytes(), key) == zstd_independent(new, key):
+                        continue
+            old.write_bytes(new)
+            written.append(name)
+    return written
+
+
 def main() -> int:
     FIXTURES.mkdir(exist_ok=True)
     for old in sorted(FIXTURES.iterdir()):
@@ -197,7 +261,9 @@ def main() -> int:
             shutil.rmtree(old)
             print(f"removed stale case {old.name}")
     for name, case in CASES.items():
-        generate(case, FIXTURES / name)
+        written = update(case, FIXTURES / name)
+        if written:
+            print(f"{name}: wrote {', '.join(written)}")
         sizes = ", ".join(f"{f} {(FIXTURES / name / f).stat().st_size}" for f in files_of(case)[1:])
         print(f"{name}: {sizes}")
     return 0

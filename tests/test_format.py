@@ -144,22 +144,7 @@ def encode_patch(reader: PatchReader, records: list[Record], key: bytes | None) 
     return out
 
 
-def zstd_independent(data: bytes, key: bytes | None) -> list[bytes]:
-    """Every byte of a patch that does not depend on how zstd compressed its payloads, and
-    what each payload decodes to. Left out: the payloads, the fields that count their bytes
-    (payload_len, the trailer's payload_bytes and body_bytes), and the record and trailer
-    CRCs and Tags over them; the reader has checked all of these."""
-    reader, records = parse_patch(data, key)
-    h = PATCH_HEADER.size + CRC.size + (MAC_LEN if reader.header.authenticated else 0)
-    parts = [data[:h]]
-    for r in records:
-        at = r.offset
-        parts += [data[at : at + 16], data[at + 20 : at + RECORD.size], r.meta]
-        if r.kind == REC_DATA:
-            parts.append(decode_data(reader.header, r))
-    at = reader.trailer.body_bytes if reader.trailer else -1
-    parts.append(data[at : at + PATCH_TRAILER.size - 16])
-    return parts
+zstd_independent = mf.zstd_independent
 
 
 def parse_sig(data: bytes) -> Any:
