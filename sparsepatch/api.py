@@ -17,8 +17,6 @@ from .errors import FormatError, UsageError, VerifyMismatch, WrongBase
 from .format import (
     CRC,
     MAC_LEN,
-    MAX_SHIFT,
-    MIN_SHIFT,
     PATCH_TRAILER,
     REC_DATA,
     REC_NAMES,
@@ -29,6 +27,7 @@ from .format import (
     derive_mac_key,
     raw_length,
     read_signature,
+    shift_for_block_size,
 )
 from .journal import Journal
 from .signature import SignatureStats, write_signature
@@ -44,11 +43,7 @@ __all__ = ["signature", "diff", "apply", "info", "check", "verify", "VerifyStats
            "SignatureStats", "DEFAULT_BLOCK_SIZE"]
 
 
-def block_shift(block_size: int) -> int:
-    shift = block_size.bit_length() - 1
-    if block_size <= 0 or 1 << shift != block_size or not MIN_SHIFT <= shift <= MAX_SHIFT:
-        raise UsageError(f"block size {block_size} must be a power of two from 4 KiB to 16 MiB")
-    return shift
+block_shift = shift_for_block_size
 
 
 def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,

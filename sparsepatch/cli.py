@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from . import __version__, api
-from .errors import SparsePatchError
+from .errors import KeyRequired, SparsePatchError
 
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 other error, 2 usage, 3 I/O (missing file, no space,
@@ -111,7 +111,8 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if prog:
             prog.close()
             prog = None
-        click.echo(f"sparsepatch: error: {e}", err=True)
+        hint = "; pass --key-file, or --no-auth to apply it unchecked" if isinstance(e, KeyRequired) else ""
+        click.echo(f"sparsepatch: error: {e}{hint}", err=True)
         sys.exit(e.exit_code)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): nothing more to say, like other filters.

@@ -69,3 +69,7 @@ class VerifyMismatch(SparsePatchError):
     """A file does not match the signature or patch target it was checked against."""
 
     exit_code = 8
+
+
+class KeyRequired(AuthenticationError):
+    """A patch carries a MAC and no key was given to check it."""

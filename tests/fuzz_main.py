@@ -334,9 +334,10 @@ def random_ops(c: Chooser, item: Item) -> list[Op]:
                 ops.append((kind, unit, name, "set", _value(c)))
         elif kind == "s-hash":
             ops.append(("s-hash", unit, c.randrange(64), c.randrange(2),
-                        c.choice(("zero", "other", "random")), c.randrange(1 << 16)))
+                        c.choice(("zero", "other", "random", "same")), c.randrange(1 << 16)))
         else:  # s-payload
-            ops.append(("s-payload", unit, c.choice(("swap", "flip", "truncate", "zeros")),
+            ops.append(("s-payload", unit, c.choice(("swap", "flip", "truncate", "zeros", "skippable",
+                                                     "dictionary", "window")),
                         c.randrange(1 << 16)))
     if item.kind == "signature" and c.randrange(2):
         ops.append(("fixsig",))
@@ -409,6 +410,8 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
                 h = ZERO_HASH
             elif op[4] == "random":
                 h = random.Random(op[5]).randbytes(16)
+            elif op[4] == "same":  # base and target hash equal: a block that does not change
+                h = rec.meta[k * width + (0 if at % width else 16) :][:16] if width == 32 else ZERO_HASH
             else:
                 other = recs[op[5] % len(recs)]
                 h = other.meta[:16] if other.meta else ZERO_HASH
@@ -424,6 +427,19 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
                 p = bytes(b)
             elif op[2] == "truncate":
                 p = p[: op[3] % (len(p) + 1)]
+            elif op[2] == "skippable":
+                p = (0x184D2A50 + op[3] % 16).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"skip" + p
+            elif op[2] in ("dictionary", "window") and len(p) > 5 and not p[4] & 3:
+                b = bytearray(p)
+                if op[2] == "dictionary":  # a 1-byte Dictionary_ID after the descriptor
+                    b[4] |= 1
+                    b.insert(5 + (not b[4] & 0x20), op[3] % 255 + 1)
+                elif b[4] & 0x20:  # single segment: give it a Window_Descriptor instead
+                    b[4] &= 0xDF
+                    b.insert(5, op[3] & 0xFF)
+                p = bytes(b)
+            elif op[2] in ("dictionary", "window"):
+                pass
             else:
                 p = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(op[3] % (2 * BS) + 1))
             recs[i] = dataclasses.replace(rec, payload=p)

@@ -121,8 +121,8 @@ class World:
     def expected_after(self, records: list[Record]) -> bytes:
         out = bytearray(self.base)
         for rec in records:
-            out[rec.first_block * BS : rec.end_block * BS] = self.target[rec.first_block * BS :
-                                                                         rec.end_block * BS]
+            span = slice(rec.first_block * BS, (rec.first_block + rec.count) * BS)
+            out[span] = self.target[span]
         return bytes(out)
 
 

@@ -22,20 +22,26 @@ from hypothesis import strategies as st
 
 from sparsepatch import api
 from sparsepatch.errors import (
+    AuthenticationError,
     BadMagic,
     ChecksumMismatch,
     FormatError,
+    KeyRequired,
     SparsePatchError,
     Truncated,
     UnsupportedVersion,
+    UsageError,
 )
 from sparsepatch.format import (
     CRC,
     HASH_LEN,
+    JOURNAL_SLOT_SIZE,
     KNOWN_PATCH_FLAGS,
+    MAC_LEN,
     MAX_RECORD_BLOCKS,
     MAX_SIG_DATA_RUN,
     PATCH_HEADER,
+    PATCH_TRAILER,
     REC_COPY,
     REC_DATA,
     REC_NAMES,
@@ -48,6 +54,8 @@ from sparsepatch.format import (
     SIG_RUN,
     SIG_TRAILER,
     ZERO_HASH,
+    JournalSlot,
+    MacChain,
     PatchReader,
     PatchTrailer,
     Record,
@@ -57,14 +65,19 @@ from sparsepatch.format import (
     crc32c,
     data_record_max_blocks,
     decode_data,
+    decode_journal,
     decode_payload,
+    derive_mac_key,
+    encode_journal_slot,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
     encode_sig_header,
+    hash_block,
     identity_hasher,
     payload_limit,
     read_signature,
+    shift_for_block_size,
 )
 
 _spec = importlib.util.spec_from_file_location("make_fixtures", Path(__file__).with_name("make_fixtures.py"))
@@ -90,6 +103,9 @@ EXPECTED_RECORDS: dict[str, list[tuple[str, int, int, int]]] = {
     "unchanged": [],
     "mixed": [("data", 0, 1, 0), ("zero", 3, 1, 0), ("copy", 4, 1, 1), ("zero", 5, 1, 0),
               ("data", 7, 1, 0)],
+    "spec-example": [("data", 1, 1, 0)],
+    "mac-patch": [("data", 1, 1, 0)],
+    "block-16k": [("data", 0, 1, 0), ("zero", 2, 1, 0), ("copy", 3, 1, 1), ("data", 6, 1, 0)],
 }
 
 
@@ -102,9 +118,33 @@ def case_of(name: str) -> dict[str, Any]:
     return case
 
 
-def parse_patch(data: bytes) -> tuple[PatchReader, list[Record]]:
-    reader = PatchReader(io.BytesIO(data).read, "patch")
+def key_path(name: str) -> Path | None:
+    """The key file of an authenticated fixture, None for the others."""
+    return mf.FIXTURES / name / mf.KEY_FILE if "key" in mf.CASES[name] else None
+
+
+def key_of(name: str) -> bytes | None:
+    path = key_path(name)
+    return derive_mac_key(path.read_bytes()) if path else None
+
+
+def parse_patch(data: bytes, key: bytes | None = None) -> tuple[PatchReader, list[Record]]:
+    reader = PatchReader(io.BytesIO(data).read, "patch", key)
     return reader, list(reader.records())
+
+
+def encode_patch(reader: PatchReader, records: list[Record], key: bytes | None) -> bytes:
+    """A decoded patch encoded again, with its Tag chain when it has one."""
+    assert reader.trailer is not None
+    chain = MacChain(key) if key is not None else None
+    out = b""
+    for element in (encode_patch_header(reader.header), *map(encode_record, records),
+                    encode_patch_trailer(reader.trailer)):
+        out += element + (chain.next(element) if chain else b"")
+    return out
+
+
+zstd_independent = mf.zstd_independent
 
 
 def parse_sig(data: bytes) -> Any:
@@ -209,17 +249,26 @@ def payload_ranges(records: list[Record]) -> list[range]:
 def test_fixture_folders_match_the_case_maps() -> None:
     found = {p.name for p in mf.FIXTURES.iterdir() if p.is_dir()}
     assert found == set(mf.CASES)
-    for name in mf.CASES:
-        assert sorted(p.name for p in (mf.FIXTURES / name).iterdir()) == sorted(mf.FILES)
-        assert case_of(name) == mf.CASES[name], f"{name}: case.json is stale, run make fixtures"
+    for name, case in mf.CASES.items():
+        assert sorted(p.name for p in (mf.FIXTURES / name).iterdir()) == sorted(mf.files_of(case))
+        assert case_of(name) == case, f"{name}: case.json is stale, run make fixtures"
     assert set(EXPECTED_RECORDS) == set(mf.CASES)
+    block_sizes = {case["block_size"] for case in mf.CASES.values()}
+    assert {4096, 16384} <= block_sizes
+    assert any("key" in case for case in mf.CASES.values())
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_regenerating_gives_identical_bytes(name: str, tmp_path: Path) -> None:
+def test_regenerating_gives_the_same_files(name: str, tmp_path: Path) -> None:
+    """Byte for byte, except what spec section 5.2 lets vary with the zstd version: payload
+    bytes, and the lengths, CRCs and Tags that depend on them."""
     mf.generate(case_of(name), tmp_path / name)
-    for file in mf.FILES:
-        assert (tmp_path / name / file).read_bytes() == fixture(name, file), f"{name}/{file}"
+    for file in mf.files_of(case_of(name)):
+        if file != "patch.bin":
+            assert (tmp_path / name / file).read_bytes() == fixture(name, file), f"{name}/{file}"
+    key = key_of(name)
+    fresh = (tmp_path / name / "patch.bin").read_bytes()
+    assert zstd_independent(fresh, key) == zstd_independent(fixture(name, "patch.bin"), key)
 
 
 @pytest.mark.parametrize("file", SIG_FILES)
@@ -228,9 +277,7 @@ def test_signature_reencodes_byte_identical(name: str, file: str) -> None:
     data = fixture(name, file)
     sig = parse_sig(data)
     enc = SignatureEncoder(sig.header)
-    out = enc.start()
-    for k, block in enumerate(sig.data_index):
-        out += enc.data_at(block, sig.hash_at(k))
+    out = enc.start() + enc.data_many(sig.data_index, sig.hashes)
     tail, identity = enc.finish(sig.mtime_ns)
     assert out + tail == data
     assert identity == sig.identity
@@ -239,10 +286,8 @@ def test_signature_reencodes_byte_identical(name: str, file: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_reencodes_byte_identical(name: str) -> None:
     data = fixture(name, "patch.bin")
-    reader, records = parse_patch(data)
-    assert reader.trailer is not None
-    out = encode_patch_header(reader.header) + b"".join(encode_record(r) for r in records)
-    assert out + encode_patch_trailer(reader.trailer) == data
+    reader, records = parse_patch(data, key_of(name))
+    assert encode_patch(reader, records, key_of(name)) == data
 
 
 @pytest.mark.parametrize("file", SIG_FILES)
@@ -252,7 +297,8 @@ def test_signature_describes_its_file(name: str, file: str) -> None:
     spec = case["base" if file == "base.sig" else "target"]
     content, bs = mf.file_bytes(spec), case["block_size"]
     sig = parse_sig(fixture(name, file))
-    assert (sig.block_size, sig.header.file_size, sig.mtime_ns) == (bs, spec["size"], mf.MTIME_NS)
+    mtime = case.get("mtime_ns", mf.MTIME_NS)
+    assert (sig.block_size, sig.header.file_size, sig.mtime_ns) == (bs, spec["size"], mtime)
     states = [block_state(content, i, bs) for i in range(sig.header.block_count)]
     assert list(sig.data_index) == [i for i, h in enumerate(states) if h != ZERO_HASH]
     assert [sig.hash_at(k) for k in range(len(sig.data_index))] == [h for h in states if h != ZERO_HASH]
@@ -261,7 +307,7 @@ def test_signature_describes_its_file(name: str, file: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_identities_and_sizes_match_the_signatures(name: str) -> None:
     case = case_of(name)
-    reader, _ = parse_patch(fixture(name, "patch.bin"))
+    reader, _ = parse_patch(fixture(name, "patch.bin"), key_of(name))
     h = reader.header
     base, target = parse_sig(fixture(name, "base.sig")), parse_sig(fixture(name, "target.sig"))
     assert h.base_identity == base.identity
@@ -269,7 +315,8 @@ def test_patch_identities_and_sizes_match_the_signatures(name: str) -> None:
     assert (h.block_size, h.base_size, h.target_size) == (
         case["block_size"], case["base"]["size"], case["target"]["size"])
     assert h.full == bool(case.get("full"))
-    assert h.base_mtime_ns == (0 if h.full else mf.MTIME_NS)
+    assert h.authenticated == ("key" in case)
+    assert h.base_mtime_ns == (0 if h.full else case.get("mtime_ns", mf.MTIME_NS))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -277,7 +324,7 @@ def test_patch_holds_the_expected_records(name: str) -> None:
     case = case_of(name)
     bs = case["block_size"]
     base, target = mf.file_bytes(case["base"]), mf.file_bytes(case["target"])
-    reader, records = parse_patch(fixture(name, "patch.bin"))
+    reader, records = parse_patch(fixture(name, "patch.bin"), key_of(name))
     got = [(REC_NAMES[r.kind], r.first_block, r.count, r.source_block) for r in records]
     assert got == EXPECTED_RECORDS[name]
     t = reader.trailer
@@ -299,9 +346,10 @@ def test_patch_holds_the_expected_records(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_applying_the_fixture_patch_gives_the_target(name: str, tmp_path: Path) -> None:
     case = case_of(name)
-    dest = mf.make_file(tmp_path / "dest", case["base"])
+    dest = mf.make_file(tmp_path / "dest", case["base"], case.get("mtime_ns", mf.MTIME_NS))
     (tmp_path / "patch.bin").write_bytes(fixture(name, "patch.bin"))
-    api.apply(str(tmp_path / "patch.bin"), str(dest), verify=True)
+    key = key_path(name)
+    api.apply(str(tmp_path / "patch.bin"), str(dest), verify=True, key_file=key and str(key))
     assert dest.read_bytes() == mf.file_bytes(case["target"])
 
 
@@ -605,7 +653,7 @@ def test_every_prefix_of_a_patch_is_truncated(name: str) -> None:
     patch = fixture(name, "patch.bin")
     for n in range(len(patch)):
         with pytest.raises(SparsePatchError) as info:
-            parse_patch(patch[:n])
+            parse_patch(patch[:n], key_of(name))
         _check_truncated(info.value, n)
 
 
@@ -633,14 +681,14 @@ def test_trailing_bytes(extra: bytes) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_flip_outside_payloads_is_refused_by_the_reader(name: str) -> None:
-    patch = fixture(name, "patch.bin")
-    payload = {p for r in payload_ranges(parse_patch(patch)[1]) for p in r}
+    patch, key = fixture(name, "patch.bin"), key_of(name)
+    payload = {p for r in payload_ranges(parse_patch(patch, key)[1]) for p in r}
     for pos in range(len(patch)):
         if pos in payload:
             continue
         for mask in (0x01, 0x80, 0xFF):
             with pytest.raises(FormatError):
-                parse_patch(flip(patch, pos, mask))
+                parse_patch(flip(patch, pos, mask), key)
     for file in SIG_FILES:
         sig = fixture(name, file)
         for pos in range(len(sig)):
@@ -765,3 +813,221 @@ def test_damaged_patch_is_refused_or_applies_exactly(data: st.DataObject) -> Non
             return
         assert decoded, "apply accepted a patch the reader refuses"
         assert dest.read_bytes() == mf.file_bytes(case["target"])
+
+
+# ---------------------------------------------------------------- fixtures and the zstd version
+
+
+def _rewritten(name: str, change: bool = False) -> bytes:
+    """The fixture patch with every payload compressed again as two zstd blocks: what another
+    zstd version could write. Lengths, CRCs, counts and Tags follow, as a writer's would.
+    With change, the first byte of each DATA record's content changes too (hashes follow)."""
+    key = key_of(name)
+    reader, records = parse_patch(fixture(name, "patch.bin"), key)
+    h = reader.header
+    out = []
+    for r in records:
+        if r.kind == REC_DATA:
+            raw = bytearray(decode_data(h, r))
+            meta = r.meta
+            if change:
+                raw[0] ^= 1
+                meta = r.meta[:16] + hash_block(raw[: h.block_size], h.block_size) + r.meta[32:]
+            cobj = zstandard.ZstdCompressor(write_checksum=True).compressobj(size=len(raw))
+            payload = (cobj.compress(bytes(raw[:100])) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+                       + cobj.compress(bytes(raw[100:])) + cobj.flush())
+            r = dataclasses.replace(r, meta=meta, payload=payload)
+        out.append(r)
+    assert reader.trailer is not None
+    body = len(encode_patch_header(h)) + sum(len(encode_record(r)) for r in out)
+    body += (len(out) + 1) * MAC_LEN if key else 0
+    reader.trailer = dataclasses.replace(reader.trailer, body_bytes=body,
+                                         payload_bytes=sum(len(r.payload) for r in out))
+    return encode_patch(reader, out, key)
+
+
+@pytest.mark.parametrize("name", ["mixed", "mac-patch", "block-16k"])
+def test_the_fixture_check_does_not_depend_on_the_zstd_version(name: str) -> None:
+    key, golden = key_of(name), fixture(name, "patch.bin")
+    other = _rewritten(name)
+    assert len(other) != len(golden)  # other payload bytes and lengths, as another zstd may give
+    assert zstd_independent(other, key) == zstd_independent(golden, key)
+    # ...and it still sees a change to the content (and so to a target hash).
+    assert zstd_independent(_rewritten(name, change=True), key) != zstd_independent(golden, key)
+
+
+# ---------------------------------------------------------------- spec section 10
+
+
+SPEC = Path(__file__).resolve().parent.parent / "spec" / "FORMAT.md"
+
+
+def _spec_dump(heading: str) -> tuple[int, bytes]:
+    """The bytes an annotated listing of spec section 10 shows, and the size its heading
+    gives. Each line is `offset  bytes  field  value`; offsets must follow each other."""
+    text = SPEC.read_text()
+    m = re.search(rf"^### {re.escape(heading)} \((\d+) bytes\)\n\n```\n(.*?)\n```", text, re.S | re.M)
+    assert m, f"spec section {heading!r} not found"
+    out = bytearray()
+    for line in m.group(2).splitlines()[1:]:  # the first line names the columns
+        off, column = int(line[:4], 16), line[6:40]
+        assert off == len(out), f"{heading}: line at {off:04x} follows byte {len(out):04x}"
+        out += bytes.fromhex(column.replace(" ", ""))
+    return int(m.group(1)), bytes(out)
+
+
+@pytest.mark.parametrize(("heading", "file"), [("10.1 Signature", "base.sig"), ("10.2 Patch", "patch.bin")])
+def test_the_spec_dump_shows_the_spec_example_fixture(heading: str, file: str) -> None:
+    size, shown = _spec_dump(heading)
+    assert shown == fixture("spec-example", file)
+    assert size == len(shown)
+
+
+def test_the_spec_example_is_what_section_10_describes() -> None:
+    case = mf.CASES["spec-example"]
+    base, target = mf.file_bytes(case["base"]), mf.file_bytes(case["target"])
+    assert base == b"A" * 4096 + b"B" * 4096 + bytes(4096)
+    assert target == b"A" * 4096 + b"b" * 4096 + bytes(4096)
+    assert case["block_size"] == 4096 and case["mtime_ns"] == 1767225600000000000
+    assert mf.CASES["mac-patch"]["base"] == case["base"]
+    assert mf.CASES["mac-patch"]["target"] == case["target"]
+
+
+def test_the_spec_gives_the_offsets_of_the_mac_example() -> None:
+    text = " ".join(SPEC.read_text().split())
+    m = re.search(r"with `--key-file` is (\d+) bytes, 3 × 32 more\. T0 is at 0x(\w+), the record "
+                  r"moves to 0x(\w+) and is followed by T1 at 0x(\w+), the trailer moves to 0x(\w+) "
+                  r"\(so body_bytes = (\d+)\), and T2 is at 0x(\w+)\.", text)
+    assert m, "the MAC example paragraph of section 10 changed: update this test"
+    size, t0, rec, t1, trailer, body, t2 = (int(v, 16 if i in (1, 2, 3, 4, 6) else 10)
+                                            for i, v in enumerate(m.groups()))
+    patch, key = fixture("mac-patch", "patch.bin"), key_of("mac-patch")
+    reader, records = parse_patch(patch, key)
+    assert reader.trailer is not None
+    assert len(patch) == size == len(fixture("spec-example", "patch.bin")) + 3 * MAC_LEN
+    assert (t0, rec) == (PATCH_HEADER.size + CRC.size, records[0].offset)
+    assert t1 == rec + len(encode_record(records[0]))
+    assert trailer == t1 + MAC_LEN == reader.trailer.body_bytes == body
+    assert t2 == trailer + PATCH_TRAILER.size + CRC.size == size - MAC_LEN
+
+
+# ---------------------------------------------------------------- rules added to the spec
+
+
+def test_data_or_copy_that_changes_nothing_is_refused() -> None:
+    """Rule 14: a DATA or COPY block whose base and target hashes are equal would not change."""
+    for name, kind in (("data-record", "data"), ("copy-record", "copy")):
+        reader, recs = parse_patch(fixture(name, "patch.bin"))
+        rec = recs[0]
+        same = rec.meta[16:32] + rec.meta[16:]
+        patch = assemble(reader.header, [dataclasses.replace(rec, meta=same)])
+        refuses(FormatError, lambda p=patch: parse_patch(p), f"record 0 ({kind}) at byte {rec.offset}",
+                f"block {rec.first_block} has the same base and target hash")
+
+
+def _frame(raw: bytes, **params: Any) -> bytes:
+    return zstandard.ZstdCompressor(write_checksum=True, write_content_size=True, **params).compress(raw)
+
+
+def _skippable_first(raw: bytes) -> bytes:
+    return struct.pack("<II", 0x184D2A53, 4) + b"abcd" + _frame(raw)
+
+
+def _with_dictionary(raw: bytes) -> bytes:
+    # Dictionary_ID 7 in the frame header (1 byte, flag value 1); the frame is otherwise plain.
+    out = bytearray(_frame(raw))
+    assert out[4] & 3 == 0
+    out[4] |= 1
+    out[5:5] = b"\x07"
+    return bytes(out)
+
+
+def _wide_window(raw: bytes) -> bytes:
+    # Not single-segment, with a Window_Descriptor of 2^25 (exponent 15, mantissa 0).
+    out = bytearray(_frame(raw))
+    assert out[4] & 0x20, "expected a single-segment frame"
+    out[4] &= ~0x20 & 0xFF
+    out[5:5] = bytes([(25 - 10) << 3])
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (_skippable_first, "payload is a skippable frame"),
+    (_with_dictionary, "payload frame names dictionary 7; none is allowed"),
+    (_wide_window, f"payload frame window is {1 << 25} bytes, more than {1 << 24}"),
+])
+def test_payload_frames_the_spec_rules_out(build: Any, message: str) -> None:
+    """Rule 16: no skippable frame, no dictionary, a window of at most 16 MiB."""
+    reader, recs = parse_patch(fixture("data-record", "patch.bin"))
+    header, rec, _ = _with_payload("data-record", build(decode_data(reader.header, recs[0])))
+    refuses(FormatError, lambda: decode_payload(header, rec), f"record 0 (data) at byte {rec.offset}",
+            message)
+
+
+def test_zstd_errors_are_named_for_what_they_are() -> None:
+    """A frame that does not decode is a corrupt payload; only a failed content checksum
+    is a checksum mismatch."""
+    reader, recs = parse_patch(fixture("spec-example", "patch.bin"))
+    rec = recs[0]
+    good = rec.payload  # 9 bytes of compressed block, then the content checksum
+    bad_sum = dataclasses.replace(rec, payload=flip(good, len(good) - 1, 0x01))
+    refuses(ChecksumMismatch, lambda: decode_payload(reader.header, bad_sum),
+            "payload's zstd content checksum does not match its decompressed bytes")
+    corrupt = 0
+    for pos in range(10, len(good) - 4):  # inside the compressed block
+        damaged = dataclasses.replace(rec, payload=flip(good, pos))
+        try:
+            decode_payload(reader.header, damaged)
+        except ChecksumMismatch as e:
+            assert "zstd content checksum" in str(e)
+        except FormatError as e:
+            assert "payload is a corrupt zstd frame" in str(e) or "payload gave" in str(e), str(e)
+            corrupt += "corrupt zstd frame" in str(e)
+    assert corrupt, "no damaged block was reported as a corrupt frame"
+
+
+def test_a_mac_patch_without_a_key_says_so_in_codec_words() -> None:
+    patch = fixture("mac-patch", "patch.bin")
+    err = refuses(KeyRequired, lambda: parse_patch(patch), "patch is authenticated", "no key was given")
+    assert "--" not in str(err)  # command-line options are the CLI's to name
+    refuses(AuthenticationError, lambda: parse_patch(fixture("spec-example", "patch.bin"),
+                                                     key_of("mac-patch")), "a key was given")
+    wrong = derive_mac_key(b"another key of 32 bytes, or so..")
+    refuses(AuthenticationError, lambda: parse_patch(patch, wrong), "MAC mismatch at byte 108")
+
+
+def test_hash_block_pads_the_last_block_and_knows_zeros() -> None:
+    bs = 16384
+    assert hash_block(b"", bs) == hash_block(bytes(100), bs) == hash_block(bytes(bs), bs) == ZERO_HASH
+    assert hash_block(b"x" * 100, bs) == block_hash(b"x" * 100 + bytes(bs - 100))
+    assert hash_block(memoryview(b"y" * bs), bs) == block_hash(b"y" * bs)
+    assert hash_block(b"x" * 100, 4096) != hash_block(b"x" * 100, bs)
+
+
+@pytest.mark.parametrize("size", [0, -4096, 2048, 4095, 4097, 12288, 1 << 25])
+def test_block_size_is_checked_in_one_place(size: int, tmp_path: Path) -> None:
+    refuses(UsageError, lambda: shift_for_block_size(size), f"block size {size} must be a power of two")
+    refuses(UsageError, lambda: api.signature(str(tmp_path / "none"), None, block_size=size),
+            f"block size {size}")
+
+
+def test_block_sizes_the_format_allows() -> None:
+    assert [shift_for_block_size(1 << s) for s in range(12, 25)] == list(range(12, 25))
+
+
+def test_journal_sequence_wraps() -> None:
+    ids = bytes(32), b"\1" * 32
+
+    def journal(*seqs: int) -> bytes:
+        slots = [bytes(JOURNAL_SLOT_SIZE)] * 2
+        for seq in seqs:
+            slots[seq % 2] = encode_journal_slot(JournalSlot(seq, *ids, seq, seq + 1))
+        return b"".join(slots)
+
+    assert decode_journal(journal(1, 2)).seq == 2  # type: ignore[union-attr]
+    assert decode_journal(journal(2, 3)).seq == 3  # type: ignore[union-attr]
+    # After 0xFFFFFFFF comes 0: the slot written last is current.
+    last = decode_journal(journal(0xFFFFFFFE, 0xFFFFFFFF, 1 << 32))
+    assert last is not None and last.seq == 0 and last.start_block == 1 << 32
+    assert decode_journal(journal(0xFFFFFFFF)).seq == 0xFFFFFFFF  # type: ignore[union-attr]
+    assert decode_journal(bytes(2 * JOURNAL_SLOT_SIZE)) is None

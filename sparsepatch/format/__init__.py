@@ -1,0 +1,105 @@
+"""Pure codec for the signature, patch and journal formats (spec/FORMAT.md is the contract).
+
+Encoders return bytes; decoders take bytes or a ``read(n)`` callable and check every
+length, count and offset against the limits in the spec before allocating anything.
+This package never opens a file. Its modules, by structure:
+
+- base: constants, Struct layouts, CRC-32C, block hash, magic, the counting reader
+- rules: spec section 7, rules 1-15, one function or method per rule
+- signature, patch, journal: one module per file format
+- mac: the patch MAC key and tag chain
+- frame: DATA payloads, one zstd frame each (rule 16)
+"""
+
+from .base import (
+    COMP_ZSTD,
+    CRC,
+    FLAG_FULL,
+    FLAG_MAC,
+    HASH_LEN,
+    JOURNAL_MAGIC,
+    JOURNAL_SLOT,
+    JOURNAL_SLOT_SIZE,
+    KNOWN_PATCH_FLAGS,
+    MAC_CONTEXT,
+    MAC_LEN,
+    MAX_FILE_SIZE,
+    MAX_RECORD_BLOCKS,
+    MAX_RECORD_DATA,
+    MAX_SHIFT,
+    MAX_SIG_DATA_RUN,
+    MAX_SIG_HOLE_RUN,
+    MIN_KEY_FILE,
+    MIN_SHIFT,
+    PATCH_HEADER,
+    PATCH_MAGIC,
+    PATCH_TRAILER,
+    REC_COPY,
+    REC_DATA,
+    REC_END,
+    REC_NAMES,
+    REC_ZERO,
+    RECORD,
+    SIG_DATA,
+    SIG_END,
+    SIG_HEADER,
+    SIG_HOLE,
+    SIG_MAGIC,
+    SIG_RUN,
+    SIG_TRAILER,
+    VERSION,
+    ZERO_HASH,
+    Reader,
+    block_hash,
+    blocks_for,
+    check_shift,
+    check_size,
+    crc32c,
+    data_record_max_blocks,
+    hash_block,
+    identity_hasher,
+    payload_limit,
+    shift_for_block_size,
+    sniff,
+    valid_shift,
+)
+from .frame import MAX_WINDOW, decode_data, decode_payload, rule_16_frame
+from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
+from .mac import MacChain, derive_mac_key
+from .patch import (
+    PatchHeader,
+    PatchReader,
+    PatchTrailer,
+    Record,
+    decode_patch_header,
+    encode_patch_header,
+    encode_patch_trailer,
+    encode_record,
+    raw_length,
+)
+from .rules import CopySources, PatchRules, RangeSet, SignatureRules
+from .signature import (
+    SigHeader,
+    Signature,
+    SignatureEncoder,
+    decode_sig_header,
+    encode_sig_header,
+    read_signature,
+)
+
+__all__ = [
+    "COMP_ZSTD", "CRC", "FLAG_FULL", "FLAG_MAC", "HASH_LEN", "JOURNAL_MAGIC", "JOURNAL_SLOT",
+    "JOURNAL_SLOT_SIZE", "KNOWN_PATCH_FLAGS", "MAC_CONTEXT", "MAC_LEN", "MAX_FILE_SIZE",
+    "MAX_RECORD_BLOCKS", "MAX_RECORD_DATA", "MAX_SHIFT", "MAX_SIG_DATA_RUN", "MAX_SIG_HOLE_RUN",
+    "MAX_WINDOW", "MIN_KEY_FILE", "MIN_SHIFT", "PATCH_HEADER", "PATCH_MAGIC", "PATCH_TRAILER",
+    "REC_COPY", "REC_DATA", "REC_END", "REC_NAMES", "REC_ZERO", "RECORD", "SIG_DATA", "SIG_END",
+    "SIG_HEADER", "SIG_HOLE", "SIG_MAGIC", "SIG_RUN", "SIG_TRAILER", "VERSION", "ZERO_HASH",
+    "CopySources", "JournalSlot", "MacChain", "PatchHeader", "PatchReader", "PatchRules",
+    "PatchTrailer", "RangeSet", "Reader", "Record", "SigHeader", "Signature", "SignatureEncoder",
+    "SignatureRules", "block_hash", "blocks_for", "check_shift", "check_size", "crc32c",
+    "data_record_max_blocks", "decode_data", "decode_journal", "decode_journal_slot",
+    "decode_patch_header", "decode_payload", "decode_sig_header", "derive_mac_key",
+    "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
+    "encode_sig_header", "hash_block", "identity_hasher", "newer_slot", "payload_limit",
+    "raw_length", "read_signature", "rule_16_frame", "shift_for_block_size", "sniff", "valid_shift",
+]

@@ -1,0 +1,241 @@
+"""The patch (spec section 5): header, records, trailer, and the streaming reader. The reader
+reads; the section 7 rules it applies on the way are in rules.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, dataclass, fields
+
+from ..errors import AuthenticationError, FormatError, KeyRequired
+from .base import (
+    COMP_ZSTD,
+    CRC,
+    FLAG_FULL,
+    FLAG_MAC,
+    HASH_LEN,
+    KNOWN_PATCH_FLAGS,
+    MAC_LEN,
+    PATCH_HEADER,
+    PATCH_MAGIC,
+    PATCH_TRAILER,
+    REC_COPY,
+    REC_DATA,
+    REC_END,
+    REC_NAMES,
+    REC_ZERO,
+    RECORD,
+    VERSION,
+    ZERO_HASH,
+    Reader,
+    blocks_for,
+    check_crc,
+    crc32c,
+    with_crc,
+)
+from .mac import MacChain
+from .rules import (
+    PatchRules,
+    rule_1_magic_version_flags,
+    rule_2_patch_fields,
+    rule_3_patch_sizes,
+)
+from .rules import raw_length as _raw_length
+
+
+@dataclass(frozen=True)
+class PatchHeader:
+    flags: int
+    block_shift: int
+    base_size: int
+    target_size: int
+    base_identity: bytes
+    target_identity: bytes
+    compression: int = COMP_ZSTD
+    base_mtime_ns: int = 0
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.flags & FLAG_MAC)
+
+    @property
+    def block_size(self) -> int:
+        return 1 << self.block_shift
+
+    @property
+    def full(self) -> bool:
+        return bool(self.flags & FLAG_FULL)
+
+    @property
+    def target_blocks(self) -> int:
+        return blocks_for(self.target_size, self.block_shift)
+
+
+def encode_patch_header(h: PatchHeader) -> bytes:
+    return with_crc(
+        PATCH_HEADER.pack(
+            PATCH_MAGIC, VERSION, h.flags, h.block_shift, h.compression, 0,
+            h.base_size, h.target_size, h.base_mtime_ns, h.base_identity, h.target_identity,
+        )
+    )
+
+
+def decode_patch_header(buf: bytes) -> PatchHeader:
+    body = buf[: PATCH_HEADER.size]
+    (magic, version, flags, shift, comp, reserved, base_size, target_size, mtime_ns, base_id,
+     target_id) = PATCH_HEADER.unpack(body)
+    rule_1_magic_version_flags(magic, version, flags, KNOWN_PATCH_FLAGS, "patch")
+    check_crc(body, CRC.unpack_from(buf, PATCH_HEADER.size)[0], "patch header", 0)
+    rule_2_patch_fields(shift, comp, reserved)
+    rule_3_patch_sizes(flags, base_size, target_size)
+    return PatchHeader(flags, shift, base_size, target_size, base_id, target_id, comp, mtime_ns)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One patch record. meta holds, per block: base hash (+ target hash for DATA and COPY)."""
+
+    kind: int
+    first_block: int
+    count: int
+    meta: bytes
+    source_block: int = 0
+    payload: bytes = b""
+    offset: int = 0  # byte offset of the record in the patch, for messages
+    index: int = 0  # record number, for messages
+    source: str = "patch"  # name of the patch it came from, for messages
+
+    @property
+    def meta_width(self) -> int:
+        return HASH_LEN if self.kind == REC_ZERO else 2 * HASH_LEN
+
+    def base_hash(self, k: int) -> bytes:
+        w = self.meta_width
+        return self.meta[k * w : k * w + HASH_LEN]
+
+    def target_hash(self, k: int) -> bytes:
+        if self.kind == REC_ZERO:
+            return ZERO_HASH
+        w = self.meta_width
+        return self.meta[k * w + HASH_LEN : (k + 1) * w]
+
+    def where(self) -> str:
+        return f"{self.source} record {self.index} ({REC_NAMES.get(self.kind, '?')}) at byte {self.offset}"
+
+
+def encode_record(rec: Record) -> bytes:
+    head = RECORD.pack(rec.kind, rec.first_block, rec.count, len(rec.payload), rec.source_block)
+    return head + rec.meta + CRC.pack(crc32c(rec.meta, crc32c(head))) + rec.payload
+
+
+@dataclass(frozen=True)
+class PatchTrailer:
+    records: int
+    data_blocks: int
+    zero_blocks: int
+    copy_blocks: int
+    payload_bytes: int
+    body_bytes: int
+
+
+def encode_patch_trailer(t: PatchTrailer) -> bytes:
+    return with_crc(
+        PATCH_TRAILER.pack(REC_END, t.records, t.data_blocks, t.zero_blocks, t.copy_blocks,
+                           t.payload_bytes, t.body_bytes)
+    )
+
+
+def raw_length(header: PatchHeader, first_block: int, count: int) -> int:
+    """Bytes of target a DATA record carries: its blocks clipped at the target size."""
+    return _raw_length(header.target_size, header.block_shift, first_block, count)
+
+
+class PatchReader:
+    """Streams a patch: header, then records in order, then the trailer, checking each
+    field against the spec's limits (rules.py) before reading what it announces.
+
+    With a key, every Tag is checked and a patch without the MAC flag is refused. Without
+    one, the Tags of a MAC patch are read unchecked if unauthenticated_ok, else the patch
+    is refused with KeyRequired (the caller knows how its user supplies a key)."""
+
+    def __init__(self, read: Callable[[int], bytes], name: str = "patch", key: bytes | None = None,
+                 unauthenticated_ok: bool = False):
+        self.r = Reader(read, name)
+        self.name = name
+        head = self.r.header(PATCH_HEADER.size + CRC.size, "patch")
+        try:
+            self.header = decode_patch_header(head)
+        except FormatError as e:
+            raise type(e)(f"{name}: {e}") from None
+        self.mac: MacChain | None = None
+        if self.header.authenticated:
+            if key is None and not unauthenticated_ok:
+                raise KeyRequired(
+                    f"{name}: patch is authenticated (MAC flag at byte 10) but no key was given"
+                )
+            self.mac = MacChain(key) if key is not None else None
+            self._tag(f"{name} header", head)
+        elif key is not None:
+            raise AuthenticationError(
+                f"{name}: patch is not authenticated (no MAC flag at byte 10) but a key was given"
+            )
+        self.trailer: PatchTrailer | None = None
+        self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
+        self.payload_bytes = 0
+
+    def _tag(self, where: str, *element: bytes) -> None:
+        """Read the tag after an element; check it when a key is known."""
+        if not self.header.authenticated:
+            return
+        at = self.r.pos
+        tag = self.r.exact(MAC_LEN, f"MAC tag after {where}")
+        if self.mac is None:
+            return
+        import hmac  # only authenticated patches need it
+
+        if not hmac.compare_digest(tag, self.mac.next(*element)):
+            raise AuthenticationError(
+                f"{where}: MAC mismatch at byte {at}: the patch was altered or the key is wrong"
+            )
+
+    def records(self) -> Iterator[Record]:
+        h = self.header
+        r = self.r
+        rules = PatchRules(h.block_shift, h.base_size, h.target_size)
+        n = 0
+        while True:
+            at = r.pos
+            kind = r.exact(1, f"record {n} kind")
+            if kind[0] == REC_END:
+                self._finish(kind, at, n)
+                return
+            rest = r.exact(RECORD.size - 1, f"record {n} header")
+            k, first, count, payload_len, source = RECORD.unpack(kind + rest)
+            where = rules.record_header(f"{self.name} record {n}", at, k, rest[:3],
+                                        first, count, payload_len, source)
+            meta = r.exact(count * (HASH_LEN if k == REC_ZERO else 2 * HASH_LEN),
+                           f"record {n} block hashes")
+            crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
+            check_crc(kind + rest + meta, crc, where, at)
+            rules.rule_14_meta(where, k, first, count, meta)
+            payload = r.exact(payload_len, f"record {n} payload") if payload_len else b""
+            self._tag(where, kind, rest, meta, CRC.pack(crc), payload)
+            rules.accept(k, first, count, source)
+            self.counts[k] += count
+            self.payload_bytes += payload_len
+            yield Record(k, first, count, meta, source, payload, at, n, self.name)
+            n += 1
+
+    def _finish(self, kind: bytes, at: int, n: int) -> None:
+        where = f"{self.name} trailer at byte {at}"
+        rest = self.r.exact(PATCH_TRAILER.size - 1 + CRC.size, "trailer")
+        body = kind + rest[: -CRC.size]
+        check_crc(body, CRC.unpack(rest[-CRC.size :])[0], f"{self.name} trailer", at)
+        self._tag(where, kind, rest)
+        t = PatchTrailer(*PATCH_TRAILER.unpack(body)[1:])
+        seen = PatchTrailer(n, self.counts[REC_DATA], self.counts[REC_ZERO], self.counts[REC_COPY],
+                            self.payload_bytes, at)
+        PatchRules.rule_15_trailer(where, body[1:4], astuple(t), astuple(seen),
+                                   tuple(f.name for f in fields(PatchTrailer)))
+        if not self.r.at_eof():
+            raise FormatError(f"{self.name}: unexpected bytes after the trailer at byte {self.r.pos}")
+        self.trailer = t

@@ -1,0 +1,339 @@
+"""The validity rules of spec/FORMAT.md section 7, one function or method per rule, numbered
+as in the spec. Decoders call them in the order the spec lists them, each before reading or
+allocating what the fields it checks announce. Rule 16 (the payload frame) is in frame.py,
+because only a reader that uses a payload checks it."""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from array import array
+
+from ..errors import ChecksumMismatch, FormatError, UnsupportedVersion
+from .base import (
+    COMP_ZSTD,
+    FLAG_FULL,
+    HASH_LEN,
+    MAX_RECORD_BLOCKS,
+    MAX_SIG_DATA_RUN,
+    MAX_SIG_HOLE_RUN,
+    REC_COPY,
+    REC_DATA,
+    REC_NAMES,
+    REC_ZERO,
+    SIG_DATA,
+    SIG_HOLE,
+    VERSION,
+    ZERO_HASH,
+    blocks_for,
+    check_magic,
+    check_shift,
+    check_size,
+    data_record_max_blocks,
+    payload_limit,
+)
+
+# ---------------------------------------------------------------- headers (rules 1-3)
+
+
+def rule_1_magic_version_flags(magic: bytes, version: int, flags: int, known_flags: int,
+                               kind: str) -> None:
+    """The header CRC, also rule 1, is checked right after this by the caller."""
+    check_magic(magic, kind, kind)
+    if version != VERSION:
+        raise UnsupportedVersion(
+            f"{kind} format version {version} at byte 8 is not supported (this build reads {VERSION})"
+        )
+    if flags & ~known_flags:
+        raise UnsupportedVersion(f"{kind} flags {flags:#06x} at byte 10 has unknown bits set")
+
+
+def rule_2_sig_fields(shift: int, hash_len: int, reserved: int) -> None:
+    check_shift(shift, "signature header at byte 12")
+    if hash_len != HASH_LEN:
+        raise FormatError(f"signature header at byte 13: hash length {hash_len}, expected {HASH_LEN}")
+    if reserved:
+        raise FormatError("signature header at byte 14: reserved field is not zero")
+
+
+def rule_2_patch_fields(shift: int, compression: int, reserved: int) -> None:
+    check_shift(shift, "patch header at byte 12")
+    if compression != COMP_ZSTD:
+        raise UnsupportedVersion(f"patch header at byte 13: unknown compression {compression}")
+    if reserved:
+        raise FormatError("patch header at byte 14: reserved field is not zero")
+
+
+def rule_3_sig_size(file_size: int) -> None:
+    check_size(file_size, "file size", "signature header at byte 16")
+
+
+def rule_3_patch_sizes(flags: int, base_size: int, target_size: int) -> None:
+    check_size(base_size, "base size", "patch header at byte 16")
+    check_size(target_size, "target size", "patch header at byte 24")
+    if flags & FLAG_FULL and base_size:
+        raise FormatError("patch header at byte 16: a full patch must have base size 0")
+
+
+# ---------------------------------------------------------------- signature runs (rules 4-6)
+
+
+class SignatureRules:
+    """Rules 4-6 over the runs of one signature, in stream order."""
+
+    def __init__(self, block_count: int):
+        self.block_count = block_count
+        self.block = 0  # blocks the runs so far describe
+        self.data_blocks = 0
+        self.prev_kind = 0
+        self.prev_count = 0
+
+    def rule_4_run_header(self, where: str, kind: int, first: int, count: int) -> None:
+        if kind not in (SIG_HOLE, SIG_DATA):
+            raise FormatError(f"{where}: unknown run kind {kind}")
+        if first != self.block:
+            raise FormatError(f"{where}: starts at block {first}, expected {self.block}")
+        if count == 0 or count > self.block_count - self.block:
+            raise FormatError(
+                f"{where}: block count {count} is outside 1..{self.block_count - self.block}"
+            )
+        if kind == SIG_DATA and count > MAX_SIG_DATA_RUN:
+            raise FormatError(f"{where}: {count} hashes exceed the limit of {MAX_SIG_DATA_RUN}")
+
+    def rule_5_canonical(self, where: str, kind: int, reserved: bytes) -> None:
+        """Reserved bytes, and section 4.4 rules 2 and 3: canonical runs are what make the
+        identity a function of content alone. The run CRC follows, then rule_5_hashes."""
+        if reserved != b"\0\0\0":
+            raise FormatError(f"{where}: reserved bytes are not zero")
+        if kind == SIG_HOLE and self.prev_kind == SIG_HOLE and self.prev_count != MAX_SIG_HOLE_RUN:
+            raise FormatError(f"{where}: hole run follows a short hole run (not canonical)")
+        if kind == SIG_DATA and self.prev_kind == SIG_DATA and self.prev_count != MAX_SIG_DATA_RUN:
+            raise FormatError(f"{where}: data run follows a short data run (not canonical)")
+
+    def rule_5_hashes(self, where: str, first: int, hashes: bytes) -> None:
+        zero_at = hashes.find(ZERO_HASH)  # a search, not a Python loop per hash
+        while zero_at >= 0:
+            if zero_at % HASH_LEN == 0:
+                raise FormatError(
+                    f"{where}: block {first + zero_at // HASH_LEN} has the zero hash in a data run"
+                )
+            zero_at = hashes.find(ZERO_HASH, zero_at + 1)
+
+    def accept(self, kind: int, count: int) -> None:
+        self.block += count
+        if kind == SIG_DATA:
+            self.data_blocks += count
+        self.prev_kind, self.prev_count = kind, count
+
+    def rule_6_trailer(self, where: str, reserved: bytes, identity: bytes, expected: bytes,
+                       block_count: int, data_blocks: int) -> None:
+        """After the trailer CRC; end of input is checked last, by the reader."""
+        if reserved != b"\0\0\0":
+            raise FormatError(f"{where}: reserved bytes are not zero")
+        if identity != expected:
+            raise ChecksumMismatch(
+                f"{where}: identity mismatch "
+                f"(expected {identity.hex()[:16]}..., found {expected.hex()[:16]}...)"
+            )
+        total = self.block_count
+        if self.block != total or block_count != total or data_blocks != self.data_blocks:
+            raise FormatError(
+                f"{where}: counts {block_count} blocks/{data_blocks} data disagree with the runs "
+                f"({self.block} blocks/{self.data_blocks} data, header says {total})"
+            )
+
+
+# ---------------------------------------------------------------- patch records (rules 7-15)
+
+
+class RangeSet:
+    """Disjoint block ranges kept merged and sorted, to ask whether a range meets any.
+    16 bytes a range; ranges added in ascending order (as records come) are appended."""
+
+    def __init__(self) -> None:
+        self.starts = array("Q")
+        self.ends = array("Q")
+
+    def add(self, start: int, end: int) -> None:
+        if not self.ends or start > self.ends[-1]:
+            self.starts.append(start)
+            self.ends.append(end)
+            return
+        if start == self.ends[-1]:
+            self.ends[-1] = max(end, self.ends[-1])
+            return
+        lo = bisect.bisect_left(self.ends, start)  # first range ending at or after start
+        hi = bisect.bisect_right(self.starts, end)  # ranges lo..hi-1 touch [start, end)
+        if lo < hi:
+            start = min(start, self.starts[lo])
+            end = max(end, self.ends[hi - 1])
+        self.starts[lo:hi] = array("Q", [start])
+        self.ends[lo:hi] = array("Q", [end])
+
+    def meets(self, start: int, end: int) -> bool:
+        k = bisect.bisect_left(self.starts, end)
+        return k > 0 and self.ends[k - 1] > start
+
+
+class CopySources:
+    """Block ranges that copy records read, asked only whether a later record's range
+    meets one. Records ascend, so a source ending at or before a record's first block can
+    never meet a later record: it is dropped. Among the rest, a range [first, end) meets
+    one exactly when the smallest start is below end. A heap by start, with ranges that
+    ended dropped from its top, answers in O(log n) (a sorted insert would be quadratic
+    for a crafted patch whose sources descend)."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        heapq.heappush(self.heap, (start, end))
+
+    def meets(self, first: int, end: int) -> bool:
+        heap = self.heap
+        while heap and heap[0][1] <= first:
+            heapq.heappop(heap)
+        return bool(heap) and heap[0][0] < end
+
+
+def raw_length(target_size: int, block_shift: int, first_block: int, count: int) -> int:
+    """Bytes of target a DATA record carries: its blocks clipped at the target size."""
+    start = first_block << block_shift
+    end = min((first_block + count) << block_shift, target_size)
+    return end - start
+
+
+class PatchRules:
+    """Rules 7-15 over the records and trailer of one patch, in stream order.
+
+    target_blocks and base_blocks are the block counts of target_size and base_size at the
+    patch's block size (spec section 7)."""
+
+    def __init__(self, block_shift: int, base_size: int, target_size: int):
+        self.shift = block_shift
+        self.target_size = target_size
+        self.target_blocks = blocks_for(target_size, block_shift)
+        self.base_blocks = blocks_for(base_size, block_shift)
+        self.max_data = data_record_max_blocks(block_shift)
+        self.next_block = 0
+        # A copy must read a block no record changes, or the result would depend on the
+        # order records are applied in and a resumed apply could read half-written data.
+        self.changed = RangeSet()
+        self.copied_from = CopySources()
+
+    def record_header(self, what: str, at: int, kind: int, reserved: bytes, first: int, count: int,
+                      payload_len: int, source: int) -> str:
+        """Rules 7-13, on the fixed part alone, of the record named what (at byte at); returns
+        how messages name it from then on."""
+        self.rule_7_kind(f"{what} at byte {at}", kind)
+        where = f"{what} ({REC_NAMES[kind]}) at byte {at}"
+        self.rule_7_reserved(where, reserved)
+        self.rule_8_order(where, first)
+        self.rule_9_count(where, kind, count)
+        self.rule_10_range(where, first, count)
+        self.rule_11_payload(where, kind, first, count, payload_len)
+        self.rule_12_copy_source(where, kind, first, count, source)
+        self.rule_13_copy_independence(where, kind, first, count, source)
+        return where
+
+    def rule_7_kind(self, where: str, kind: int) -> None:
+        if kind not in REC_NAMES:
+            raise FormatError(f"{where}: unknown record kind {kind}")
+
+    def rule_7_reserved(self, where: str, reserved: bytes) -> None:
+        if reserved != b"\0\0\0":
+            raise FormatError(f"{where}: reserved bytes are not zero")
+
+    def rule_8_order(self, where: str, first: int) -> None:
+        if first < self.next_block:
+            raise FormatError(
+                f"{where}: starts at block {first}, before the end of the previous record "
+                f"(block {self.next_block}): records overlap or are out of order"
+            )
+
+    def rule_9_count(self, where: str, kind: int, count: int) -> None:
+        limit = self.max_data if kind == REC_DATA else MAX_RECORD_BLOCKS
+        if count == 0 or count > limit:
+            raise FormatError(f"{where}: block count {count} is outside 1..{limit}")
+
+    def rule_10_range(self, where: str, first: int, count: int) -> None:
+        total = self.target_blocks
+        if first >= total or count > total - first:
+            raise FormatError(
+                f"{where}: blocks {first}..{first + count - 1} lie beyond the target "
+                f"({total} blocks, {self.target_size} bytes)"
+            )
+
+    def rule_11_payload(self, where: str, kind: int, first: int, count: int, payload_len: int) -> None:
+        if kind == REC_DATA:
+            raw = raw_length(self.target_size, self.shift, first, count)
+            if payload_len == 0 or payload_len > payload_limit(raw):
+                raise FormatError(
+                    f"{where}: payload length {payload_len} is outside 1..{payload_limit(raw)} "
+                    f"for {raw} bytes of data"
+                )
+        elif payload_len:
+            raise FormatError(f"{where}: payload length {payload_len}, expected 0")
+
+    def rule_12_copy_source(self, where: str, kind: int, first: int, count: int, source: int) -> None:
+        if kind != REC_COPY:
+            if source:
+                raise FormatError(f"{where}: source block {source}, expected 0")
+            return
+        # Sources must survive the final truncate, or a resumed apply would find them gone;
+        # so they lie within both the base and the target.
+        limit = min(self.base_blocks, self.target_blocks)
+        if source > limit or count > limit - source:
+            raise FormatError(
+                f"{where}: copy source blocks {source}..{source + count - 1} lie beyond "
+                f"the base or the target ({limit} blocks in both)"
+            )
+        if source < first + count and first < source + count:
+            raise FormatError(f"{where}: copy source overlaps its own destination")
+
+    def rule_13_copy_independence(self, where: str, kind: int, first: int, count: int,
+                                  source: int) -> None:
+        if self.copied_from.meets(first, first + count):
+            raise FormatError(f"{where}: changes a block an earlier copy record reads from")
+        if kind == REC_COPY and self.changed.meets(source, source + count):
+            raise FormatError(f"{where}: copies from a block an earlier record changes")
+
+    def rule_14_meta(self, where: str, kind: int, first: int, count: int, meta: bytes) -> None:
+        """After the record CRC: every block named must change, and into something other
+        than zeros unless the record is ZERO."""
+        if kind == REC_ZERO:
+            for b in range(count):
+                if meta[b * HASH_LEN : (b + 1) * HASH_LEN] == ZERO_HASH:
+                    raise FormatError(f"{where}: block {first + b} is zeros in base and target")
+            return
+        width = 2 * HASH_LEN
+        for b in range(count):
+            base = meta[b * width : b * width + HASH_LEN]
+            target = meta[b * width + HASH_LEN : (b + 1) * width]
+            if target == ZERO_HASH:
+                raise FormatError(f"{where}: block {first + b} has the zero hash as target")
+            if base == target:
+                raise FormatError(
+                    f"{where}: block {first + b} has the same base and target hash: it does not change"
+                )
+
+    def accept(self, kind: int, first: int, count: int, source: int) -> None:
+        """Record a record that passed rules 7-14 as state for the next ones."""
+        if kind == REC_COPY:
+            self.copied_from.add(source, source + count)
+        self.changed.add(first, first + count)
+        self.next_block = first + count
+
+    @staticmethod
+    def rule_15_trailer(where: str, reserved: bytes, found: tuple[int, ...],
+                        counted: tuple[int, ...], fields: tuple[str, ...]) -> None:
+        """After the trailer CRC and Tag; end of input is checked last, by the reader."""
+        if reserved != b"\0\0\0":
+            raise FormatError(f"{where}: reserved bytes are not zero")
+        if found != counted:
+            wrong = ", ".join(
+                f"{f}={a} (the records give {b})"
+                for f, a, b in zip(fields, found, counted, strict=True)
+                if a != b
+            )
+            raise FormatError(f"{where}: counts disagree with the records read: {wrong}")

@@ -1,0 +1,233 @@
+"""The signature (spec section 4): its header, the canonical encoder, and the reader."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import FormatError
+from .base import (
+    CRC,
+    HASH_LEN,
+    MAX_SIG_DATA_RUN,
+    MAX_SIG_HOLE_RUN,
+    SIG_DATA,
+    SIG_END,
+    SIG_HEADER,
+    SIG_HOLE,
+    SIG_MAGIC,
+    SIG_RUN,
+    SIG_TRAILER,
+    VERSION,
+    Reader,
+    blocks_for,
+    check_crc,
+    crc32c,
+    identity_hasher,
+    with_crc,
+)
+from .rules import (
+    SignatureRules,
+    rule_1_magic_version_flags,
+    rule_2_sig_fields,
+    rule_3_sig_size,
+)
+
+
+@dataclass(frozen=True)
+class SigHeader:
+    block_shift: int
+    file_size: int
+
+    @property
+    def block_size(self) -> int:
+        return 1 << self.block_shift
+
+    @property
+    def block_count(self) -> int:
+        return blocks_for(self.file_size, self.block_shift)
+
+
+def encode_sig_header(h: SigHeader) -> bytes:
+    return with_crc(SIG_HEADER.pack(SIG_MAGIC, VERSION, 0, h.block_shift, HASH_LEN, 0, h.file_size))
+
+
+def decode_sig_header(buf: bytes) -> SigHeader:
+    body = buf[: SIG_HEADER.size]
+    magic, version, flags, shift, hash_len, reserved, size = SIG_HEADER.unpack(body)
+    rule_1_magic_version_flags(magic, version, flags, 0, "signature")
+    check_crc(body, CRC.unpack_from(buf, SIG_HEADER.size)[0], "signature header", 0)
+    rule_2_sig_fields(shift, hash_len, reserved)
+    rule_3_sig_size(size)
+    return SigHeader(shift, size)
+
+
+class SignatureEncoder:
+    """Builds the canonical signature byte stream block by block.
+
+    Canonical means: maximal hole runs, data runs cut at MAX_SIG_DATA_RUN. The same
+    block states therefore always give the same bytes, which is what lets diff compute
+    the target identity without writing the target's signature.
+    """
+
+    def __init__(self, header: SigHeader):
+        self.header = header
+        self.hasher = identity_hasher()
+        self.block = 0
+        self.data_blocks = 0
+        self._hole = 0
+        self._hashes = bytearray()  # digests of the data run being built
+        self._count = 0  # blocks in it
+
+    def start(self) -> bytes:
+        out = encode_sig_header(self.header)
+        self.hasher.update(out)
+        return out
+
+    def _emit(self, kind: int, first: int, count: int, payload: bytes) -> bytes:
+        head = SIG_RUN.pack(kind, first, count)
+        out = head + payload + CRC.pack(crc32c(payload, crc32c(head)))
+        self.hasher.update(out)
+        return out
+
+    def _flush_hole(self) -> bytes:
+        out = b""
+        while self._hole:
+            n = min(self._hole, MAX_SIG_HOLE_RUN)
+            out += self._emit(SIG_HOLE, self.block, n, b"")
+            self.block += n
+            self._hole -= n
+        return out
+
+    def _flush_data(self) -> bytes:
+        if not self._count:
+            return b""
+        n = self._count
+        out = self._emit(SIG_DATA, self.block, n, bytes(self._hashes))
+        self.block += n
+        self.data_blocks += n
+        self._hashes = bytearray()
+        self._count = 0
+        return out
+
+    def hole(self, count: int) -> bytes:
+        out = self._flush_data() if self._count else b""
+        self._hole += count
+        return out
+
+    @property
+    def position(self) -> int:
+        """Number of blocks described so far."""
+        return self.block + self._hole + self._count
+
+    def data_many(self, index: array, digests: bytes | bytearray) -> bytes:
+        """Describe blocks index (ascending, past those described so far) as data with
+        digests (HASH_LEN bytes each, none ZERO_HASH); blocks skipped are holes.
+        Consecutive blocks are taken as one slice, without a Python call per block."""
+        n = len(index)
+        if not n:
+            return b""
+        parts: list[bytes] = []
+        k = 0
+        while k < n:
+            first = index[k]
+            j = n if index[n - 1] - first == n - 1 - k else k + 1
+            while j < n and index[j] == first + (j - k):
+                j += 1
+            gap = first - self.position
+            if gap:
+                parts.append(self.hole(gap))
+            if self._hole:
+                parts.append(self._flush_hole())
+            pos = k * HASH_LEN
+            while k < j:
+                take = min(j - k, MAX_SIG_DATA_RUN - self._count)
+                self._hashes += digests[pos : pos + take * HASH_LEN]
+                self._count += take
+                k += take
+                pos += take * HASH_LEN
+                if self._count == MAX_SIG_DATA_RUN:
+                    parts.append(self._flush_data())
+        return b"".join(parts)
+
+    def finish(self, mtime_ns: int = 0) -> tuple[bytes, bytes]:
+        """Close the stream; returns (remaining bytes, identity). Pads with a hole to block_count.
+        mtime_ns (0: unknown) lives in the trailer, outside the identity, so the identity
+        depends on content alone."""
+        out = self._flush_data()
+        pending = self.block + self._hole
+        if pending > self.header.block_count:
+            raise AssertionError("signature encoder got more blocks than the file holds")
+        self._hole += self.header.block_count - pending
+        out += self._flush_hole()
+        identity = self.hasher.digest()
+        out += with_crc(SIG_TRAILER.pack(SIG_END, self.block, self.data_blocks, mtime_ns, identity))
+        return out, identity
+
+
+@dataclass
+class Signature:
+    """A decoded signature held compactly: one sorted array of data block numbers and their
+    hashes in one buffer, 24 bytes per data block, no object per block."""
+
+    header: SigHeader
+    data_index: array  # array('Q') of block numbers holding data, ascending
+    hashes: bytearray  # HASH_LEN bytes per entry of data_index
+    identity: bytes
+    runs: int
+    mtime_ns: int = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.header.block_size
+
+    @property
+    def hole_blocks(self) -> int:
+        return self.header.block_count - len(self.data_index)
+
+    def hash_at(self, k: int) -> bytes:
+        return bytes(self.hashes[k * HASH_LEN : (k + 1) * HASH_LEN])
+
+
+def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Signature:
+    hasher = identity_hasher()
+    r = Reader(read, name, hasher)
+    head = r.header(SIG_HEADER.size + CRC.size, "signature")
+    try:
+        header = decode_sig_header(head)
+    except FormatError as e:
+        raise type(e)(f"{name}: {e}") from None
+    rules = SignatureRules(header.block_count)
+    index = array("Q")
+    hashes = bytearray()
+    runs = 0
+    while True:
+        at = r.pos
+        hasher_before = hasher.copy()
+        kind_b = r.exact(1, f"run {runs} kind")
+        if kind_b[0] == SIG_END:
+            rest = r.exact(SIG_TRAILER.size - 1 + CRC.size, "trailer")
+            body = kind_b + rest[: -CRC.size]
+            where = f"{name} trailer at byte {at}"
+            check_crc(body, CRC.unpack(rest[-CRC.size :])[0], f"{name} trailer", at)
+            _, count, data_blocks, mtime_ns, identity = SIG_TRAILER.unpack(body)
+            rules.rule_6_trailer(where, body[1:4], identity, hasher_before.digest(), count,
+                                 data_blocks)
+            if not r.at_eof():
+                raise FormatError(f"{name}: unexpected bytes after the trailer at byte {r.pos}")
+            return Signature(header, index, hashes, identity, runs, mtime_ns)
+        rest = r.exact(SIG_RUN.size - 1, f"run {runs} header")
+        kind, first, count = SIG_RUN.unpack(kind_b + rest)
+        where = f"{name} run {runs} at byte {at}"
+        rules.rule_4_run_header(where, kind, first, count)
+        rules.rule_5_canonical(where, kind, rest[:3])
+        payload = r.exact(count * HASH_LEN, f"run {runs} hashes") if kind == SIG_DATA else b""
+        crc = CRC.unpack(r.exact(CRC.size, f"run {runs} CRC"))[0]
+        check_crc(kind_b + rest + payload, crc, where, at)
+        if kind == SIG_DATA:
+            rules.rule_5_hashes(where, first, payload)
+            index.extend(range(first, first + count))
+            hashes += payload
+        rules.accept(kind, count)
+        runs += 1
