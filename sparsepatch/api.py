@@ -36,6 +36,7 @@ from .verify import VerifyStats, against_signature, verify_patch
 data_size = files.data_size
 input_size = files.input_size
 patch_pieces = files.patch_pieces
+FAT_MAX_FILE = files.FAT_MAX_FILE
 
 DEFAULT_BLOCK_SIZE = 16 << 10  # measured on changed ext4 images: bench/BLOCKSIZE.md
 
@@ -53,12 +54,19 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
     files.refuse_overwrite(output, dest)
     fd, own = files.open_source(dest)
     try:
-        with files.open_output(output) as write:
+        with files.open_output(output, mode=files.output_mode(dest)) as write:
             mtime = os.fstat(fd).st_mtime_ns if stat.S_ISREG(os.fstat(fd).st_mode) else 0
             return write_signature(fd, shift, dest, write, progress, mtime)
     finally:
         if own:
             os.close(fd)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write a small output (--stats FILE) the way -o writes: under a temporary name
+    renamed into place, and never through another user's symlink or FIFO."""
+    with files.open_output(path) as write:
+        write(data)
 
 
 def load_signature(path: str) -> Signature:
@@ -75,8 +83,7 @@ def empty_signature(block_size: int) -> Signature:
 
 def load_key(path: str) -> bytes:
     """The MAC key derived from a key file's bytes."""
-    fd = sparse.open_path(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(files.open_file(path), "rb") as f:
         material = f.read((1 << 20) + 1)
     if len(material) > 1 << 20:
         raise UsageError(f"{path}: key file is larger than 1 MiB; use a small file of random bytes")
@@ -101,7 +108,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
     fd, own = files.open_source(source)
     try:
-        with files.open_output(output, split) as write:
+        with files.open_output(output, split, files.output_mode(sig, source)) as write:
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
                                progress=progress)
     finally:
@@ -132,7 +139,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         name = "patch" if pieces == ["-"] else pieces[0]
         reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)
         h = reader.header
-        fd, created = files.open_dest(dest, h.full)
+        fd, created = files.open_dest(dest, h.full, files.output_mode(*pieces))
         try:
             sparse.lock_exclusive(fd, dest)
             journal_ = Journal(jpath)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,59 @@ class SizeType(click.ParamType):
         if not m:
             self.fail(f"{value!r} is not a size like 64K, 4M, 4G or 65536", param, ctx)
         return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+class SplitSizeType(SizeType):
+    """A size, or fat32: the largest file FAT32 holds (4 GiB - 1 byte)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, str) and value.strip().lower() == "fat32":
+            return api.FAT_MAX_FILE
+        return super().convert(value, param, ctx)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup
+    runs: the output's temporary removed, the worker process stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # Once is enough: a second signal must not cut the cleanup of the first short.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _catch_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, _terminate)
+
+
+def _guard_std_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`<&-`): put /dev/null on the number,
+    so that no file opened later takes it and receives what was meant for the stream.
+    sys.stdin (or stdout) stays None, which files reports as a closed stream."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
+
+
+def _echo_out(text: str, nl: bool = True) -> None:
+    """Text for stdout, which must be open to take it."""
+    if sys.stdout is None:
+        click.echo("sparsepatch: error: standard output is closed", err=True)
+        sys.exit(3)
+    click.echo(text, nl=nl)
 
 
 def human(n: float) -> str:
@@ -119,6 +173,9 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
+    except Terminated as e:
+        click.echo(f"\nsparsepatch: terminated by {signal.Signals(e.signum).name}", err=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         click.echo("\nsparsepatch: interrupted", err=True)
         sys.exit(130)
@@ -128,7 +185,7 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _refuse_tty(output: str | None) -> None:
-    if (output is None or output == "-") and sys.stdout.isatty():
+    if (output is None or output == "-") and sys.stdout is not None and sys.stdout.isatty():
         click.echo("sparsepatch: error: refusing to write binary output to a terminal; "
                    "use -o FILE or a pipe", err=True)
         sys.exit(2)
@@ -138,6 +195,9 @@ def _stats_target(as_json: bool, stats: str | None, stdout_busy: bool) -> str | 
     if as_json and stats:
         raise click.UsageError("use either --json or --stats FILE")
     if as_json:
+        if sys.stdout is None:
+            click.echo("sparsepatch: error: standard output is closed", err=True)
+            sys.exit(3)
         if stdout_busy:
             raise click.UsageError("stdout carries data here: use --stats FILE (or -o)")
         return "-"
@@ -156,14 +216,9 @@ def _finish(command: str, result: Any, seconds: float, summary: str, quiet: bool
 
         text = json.dumps(d, indent=2, sort_keys=True) + "\n"
         if stats_to == "-":
-            click.echo(text, nl=False)
+            _echo_out(text, nl=False)
         else:
-            try:
-                with open(stats_to, "w") as f:
-                    f.write(text)
-            except OSError as e:
-                click.echo(f"sparsepatch: error: {stats_to}: {e.strerror}", err=True)
-                sys.exit(3)
+            _run(api.write_file, stats_to, text.encode())
 
 
 class _Group(click.Group):
@@ -171,6 +226,8 @@ class _Group(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        _guard_std_fds()
+        _catch_signals()
         try:
             rv = super().main(*args, **kwargs)
         except click.UsageError as e:
@@ -180,7 +237,10 @@ class _Group(click.Group):
         except click.ClickException as e:
             click.echo(f"sparsepatch: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
+        except Terminated as e:
+            click.echo(f"sparsepatch: terminated by {signal.Signals(e.signum).name}", err=True)
+            sys.exit(128 + e.signum)
+        except (click.Abort, KeyboardInterrupt):
             click.echo("sparsepatch: interrupted", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -258,8 +318,9 @@ def signature(dest: str, output: str | None, block_size: int, quiet: bool, progr
               help="zstd compression level.")
 @click.option("-k", "--key-file", metavar="KEY",
               help="Authenticate the patch with a keyed MAC derived from this file's bytes.")
-@click.option("--split", type=SizeType(), metavar="SIZE",
-              help="With -o: write FILE.000, FILE.001, ... of at most SIZE each (e.g. 4G for FAT32).")
+@click.option("--split", type=SplitSizeType(), metavar="SIZE",
+              help="With -o: write FILE.000, FILE.001, ... of at most SIZE each "
+                   "(fat32: 4 GiB - 1 byte, the largest file FAT32 holds).")
 @_common
 def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
          key_file: str | None, split: int | None, quiet: bool, progress: str, as_json: bool,
@@ -269,7 +330,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     \b
     Examples:
       sparsepatch diff vm.sig vm.img -o vm.patch
-      sparsepatch diff --full vm.img -o /media/usb/vm.patch --split 4G
+      sparsepatch diff --full vm.img -o /media/usb/vm.patch --split fat32
       sparsepatch diff -k secret.key vm.sig vm.img -o vm.patch
     """
     want = 1 if full else 2
@@ -381,14 +442,14 @@ def info(file: str, as_json: bool) -> None:
     if as_json:
         import json
 
-        click.echo(json.dumps(d, indent=2))
+        _echo_out(json.dumps(d, indent=2))
         return
     for k, v in d.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a} {b:,}" for a, b in v.items())
         elif isinstance(v, int) and not isinstance(v, bool) and k != "version":
             v = f"{v:,}" + (f" ({human(v)})" if k.endswith(("size", "bytes")) else "")
-        click.echo(f"{k.replace('_', ' ')}: {v}")
+        _echo_out(f"{k.replace('_', ' ')}: {v}")
 
 
 if __name__ == "__main__":

@@ -12,85 +12,279 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from . import sparse
-from .errors import IOFailure, UsageError
+from .errors import FormatError, IOFailure, UsageError
 from .format import sniff
 from .journal import journal_path
+
+
+def _stdin() -> IO[bytes]:
+    if sys.stdin is None:  # started with descriptor 0 closed (`<&-`)
+        raise IOFailure("standard input is closed")
+    return sys.stdin.buffer
+
+
+def _stdout() -> IO[bytes]:
+    if sys.stdout is None:  # started with descriptor 1 closed (`>&-`)
+        raise IOFailure("standard output is closed")
+    return sys.stdout.buffer
+
+
+def open_file(path: str) -> int:
+    """A descriptor for reading a file (or device) named by the user; a directory is refused
+    here, since opening one for reading succeeds and only the first read would fail."""
+    fd = sparse.open_path(path, os.O_RDONLY)
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IOFailure(f"{path}: is a directory")
+    return fd
 
 
 @contextlib.contextmanager
 def open_input(path: str) -> Iterator[IO[bytes]]:
     if path == "-":
-        yield sys.stdin.buffer
+        yield _stdin()
         return
-    fd = sparse.open_path(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb", buffering=1 << 20) as f:
+    with os.fdopen(open_file(path), "rb", buffering=1 << 20) as f:
         yield f
+
+
+def piece_name(stem: str, k: int) -> str:
+    """The name of piece k of a split patch. Pieces 0-899 are STEM.000-STEM.899; after
+    that, like split(1), each further group starts with one more 9 and is one digit
+    wider (STEM.90000-STEM.98999, then STEM.9900000-...), so names sort in piece order
+    in every locale and `cat STEM.*` reads them in order however many there are."""
+    width, count, prefix = 3, 900, ""
+    while k >= count:
+        k -= count
+        width, count, prefix = width + 1, count * 10, prefix + "9"
+    return f"{stem}.{prefix}{k:0{width}d}"
+
+
+def _old_piece_name(stem: str, k: int) -> str:
+    """The names sparsepatch 0.1.0 gave: on from STEM.900 to STEM.999, STEM.1000, ..."""
+    return f"{stem}.{k:03d}"
 
 
 def patch_pieces(paths: list[str]) -> list[str]:
     """The files a patch is read from: the paths given, or for a single PATCH.000 every
     numbered piece after it that exists (diff --split writes them)."""
-    if len(paths) == 1 and paths[0].endswith(".000") and os.path.exists(paths[0][:-4] + ".001"):
-        stem, k, out = paths[0][:-4], 0, []
-        while os.path.exists(f"{stem}.{k:03d}"):
-            out.append(f"{stem}.{k:03d}")
-            k += 1
-        return out or paths
+    if len(paths) == 1 and paths[0].endswith(".000") and os.path.lexists(piece_name(paths[0][:-4], 1)):
+        stem = paths[0][:-4]
+        out: list[str] = []
+        name = piece_name
+        while True:
+            k = len(out)
+            if k == 900 and not os.path.lexists(name(stem, k)) and os.path.lexists(_old_piece_name(stem, k)):
+                name = _old_piece_name  # a set written before pieces were renamed to sort
+            if not os.path.lexists(name(stem, k)):
+                break
+            out.append(name(stem, k))
+        return out or paths  # PATCH.000 itself missing: opening it says so
     return paths
 
 
 @contextlib.contextmanager
 def open_inputs(paths: list[str]) -> Iterator[Chain]:
     """One reader over several files in order (pieces of a split patch)."""
-    with contextlib.ExitStack() as stack:
-        yield Chain([stack.enter_context(open_input(p)) for p in paths])
+    chain = Chain(paths)
+    try:
+        yield chain
+    finally:
+        chain.close()
 
 
 class Chain:
-    """Reads files one after the other; rewind() starts again from the first byte of the
-    same open files (so a second pass reads what the first did, even if a path is
-    replaced meanwhile)."""
+    """Reads files one after the other, holding one open at a time (a split patch may
+    have more pieces than a process may open). rewind() starts again from the first
+    byte; a piece opened again must be the same file (device, inode) with the size the
+    first pass read, so that a second pass reads what the first did even if a path is
+    replaced meanwhile."""
 
-    def __init__(self, files: list[IO[bytes]]):
-        self.files = files
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.seen: list[tuple[int, int, int]] = []  # (st_dev, st_ino, bytes read) per piece
         self.current = 0
+        self.f: IO[bytes] | None = None
+        self.got = 0
+
+    def _open(self) -> IO[bytes]:
+        path = self.paths[self.current]
+        if path == "-":
+            return _stdin()
+        fd = open_file(path)
+        st = os.fstat(fd)
+        if self.current < len(self.seen):
+            dev, ino, size = self.seen[self.current]
+            if (st.st_dev, st.st_ino, st.st_size) != (dev, ino, size):
+                os.close(fd)
+                raise FormatError(f"{path}: the patch changed while apply was reading it")
+        return os.fdopen(fd, "rb", buffering=1 << 20)
 
     def read(self, n: int) -> bytes:
-        while self.current < len(self.files):
-            chunk = self.files[self.current].read(n)
+        while self.current < len(self.paths):
+            if self.f is None:
+                self.f = self._open()
+                self.got = 0
+            chunk = self.f.read(n)
             if chunk:
+                self.got += len(chunk)
                 return chunk
+            if self.current == len(self.seen) and self.paths[self.current] != "-":
+                st = os.fstat(self.f.fileno())
+                self.seen.append((st.st_dev, st.st_ino, self.got))
+            self._close()
             self.current += 1
         return b""
 
+    def _close(self) -> None:
+        if self.f is not None and self.paths[self.current] != "-":
+            self.f.close()
+        self.f = None
+
     def rewind(self) -> None:
-        for f in self.files:
-            f.seek(0)
+        self._close()
         self.current = 0
+
+    def close(self) -> None:
+        if self.current < len(self.paths):
+            self._close()
 
 
 @contextlib.contextmanager
-def open_output(path: str | None, split: int | None = None) -> Iterator[Callable[[bytes], object]]:
+def open_output(path: str | None, split: int | None = None,
+                mode: int = 0o666) -> Iterator[Callable[[bytes], object]]:
     """Write to stdout, or to a temporary file beside path renamed over it when complete,
     so that an interrupted run never leaves a file that looks finished. With split, write
-    path.000, path.001, ... of at most split bytes each, all renamed at the end."""
+    pieces of at most split bytes each (piece_name), all renamed at the end. The file
+    gets the permission bits mode, less the umask.
+
+    The folder is opened once and everything happens relative to it. In a folder that
+    others may write to and that has the sticky bit (/tmp), a symlink, FIFO or device
+    that is neither ours nor the folder owner's is refused, as the kernel's
+    protected_symlinks and protected_fifos do: another user may have planted it there."""
     if path is None or path == "-":
         if split:
             raise UsageError("--split needs -o FILE")
-        with _direct(sys.stdout.buffer, "standard output") as out:
+        with _direct(_stdout(), "standard output") as out:
             yield out
         return
-    if not split and _is_special(path):
-        # /dev/null, a FIFO, a tape: write into it; renaming over it would replace the node.
-        try:
-            f = open(path, "wb", buffering=0)  # nothing left to flush (and fail) at close
-        except OSError as e:
-            raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
-        with f, _direct(f, path) as out:
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+    try:
+        if split:
+            _check_piece_size(dfd, folder, split)
+            with _pieces(dfd, path, split, mode) as out:
+                yield out
+            return
+        special = _open_special(dfd, name, path)
+        if special is not None:
+            # /dev/null, a FIFO, a tape: write into it; renaming over it would replace the node.
+            with os.fdopen(special, "wb", buffering=0) as f, _direct(f, path) as out:
+                yield out
+            return
+        with _pieces(dfd, path, None, mode) as out:
             yield out
-        return
+    finally:
+        os.close(dfd)
+
+
+FAT_MAX_FILE = (4 << 30) - 1  # the largest file FAT12/16/32 can hold
+
+
+def _check_piece_size(dfd: int, folder: str, split: int) -> None:
+    if split > FAT_MAX_FILE and _fs_type(dfd) in ("vfat", "msdos", "fat"):
+        raise UsageError(f"{folder} is on FAT, whose largest file is 4 GiB - 1 byte: "
+                         "use --split fat32 (or 4095M)")
+
+
+def _fs_type(fd: int) -> str | None:
+    """The type of the filesystem fd is on, from /proc/self/mountinfo (None if unknown)."""
+    dev = os.fstat(fd).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[2] == want and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
+
+def _shared(st: os.stat_result) -> bool:
+    """A sticky folder that others may write to (/tmp), where anyone may plant a name."""
+    return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
+
+
+def _trusted(owner: int, folder: os.stat_result) -> bool:
+    return owner in (os.geteuid(), folder.st_uid)
+
+
+def _open_special(dfd: int, name: str, path: str) -> int | None:
+    """An open descriptor for path when it is a device or FIFO to write into (following
+    symlinks one by one, each under the rule above); None when the output is to be a new
+    regular file renamed into place (a symlink to a regular file is replaced by it)."""
+    owned = os.dup(dfd)
+    try:
+        for _ in range(40):
+            folder = os.fstat(owned)
+            try:
+                st = os.stat(name, dir_fd=owned, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+            if stat.S_ISDIR(st.st_mode):
+                raise IOFailure(f"{path}: is a directory")
+            if stat.S_ISREG(st.st_mode):
+                return None
+            if _shared(folder) and not _trusted(st.st_uid, folder):
+                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "FIFO or device"
+                raise IOFailure(f"{path}: refusing to write through a {kind} owned by uid "
+                                f"{st.st_uid} in a folder others can write to")
+            if not stat.S_ISLNK(st.st_mode):
+                try:
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
+                                 dir_fd=owned)
+                except OSError as e:
+                    raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
+                now = os.fstat(fd)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    raise IOFailure(f"{path}: replaced while it was being opened")
+                return fd
+            target = os.readlink(name, dir_fd=owned)
+            parent, name = os.path.split(target)
+            if parent:
+                try:
+                    nxt = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=owned)
+                except OSError as e:
+                    raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
+                os.close(owned)
+                owned = nxt
+            if not name:
+                raise IOFailure(f"{path}: is a directory")
+        raise IOFailure(f"{path}: too many levels of symbolic links")
+    finally:
+        os.close(owned)
+
+
+@contextlib.contextmanager
+def _pieces(dfd: int, path: str, split: int | None, mode: int) -> Iterator[Callable[[bytes], object]]:
+    """One temporary per output file in the folder dfd, renamed into place at the end."""
+    names = (lambda k: piece_name(path, k)) if split else (lambda k: path)
     pieces: list[_PartFile] = []
     left = split or 0
+    if split:
+        # A re-split that is interrupted must not leave the previous set to be applied as
+        # if it were the new one: its first piece goes before anything else happens.
+        _unlink(dfd, piece_name(path, 0))
+        sparse.sync(dfd)
 
     def write(b: bytes) -> None:
         nonlocal left
@@ -100,7 +294,7 @@ def open_output(path: str | None, split: int | None = None) -> Iterator[Callable
         view = memoryview(b)
         while view:
             if left == 0:
-                _PartFile(f"{path}.{len(pieces):03d}", pieces)
+                _PartFile(dfd, names(len(pieces)), pieces, mode)
                 left = split
             n = min(len(view), left)
             pieces[-1].write(view[:n])
@@ -108,26 +302,36 @@ def open_output(path: str | None, split: int | None = None) -> Iterator[Callable
             view = view[n:]
 
     try:
-        _PartFile(f"{path}.000" if split else path, pieces)
-        left = split or 0
+        _PartFile(dfd, names(0), pieces, mode)
         yield write
         for piece in pieces:
             piece.close()
         if split:
             # Pieces a previous, longer patch of the same name left behind would be read on.
-            k = len(pieces)
-            while os.path.exists(f"{path}.{k:03d}"):
-                os.unlink(f"{path}.{k:03d}")
-                k += 1
-        # Last piece first: PATCH.000, the name a user reaches for, appears only when the
-        # rest are in place.
+            for name, first in ((piece_name, len(pieces)), (_old_piece_name, max(len(pieces), 900))):
+                k = first
+                while _unlink(dfd, name(path, k)):
+                    k += 1
+        # Last piece first: the first piece, the name a user reaches for, appears only
+        # when the rest are in place.
         for piece in reversed(pieces):
             piece.commit()
-        sparse.sync_dir(os.path.dirname(os.path.abspath(path)))
+        sparse.sync(dfd)
     except BaseException:
         for piece in pieces:
             piece.abort()
         raise
+
+
+def _unlink(dfd: int, path: str) -> bool:
+    """Remove a stale piece; False if there is none."""
+    try:
+        os.unlink(os.path.basename(path), dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot remove the stale piece: {e.strerror}") from None
+    return True
 
 
 @contextlib.contextmanager
@@ -153,29 +357,34 @@ def _direct(f: IO[bytes], name: str) -> Iterator[Callable[[bytes], object]]:
 
 
 class _PartFile:
-    """An output file written under a temporary name beside its final one."""
+    """An output file written under a temporary name beside its final one. Everything
+    goes through descriptors (the folder's and the file's): in a folder another user can
+    write to, a path may be swapped for a symlink between two calls."""
 
-    def __init__(self, path: str, registry: list[_PartFile]):
-        self.path = path
+    def __init__(self, dfd: int, path: str, registry: list[_PartFile], mode: int):
+        self.dfd, self.path, self.mode = dfd, path, mode
+        self.name = os.path.basename(path)
         self.tmp = ""
         self.fd = -1
         self.f: IO[bytes] | None = None
+        self.ident = (0, 0)
         # Registered before the file exists, so that an interrupt at any point after
-        # mkstemp still finds it to remove.
+        # the open still finds it to remove.
         registry.append(self)
-        folder, base = os.path.split(os.path.abspath(path))
         for _ in range(100):
             # The name is known before the file exists (mkstemp would only say afterwards).
-            self.tmp = os.path.join(folder, f".{base}.{os.urandom(4).hex()}.part")
+            self.tmp = f".{self.name}.{os.urandom(4).hex()}.part"
             try:
-                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                  0o600)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, 0o600, dir_fd=dfd)
                 break
             except FileExistsError:
                 continue
             except OSError as e:
                 self.tmp = ""
                 raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
         self.f = os.fdopen(self.fd, "wb", buffering=1 << 20)
 
     def write(self, b: bytes | memoryview) -> None:
@@ -189,15 +398,19 @@ class _PartFile:
         assert self.f is not None
         try:
             self.f.flush()
+            os.fchmod(self.f.fileno(), self.mode & ~_umask() & 0o7777)
             sparse.sync(self.f.fileno())
             self.f.close()
-            os.chmod(self.tmp, 0o666 & ~_umask())
         except OSError as e:
             raise IOFailure(f"{self.path}: cannot finish output: {e.strerror}") from None
 
     def commit(self) -> None:
         try:
-            os.replace(self.tmp, self.path)
+            st = os.stat(self.tmp, dir_fd=self.dfd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != self.ident:
+                raise IOFailure(f"{self.path}: the temporary file {self.tmp} was replaced by "
+                                "someone else; the output was not written")
+            os.replace(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
         except OSError as e:
             raise IOFailure(f"{self.path}: cannot finish output: {e.strerror}") from None
         self.tmp = ""
@@ -210,7 +423,7 @@ class _PartFile:
                 os.close(self.fd)
         if self.tmp:
             with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
+                os.unlink(self.tmp, dir_fd=self.dfd)
 
 
 def sniff_input(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
@@ -239,14 +452,6 @@ def counting(read: Callable[[int], bytes], progress: Callable[[int], None]) -> C
     return counted
 
 
-def _is_special(path: str) -> bool:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
-
-
 def refuse_overwrite(output: str | None, *inputs: str | None) -> None:
     """-o naming an input would rename the output over it: a typo that destroys an image."""
     if output is None or output == "-" or not os.path.exists(output):
@@ -264,8 +469,28 @@ def _umask() -> int:
 
 def open_source(path: str) -> tuple[int, bool]:
     if path == "-":
-        return sys.stdin.fileno(), False
-    return sparse.open_path(path, os.O_RDONLY), True
+        return _stdin().fileno(), False
+    return open_file(path), True
+
+
+def output_mode(*inputs: str | None) -> int:
+    """The permission bits an output made from inputs may have: no more than any input's
+    (read, write), so that a signature or patch of a private image stays private. A stream
+    counts as 0600: where it came from, and who could read it there, is unknown."""
+    mode = 0o666
+    for path in inputs:
+        if path is None:
+            continue
+        bits = 0o600
+        if path != "-":
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # opening it reports the problem
+            if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                bits = st.st_mode & 0o666
+        mode &= bits
+    return mode
 
 
 def data_size(path: str) -> int | None:
@@ -293,11 +518,12 @@ def input_size(path: str) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def open_dest(dest: str, full: bool) -> tuple[int, bool]:
-    """Open dest for update; a full patch may create it. Returns (fd, created)."""
+def open_dest(dest: str, full: bool, mode: int = 0o666) -> tuple[int, bool]:
+    """Open dest for update; a full patch may create it (with mode, less the umask).
+    Returns (fd, created)."""
     if not os.path.exists(dest) and full:
         try:
-            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), True
         except FileExistsError:  # created by someone else meanwhile: treat as existing
             pass
         except OSError as e:

@@ -180,9 +180,12 @@ class _Worker:
             return None
         _grow(cmd_w)
         _grow(res_w)
-        # Ctrl-C reaches both processes (one process group): the worker ignores it, and it
-        # is held back around the fork so that neither side sees it half-made.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Ctrl-C, and a hangup, reach both processes (one process group): the worker
+        # ignores them and this process stops it. SIGTERM aimed at the worker ends it at
+        # once (not the handler a program may have set here). All three are held back
+        # around the fork so that neither side sees one half-made.
+        stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
             pid = os.fork()
         except OSError:
@@ -190,6 +193,8 @@ class _Worker:
         if pid == 0:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.close(cmd_w)
                 os.close(res_r)
