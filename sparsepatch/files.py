@@ -297,7 +297,7 @@ def open_dest(dest: str, full: bool) -> tuple[int, bool]:
     """Open dest for update; a full patch may create it. Returns (fd, created)."""
     if not os.path.exists(dest) and full:
         try:
-            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+            return sparse.create_new(dest), True
         except FileExistsError:  # created by someone else meanwhile: treat as existing
             pass
         except OSError as e:
