@@ -515,12 +515,12 @@ class Case:
     def tuned(self) -> Iterator[None]:
         names = ("SYNC_BUDGET", "JOURNAL_LOOKAHEAD", "WRITE_STEP")
         saved = [getattr(apply_mod, n) for n in names]
-        for n, v in zip(names, (self.sc.sync_budget, self.sc.lookahead, self.sc.write_step)):
+        for n, v in zip(names, (self.sc.sync_budget, self.sc.lookahead, self.sc.write_step), strict=True):
             setattr(apply_mod, n, v)
         try:
             yield
         finally:
-            for n, v in zip(names, saved):
+            for n, v in zip(names, saved, strict=True):
                 setattr(apply_mod, n, v)
 
     def apply(self) -> None:

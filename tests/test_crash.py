@@ -84,7 +84,8 @@ REMOVALS = {
 @pytest.mark.parametrize(("name", "removed"), [
     *(("inplace-16k-tight", r) for r in sorted(REMOVALS)),
     # At 4 KiB a block is one page: only a torn sector makes it neither base nor target.
-    *(("stream-4k-tight", r) for r in ("journal write", "journal fsync", "fdatasync before the window moves")),
+    *(("stream-4k-tight", r)
+      for r in ("journal write", "journal fsync", "fdatasync before the window moves")),
 ])
 def test_the_explorer_fails_when_a_write_or_sync_is_removed(root: str, removed: str, name: str) -> None:
     case = cs.setup(cs.scenario(name), root)
