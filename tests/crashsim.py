@@ -558,6 +558,12 @@ class Case:
             return f"left behind: {', '.join(left)}"
         return None
 
+    def leftovers(self, state: State) -> str | None:
+        """Files of the state besides the destination still there (a journal kept
+        outside the folder included)."""
+        left = sorted(p for p in state if p != self.dest and os.path.lexists(p))
+        return f"left behind: {', '.join(left)}" if left else None
+
     def resume(self) -> str | None:
         """Run apply on the state on disk; what went wrong, or None."""
         try:
@@ -620,9 +626,11 @@ def record(case: Case, start: State, drop: Drop | None) -> Log:
     ops: list[Op] = []
     with recording(ops, drop):
         err = case.resume()
+    log = Log(start, ops)
+    err = err or case.leftovers(log.state(len(ops), {}))
     if err:
         raise AssertionError(f"{case.sc.name}: the recorded run itself failed: {err}")
-    return Log(start, ops)
+    return log
 
 
 def explore(case: Case, seed: int, variants: int, nested: int, nested_variants: int,
@@ -671,7 +679,7 @@ def _points(case: Case, log: Log, seed: int, prefix: str, variants: int, seen: s
                 continue
             seen.add(d)
             materialize(st)
-            err = case.resume()
+            err = case.resume() or case.leftovers(st)
             res.states += 1
             if parents is not None and any(img is not None and path != case.dest
                                            for path, img in st.items()):
@@ -709,7 +717,7 @@ def replay(root: str, spec: str, keep: str | None) -> int:
     if keep:
         shutil.copytree(case.folder, keep, dirs_exist_ok=True)
         print(f"state kept in {keep}")
-    err = case.resume()
+    err = case.resume() or case.leftovers(st)
     print(err or "resume: target reached")
     return 1 if err else 0
 
