@@ -297,7 +297,15 @@ def open_dest(dest: str, full: bool) -> tuple[int, bool]:
     """Open dest for update; a full patch may create it. Returns (fd, created)."""
     if not os.path.exists(dest) and full:
         try:
-            return sparse.create_new(dest), True
+            fd = sparse.create_new(dest)
+            try:
+                # Its name is durable only once the folder is synced; the journal's sync
+                # does not do it when the journal lives elsewhere (--journal).
+                sparse.sync_dir(os.path.dirname(os.path.abspath(dest)))
+            except OSError as e:
+                os.close(fd)
+                raise IOFailure(f"{dest}: cannot sync its folder: {e.strerror}") from None
+            return fd, True
         except FileExistsError:  # created by someone else meanwhile: treat as existing
             pass
         except OSError as e:

@@ -402,6 +402,7 @@ class Scenario:
     sync_budget: int = apply_mod.SYNC_BUDGET
     lookahead: int = apply_mod.JOURNAL_LOOKAHEAD
     write_step: int = apply_mod.WRITE_STEP
+    journal_elsewhere: bool = False  # --journal in another folder (as for a block device)
 
 
 def _blocks(n: int, bs: int) -> int:
@@ -471,6 +472,9 @@ def scenarios() -> list[Scenario]:
                     f"{name}-{bs // 1024}k-{budget_name}", bs, None if first else base, target,
                     stream, budget, 8 * bs if tight else apply_mod.JOURNAL_LOOKAHEAD,
                     2 * bs if tight else apply_mod.WRITE_STEP))
+    for sc in [s for s in out if s.name in ("firstcopy-16k-tight", "inplace-4k-tight")]:
+        out.append(Scenario(sc.name + "-journal-elsewhere", sc.block_size, sc.base, sc.target,
+                            sc.stream, sc.sync_budget, sc.lookahead, sc.write_step, True))
     return out
 
 
@@ -510,6 +514,7 @@ class Case:
     patch_bytes: bytes
     dest: str
     kinds: set[str] = field(default_factory=set)
+    journal: str | None = None
 
     @contextlib.contextmanager
     def tuned(self) -> Iterator[None]:
@@ -526,12 +531,12 @@ class Case:
     def apply(self) -> None:
         with self.tuned():
             if not self.sc.stream:
-                api.apply(self.patch, self.dest)
+                api.apply(self.patch, self.dest, journal=self.journal)
                 return
             saved = sys.stdin
             sys.stdin = Stdin(self.patch_bytes)  # type: ignore[assignment]
             try:
-                api.apply("-", self.dest)
+                api.apply("-", self.dest, journal=self.journal)
             finally:
                 sys.stdin = saved
 
@@ -557,6 +562,20 @@ class Case:
         if left:
             return f"left behind: {', '.join(left)}"
         return None
+
+    def after_return(self, state: State) -> str | None:
+        """What in state (the files after a power cut that followed a finished apply)
+        differs from the target, or None."""
+        img = state.get(self.dest)
+        if img is None:
+            return "the destination is gone"
+        got = bytearray(img.size)
+        for p, page in img.pages.items():
+            got[p * PAGE : (p + 1) * PAGE] = page[: max(0, img.size - p * PAGE)]
+        if bytes(got) != self.sc.target:
+            return "the destination is not the target"
+        left = sorted(p for p, i in state.items() if p != self.dest and i is not None)
+        return f"left behind: {', '.join(left)}" if left else None
 
     def leftovers(self, state: State) -> str | None:
         """Files of the state besides the destination still there (a journal kept
@@ -597,8 +616,12 @@ def setup(sc: Scenario, root: str) -> Case:
     work = os.path.realpath(os.path.join(folder, "w"))
     os.mkdir(work)
     os.rename(patch, os.path.join(work, "update.patch"))
+    journal = None
+    if sc.journal_elsewhere:
+        os.mkdir(os.path.join(folder, "j"))
+        journal = os.path.realpath(os.path.join(folder, "j", "dest.journal"))
     return Case(sc, work, os.path.join(work, "update.patch"), data, os.path.join(work, "dest.img"),
-                kinds)
+                kinds, journal)
 
 
 def initial_state(case: Case) -> State:
@@ -674,6 +697,14 @@ def _points(case: Case, log: Log, seed: int, prefix: str, variants: int, seen: s
             rng = random.Random(f"{seed}:{case.sc.name}:{label}")
             st = log.state(k, log.choices(k, v, rng))
             res.tried += 1
+            if k == len(log.ops):
+                # apply has returned: what it wrote must survive a power cut as it is.
+                done = case.after_return(st)
+                if done:
+                    res.failures.append(f"{case.sc.name}:{seed}:{label} (power cut after apply "
+                                        f"returned, {len(units)} units pending): {done}")
+                    if stop:
+                        return
             d = digest(st)
             if d in seen:
                 continue
