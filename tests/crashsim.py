@@ -344,6 +344,7 @@ class Log:
                     if not mask:
                         continue
                     page = bytearray(img.pages.get(p, bytes(PAGE)))
+                    landed = False
                     for s in range(PAGE // SECTOR):
                         if not mask >> s & 1:
                             continue
@@ -351,7 +352,8 @@ class Log:
                         b = min(end, p * PAGE + (s + 1) * SECTOR, size)
                         if a < b:
                             page[a - p * PAGE : b - p * PAGE] = op.data[a - op.off : b - op.off]
-                    if p * PAGE < size:
+                            landed = True
+                    if landed:
                         img.pages[p] = bytes(page)
                 img.size = size
             elif op.kind == "punch":
