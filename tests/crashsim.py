@@ -19,6 +19,12 @@ target has a zero block, and no journal left. Runs interrupted while resuming ar
 the same way (level 2): a resume from a crash state is recorded and its own crash states
 tried.
 
+Not modelled: fallocate's reservations (space only, the content reads the same either
+way), renames (apply makes none yet: a staged apply that renames will need them, durable
+with a sync of the folder), block devices, and filesystems that reorder a write to one
+page before an earlier one to the same page (each write is kept or lost on its own,
+which already allows more than a page cache does).
+
 Every choice comes from a seed: a failure names the scenario, seed, crash point and
 variant, and `python tests/crashsim.py --replay 'NAME:SEED:POINT.VARIANT[/POINT.VARIANT]'`
 rebuilds that state (with --keep DIR, leaves it there to look at).
