@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz bench lint fixtures clean
+.PHONY: demo test crashtest fuzz bench lint fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Power cuts at every point of apply, resumed: the full set (`make test` runs a sample).
+crashtest: $(STAMP)
+	$(PY) tests/crashsim.py --min-states 10000
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_main.py --cases 10000

@@ -181,7 +181,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         except BaseException:
             # A file this run created and never wrote to would only mislead: remove it.
             if created and sparse.file_size(fd) == 0 and not os.path.exists(jpath):
-                os.unlink(dest)
+                sparse.unlink(dest)
             raise
         finally:
             os.close(fd)

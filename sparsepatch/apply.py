@@ -146,7 +146,12 @@ class Applier:
 
     def _punch(self, first: int, count: int) -> None:
         off = first << self.shift
-        length = min(count << self.shift, max(self.h.target_size, self._size()) - off)
+        end = max(self.h.target_size, self._size())
+        if not self.is_device:
+            # To the end of the last block, past EOF: a punch that stops inside a page
+            # (a shrink already truncated, resumed) zeroes it but leaves it allocated.
+            end = -(-end >> self.shift) << self.shift
+        length = min(count << self.shift, end - off)
         if length <= 0:
             return
         self.unsynced += 4096  # a punch is metadata: cheap, but not free to make durable

@@ -523,7 +523,15 @@ def open_dest(dest: str, full: bool, mode: int = 0o666) -> tuple[int, bool]:
     Returns (fd, created)."""
     if not os.path.exists(dest) and full:
         try:
-            return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), True
+            fd = sparse.create_new(dest, mode)
+            try:
+                # Its name is durable only once the folder is synced; the journal's sync
+                # does not do it when the journal lives elsewhere (--journal).
+                sparse.sync_dir(os.path.dirname(os.path.abspath(dest)))
+            except OSError as e:
+                os.close(fd)
+                raise IOFailure(f"{dest}: cannot sync its folder: {e.strerror}") from None
+            return fd, True
         except FileExistsError:  # created by someone else meanwhile: treat as existing
             pass
         except OSError as e:

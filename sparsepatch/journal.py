@@ -59,7 +59,7 @@ class Journal:
             os.close(self.fd)
             self.fd = None
         try:
-            os.unlink(self.path)
+            sparse.unlink(self.path)
         except FileNotFoundError:
             return
         sparse.sync_dir(os.path.dirname(self.path))

@@ -1,6 +1,8 @@
 """The only module that talks to the kernel about holes, allocation and durability:
 lseek(SEEK_DATA/SEEK_HOLE), fallocate, ioctl, flock and fsync. Everything above it sees
-byte ranges and file descriptors."""
+byte ranges and file descriptors. Every call that changes a destination or its journal
+(write, punch, truncate, create, unlink, sync) goes through here, so that the crash tests
+can record them in one place and rebuild what a power cut would leave."""
 
 from __future__ import annotations
 
@@ -178,6 +180,17 @@ def sync(fd: int) -> None:
 
 def sync_data(fd: int) -> None:
     os.fdatasync(fd)
+
+
+def create_new(path: str, mode: int = 0o666) -> int:
+    """Create path, which must not exist yet, for reading and writing. OSError as raised
+    (FileExistsError included): the caller decides what each means."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+
+
+def unlink(path: str) -> None:
+    """Remove a name; durable only after sync_dir of its folder. OSError as raised."""
+    os.unlink(path)
 
 
 def sync_dir(path: str) -> None:
