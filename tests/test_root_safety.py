@@ -485,6 +485,37 @@ def test_an_image_another_program_locks_is_refused(world: World, how: str) -> No
     assert world.dest.read_bytes() == world.target
 
 
+def any_lock(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0) + bytes(8))
+    finally:
+        os.close(fd)
+    return FLOCK.unpack_from(out)[0] != fcntl.F_UNLCK
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io (Debian qemu-utils) is not installed")
+@pytest.mark.parametrize("mode", ["read-write", "read-only"])
+def test_an_image_qemu_has_open_is_refused(world: World, mode: str) -> None:
+    args = ["qemu-io", "-f", "raw", *(["-r"] if mode == "read-only" else []), "-c", "sleep 60000",
+            str(world.dest)]
+    q = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not any_lock(world.dest) and q.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not any_lock(world.dest):
+            pytest.skip(f"qemu-io took no lock on the image: {q.communicate()[1]!r}")
+        line = error_line(run_cli("apply", str(world.patch), str(world.dest), check=False), 7)
+        assert "in use: a lock held by another process" in line, line
+        assert world.dest.read_bytes() == world.base
+    finally:
+        q.kill()
+        q.communicate()
+    run_cli("apply", str(world.patch), str(world.dest))
+    assert world.dest.read_bytes() == world.target
+
+
 def lock_held(path: Path, start: int = 0) -> bool:
     """Whether a write lock from start to the end is held on path (F_OFD_GETLK only asks)."""
     fd = os.open(path, os.O_RDONLY)
