@@ -119,7 +119,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
           unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None,
           journal: str | None = None, discard: bool = False, precheck: bool = True,
-          progress: Callable[[int], None] | None = None) -> ApplyStats:
+          allow_in_use: bool = False, progress: Callable[[int], None] | None = None) -> ApplyStats:
     """Apply patch (a path, '-', or the pieces of a split patch in order) to dest in place;
     create dest for a full patch.
 
@@ -128,10 +128,10 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     journal overrides where the resume journal lives; discard uses BLKDISCARD for zero
     ranges on block devices (checked to read back as zeros). When the patch is a file (not
     a stream), precheck reads it once whole first, so that a corrupt, truncated or
-    wrong-base patch is refused before anything is written."""
+    wrong-base patch is refused before anything is written. allow_in_use applies to a
+    file that backs a loop device or that another program holds a lock on."""
     key = load_key(key_file) if key_file else None
     pieces = files.patch_pieces([patch] if isinstance(patch, str) else list(patch))
-    jpath = journal or files.default_journal(dest)
     # A patch file is read twice, a stream once: see the precheck below.
     twice = precheck and all(files.input_size(p) is not None for p in pieces)
     with files.open_inputs(pieces) as chain:
@@ -140,9 +140,10 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)
         h = reader.header
         fd, created = files.open_dest(dest, h.full, files.output_mode(*pieces))
+        journal_: Journal | None = None
         try:
-            sparse.lock_exclusive(fd, dest)
-            journal_ = Journal(jpath)
+            files.claim_dest(fd, dest, allow_in_use)
+            journal_ = files.open_journal(dest, fd, journal)
             slot = journal_.load()
             if slot and (slot.base_identity, slot.target_identity) != (h.base_identity, h.target_identity):
                 raise WrongBase(
@@ -180,10 +181,12 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
                      "blocks the patch touched were checked, others were not: use --verify")
         except BaseException:
             # A file this run created and never wrote to would only mislead: remove it.
-            if created and sparse.file_size(fd) == 0 and not os.path.exists(jpath):
+            if created and sparse.file_size(fd) == 0 and (journal_ is None or journal_.fd is None):
                 sparse.unlink(dest)
             raise
         finally:
+            if journal_ is not None:
+                journal_.close()
             os.close(fd)
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)

@@ -21,7 +21,8 @@ EXIT_CODES = """\b
 Exit codes: 0 success, 1 other error, 2 usage, 3 I/O (missing file, no space,
 permission), 4 corrupt, truncated, unauthenticated or unsupported input, 5 wrong
 base (the destination is not what the signature saw), 6 source changed while
-being read, 7 destination locked by another apply, 8 verify found a difference."""
+being read, 7 destination locked or in use (another apply, a program's lock, a
+loop device, a mount), 8 verify found a difference."""
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -360,13 +361,17 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
 @click.option("--no-auth", is_flag=True,
               help="Apply an authenticated patch without checking its MAC (not recommended).")
 @click.option("--journal", metavar="FILE",
-              help="Where the resume journal lives (default: beside DEST; /var/tmp for devices).")
+              help="Where the resume journal lives (default: beside DEST; for a device, in "
+                   "/var/lib/sparsepatch when root).")
 @click.option("--discard", is_flag=True,
               help="Block devices: BLKDISCARD zero ranges (kept only where they read back as zeros).")
+@click.option("--allow-in-use", is_flag=True,
+              help="Apply to a file that backs a loop device or that another program (qemu) "
+                   "holds a lock on. Another apply is still refused.")
 @_common
 def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bool,
-          journal: str | None, discard: bool, quiet: bool, progress: str, as_json: bool,
-          stats: str | None) -> None:
+          journal: str | None, discard: bool, allow_in_use: bool, quiet: bool, progress: str,
+          as_json: bool, stats: str | None) -> None:
     """Apply PATCH ('-': stdin) to DEST in place, sparsely; safe to repeat or resume.
 
     Give the pieces of a split patch in order (or just PATCH.000: the rest are found).
@@ -386,7 +391,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
     prog = _progress("apply", total, progress, quiet)
     t = time.monotonic()
     s = _run(api.apply, patches, dest, verify, key_file=key_file, unauthenticated_ok=no_auth,
-             journal=journal, discard=discard, progress=prog,
+             journal=journal, discard=discard, allow_in_use=allow_in_use, progress=prog,
              warn=lambda m: click.echo(f"sparsepatch: warning: {m}", err=True))
     _finish("apply", s, time.monotonic() - t,
             f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "

@@ -1,14 +1,26 @@
 """The resume journal: which block range an interrupted apply may have been writing.
 Two CRC-protected slots (spec/FORMAT.md, journal) written alternately and synced before
-the range they name is written."""
+the range they name is written.
+
+apply often runs as root on files in folders other users can write to, so the journal is
+handled by descriptor: looked up in a folder held open, never through a symbolic link,
+created only where nothing exists yet, and an existing one is used only if it is a regular
+file with one link, owned by us or by the destination's owner (who could write the
+destination anyway). A block device's journal lives in a private directory."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from . import sparse
 from .errors import IOFailure
-from .format import JOURNAL_SLOT_SIZE, JournalSlot, decode_journal_slot, encode_journal_slot
+from .format import JOURNAL_SLOT_SIZE, JournalSlot, decode_journal, encode_journal_slot
+
+# Not /var/tmp (shared: anyone can put a file under a name we would open) and not /run
+# (lost on a power cut, the one time a journal is needed).
+ROOT_STATE_DIR = "/var/lib/sparsepatch"
 
 
 def journal_path(dest: str) -> str:
@@ -16,36 +28,118 @@ def journal_path(dest: str) -> str:
     return os.path.join(head, f".{tail}.sparsepatch-journal")
 
 
+def state_dir() -> str:
+    """Where device journals live: root's private directory, or the user's own."""
+    if os.geteuid() == 0:
+        return ROOT_STATE_DIR
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "sparsepatch")
+
+
+def device_journal_name(rdev: int, size: int) -> str:
+    """Named by device number and size, so every path to the device finds it and a journal
+    left for another device of that number (a loop device attached to another image) is
+    not taken for this one's."""
+    return f"blockdev-{os.major(rdev)}-{os.minor(rdev)}-{size}.journal"
+
+
+def open_private_dir(path: str) -> int:
+    """path, created 0700 if missing, held open: it must be a directory (not a symbolic
+    link) owned by us and writable by nobody else."""
+    try:
+        if os.geteuid() != 0:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot create the journal directory: {e.strerror}; "
+                        "give --journal FILE") from None
+    try:
+        fd = sparse.open_dir(path, nofollow=True)
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise IOFailure(f"{path}: cannot use as the journal directory: {why}") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise IOFailure(
+            f"{path}: the journal directory must be owned by uid {os.geteuid()} and writable by "
+            f"it alone (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+    return fd
+
+
 class Journal:
     """Two CRC-protected slots, written alternately; the valid one with the higher sequence
-    number says which block range an apply may have been writing when it stopped."""
+    number says which block range an apply may have been writing when it stopped.
 
-    def __init__(self, path: str):
+    Works on descriptors: dir_fd, the folder the journal lives in (held open: the name is
+    looked up there, unlinked there, and the folder synced through it), and fd, the journal
+    itself once it exists. path is for messages. Created only by the first write (an apply
+    that writes nothing leaves nothing behind), with O_EXCL: a name that appears meanwhile
+    is refused, not written through. owners: the uids an existing journal may belong to."""
+
+    def __init__(self, dir_fd: int, name: str, path: str, owners: frozenset[int]):
+        self.dir_fd = dir_fd
+        self.name = name
         self.path = path
+        self.owners = owners
         self.fd: int | None = None
         self.seq = 0
 
     def load(self) -> JournalSlot | None:
+        """Open an existing journal (kept open for the writes) and return its current slot."""
         try:
-            with open(self.path, "rb") as f:
-                buf = f.read(2 * JOURNAL_SLOT_SIZE)
+            fd = sparse.open_at(self.dir_fd, self.name, os.O_RDWR)
         except FileNotFoundError:
             return None
         except OSError as e:
+            raise IOFailure(f"{self.path}: refusing the apply journal: {_why(e)}") from None
+        try:
+            self._check(fd)
+            buf = os.pread(fd, 2 * JOURNAL_SLOT_SIZE, 0)
+        except OSError as e:
+            os.close(fd)
             raise IOFailure(f"{self.path}: cannot read the apply journal: {e.strerror}") from None
-        slots = [decode_journal_slot(buf[i * JOURNAL_SLOT_SIZE : (i + 1) * JOURNAL_SLOT_SIZE])
-                 for i in range(2)]
-        valid = [s for s in slots if s is not None]
-        if not valid:
+        except IOFailure:
+            os.close(fd)
+            raise
+        self.fd = fd
+        best = decode_journal(buf)
+        if best is None:
             return None
-        best = max(valid, key=lambda s: s.seq)
         self.seq = best.seq
         return best
 
+    def _check(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            why = "not a regular file"
+        elif st.st_nlink != 1:
+            why = f"it has {st.st_nlink} hard links"
+        elif st.st_uid not in self.owners:
+            allowed = " or ".join(str(u) for u in sorted(self.owners))
+            why = f"owned by uid {st.st_uid}, not {allowed}"
+        else:
+            return
+        raise IOFailure(f"{self.path}: refusing the apply journal: {why}")
+
     def write(self, base: bytes, target: bytes, start: int, end: int) -> None:
         if self.fd is None:
-            self.fd = sparse.open_path(self.path, os.O_RDWR | os.O_CREAT)
-            sparse.sync_dir(os.path.dirname(self.path))  # a journal lost to power is no journal
+            try:
+                self.fd = sparse.open_at(self.dir_fd, self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                raise IOFailure(
+                    f"{self.path}: appeared while apply was running; refusing to write the "
+                    "apply journal through it"
+                ) from None
+            except OSError as e:
+                raise IOFailure(f"{self.path}: cannot create the apply journal: {e.strerror}") from None
+            try:
+                sparse.sync_dir(self.dir_fd)  # a journal lost to power is no journal
+            except OSError as e:
+                raise IOFailure(f"{self.path}: cannot sync its folder: {e.strerror}") from None
         self.seq += 1
         slot = encode_journal_slot(JournalSlot(self.seq, base, target, start, end))
         try:
@@ -55,11 +149,36 @@ class Journal:
             raise IOFailure(f"{self.path}: cannot write the apply journal: {e.strerror}") from None
 
     def remove(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        """Unlink the journal this run opened or created, if the name still is that file
+        (one put in its place meanwhile is left alone), and sync the folder."""
+        if self.fd is None:
+            return
+        mine = os.fstat(self.fd)
+        os.close(self.fd)
+        self.fd = None
         try:
-            sparse.unlink(self.path)
+            now = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+                return
+            sparse.unlink(self.name, dir_fd=self.dir_fd)
+            sparse.sync_dir(self.dir_fd)
         except FileNotFoundError:
             return
-        sparse.sync_dir(os.path.dirname(self.path))
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot remove the apply journal: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Close the descriptors; the journal, if any, stays on disk."""
+        for fd in (self.fd, self.dir_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.fd = None
+        self.dir_fd = -1
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "it is a symbolic link"
+    if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
+        return "not a regular file"
+    return e.strerror or str(e)

@@ -1,5 +1,5 @@
 """The only module that talks to the kernel about holes, allocation and durability:
-lseek(SEEK_DATA/SEEK_HOLE), fallocate, ioctl, flock and fsync. Everything above it sees
+lseek(SEEK_DATA/SEEK_HOLE), fallocate, ioctl, file locks and fsync. Everything above it sees
 byte ranges and file descriptors. Every call that changes a destination or its journal
 (write, punch, truncate, create, unlink, sync) goes through here, so that the crash tests
 can record them in one place and rebuild what a power cut would leave."""
@@ -188,13 +188,18 @@ def create_new(path: str, mode: int = 0o666) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 
 
-def unlink(path: str) -> None:
-    """Remove a name; durable only after sync_dir of its folder. OSError as raised."""
-    os.unlink(path)
+def unlink(path: str, dir_fd: int | None = None) -> None:
+    """Remove a name (relative to dir_fd if given); durable only after its folder is
+    synced. OSError as raised."""
+    os.unlink(path, dir_fd=dir_fd)
 
 
-def sync_dir(path: str) -> None:
-    """Make a rename or unlink in the directory durable."""
+def sync_dir(path: str | int) -> None:
+    """Make a create, rename or unlink in the directory durable. path may be the folder's
+    open descriptor (held open so that no one can swap the folder for another)."""
+    if isinstance(path, int):
+        os.fsync(path)
+        return
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -202,11 +207,142 @@ def sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def lock_exclusive(fd: int, path: str) -> None:
+# struct flock for F_OFD_* (the kernel takes the 64-bit layout for them on every ABI).
+_FLOCK = struct.Struct("@hhqqi")
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+# Where an apply told to ignore other programs' locks still locks, so that two applies keep
+# excluding each other: far past any image's data and the bytes qemu locks (100-300).
+LOCK_MARK = 1 << 62
+HELD = "another sparsepatch apply holds this destination"
+
+
+def _ofd(fd: int, cmd: int, kind: int, start: int) -> tuple[int, int, int, int]:
+    """One F_OFD_* call over [start, end of file and beyond); (type, start, len, pid) back."""
+    buf = _FLOCK.pack(kind, os.SEEK_SET, start, 0, 0) + bytes(8)
+    out = fcntl.fcntl(fd, cmd, buf)
+    kind_, _, start_, len_, pid = _FLOCK.unpack_from(out)
+    return kind_, start_, len_, pid
+
+
+def _try_write_lock(fd: int, start: int) -> tuple[int, int, int, int] | None:
+    """Take an OFD write lock from start on; None when taken, else the lock in the way."""
+    for _ in range(10):
+        try:
+            _ofd(fd, _F_OFD_SETLK, fcntl.F_WRLCK, start)
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        found = _ofd(fd, _F_OFD_GETLK, fcntl.F_WRLCK, start)
+        if found[0] != fcntl.F_UNLCK:
+            return found
+        # Released between the two calls: try again.
+    return _ofd(fd, _F_OFD_GETLK, fcntl.F_WRLCK, start)
+
+
+def _is_apply(lock: tuple[int, int, int, int]) -> bool:
+    """The lock another apply takes: an OFD (pid -1) write lock from byte 0 or LOCK_MARK to
+    the end. A write lock needs a descriptor open for writing, so a mere reader cannot
+    pose as an apply."""
+    kind, start, length, pid = lock
+    return kind == fcntl.F_WRLCK and pid == -1 and length == 0 and start in (0, LOCK_MARK)
+
+
+def _describe(lock: tuple[int, int, int, int]) -> str:
+    kind, start, length, pid = lock
+    what = "write" if kind == fcntl.F_WRLCK else "read"
+    where = f"bytes {start}-{start + length - 1}" if length else f"byte {start} to the end"
+    return f"{what} lock on {where}" + (f" by pid {pid}" if pid > 0 else "")
+
+
+def lock_destination(fd: int, path: str, allow_in_use: bool = False) -> None:
+    """Claim fd (open for writing) with an OFD write lock over the whole file.
+
+    It conflicts with every POSIX and OFD lock another program holds on the file (qemu
+    locks single bytes of the images it runs), so an image in use is refused; flock, which
+    any reader can take, does not count. With allow_in_use, other programs' locks are
+    ignored, and only a lock far past the data keeps a second apply out. The lock belongs
+    to this open file and ends when it is closed or the process dies."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise Locked(f"{path}: another sparsepatch apply holds this destination") from None
+        found = _try_write_lock(fd, 0)
+        if found is None:
+            return
+        # Every apply holds the bytes from LOCK_MARK on: asking there tells another apply
+        # from a program that locks bytes near the start, when both hold the file.
+        mark = _try_write_lock(fd, LOCK_MARK)
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot lock: {e.strerror}") from None
+    if _is_apply(found) or mark is not None and _is_apply(mark):
+        raise Locked(f"{path}: {HELD}")
+    if not allow_in_use:
+        raise Locked(f"{path}: in use: a lock held by another process ({_describe(found)}); "
+                     "--allow-in-use applies anyway")
+
+
+LOOP_GET_STATUS64 = 0x4C05
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit, lo_number,
+# lo_encrypt_type, lo_encrypt_key_size, lo_flags, lo_file_name, lo_crypt_name, lo_encrypt_key,
+# lo_init[2]
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
+
+
+def _kernel_dev(d: int) -> int:
+    """A dev_t in the kernel's huge_encode_dev form, as userspace's st_dev."""
+    return os.makedev((d >> 8) & 0xFFF, (d & 0xFF) | ((d >> 12) & 0xFFF00))
+
+
+def _loop_backing(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind an attached loop device; None if not attached.
+    LOOP_GET_STATUS64 names the inode itself, which survives renames; the path in sysfs
+    (read only where the device node cannot be opened) does not."""
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
+            backing = os.fsdecode(f.read().rstrip(b"\n"))
+    except OSError:
+        return None  # no backing_file: the device is not attached
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+            device, inode = _LOOP_INFO64.unpack(info)[:2]
+            return _kernel_dev(device), inode
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    try:
+        st = os.stat(backing.removesuffix(" (deleted)"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def loop_devices_of(fd: int) -> list[str]:
+    """The loop devices whose backing file is the file open on fd."""
+    st = os.fstat(fd)
+    try:
+        names = sorted(n for n in os.listdir("/sys/block") if n.startswith("loop"))
+    except OSError:
+        return []
+    return [f"/dev/{n}" for n in names if _loop_backing(n) == (st.st_dev, st.st_ino)]
+
+
+def open_dir(path: str, nofollow: bool = False) -> int:
+    """A directory held open, so that names are looked up in it and not through a path
+    that may be renamed meanwhile."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+    return os.open(path or ".", flags)
+
+
+def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
+    """name inside dir_fd, never through a symbolic link (ELOOP) and never blocking on a
+    FIFO: for files in places another user may write to."""
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode,
+                   dir_fd=dir_fd)
 
 
 def open_device_exclusive(path: str) -> int:

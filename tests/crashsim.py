@@ -43,6 +43,7 @@ import io
 import os
 import random
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -103,7 +104,7 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
     picks is neither done nor logged: the code under test without that line."""
     saved = {n: getattr(sparse, n) for n in (
         "pwrite_full", "punch_hole", "set_size", "sync", "sync_data", "sync_dir", "open_path",
-        "create_new", "unlink", "reserve")}
+        "open_at", "create_new", "unlink", "reserve")}
 
     def skip(name: str, caller: str) -> bool:
         return drop is not None and drop(name, caller)
@@ -139,20 +140,31 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
             if skip(name, caller):
                 return
             saved[name](fd)
-            log.append(Op("sync", _path_of(fd), caller=caller))
+            # An fsync of a folder's descriptor makes its creates and unlinks durable.
+            kind = "syncdir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "sync"
+            log.append(Op(kind, _path_of(fd), caller=caller))
         return sync
 
-    def sync_dir(path: str) -> None:
+    def sync_dir(path: str | int) -> None:
         caller = _caller()
         if skip("sync_dir", caller):
             return
         saved["sync_dir"](path)
-        log.append(Op("syncdir", os.path.realpath(path or "."), caller=caller))
+        where = _path_of(path) if isinstance(path, int) else os.path.realpath(path or ".")
+        log.append(Op("syncdir", where, caller=caller))
 
     def open_path(path: str, flags: int, mode: int = 0o666) -> int:
         caller = _caller()
         new = bool(flags & os.O_CREAT) and not os.path.lexists(path)
         fd = int(saved["open_path"](path, flags, mode))
+        if new:
+            log.append(Op("create", _path_of(fd), caller=caller))
+        return fd
+
+    def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
+        caller = _caller()
+        new = bool(flags & os.O_CREAT) and not os.path.lexists(os.path.join(_path_of(dir_fd), name))
+        fd = int(saved["open_at"](dir_fd, name, flags, mode))
         if new:
             log.append(Op("create", _path_of(fd), caller=caller))
         return fd
@@ -163,12 +175,13 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
         log.append(Op("create", _path_of(fd), caller=caller))
         return fd
 
-    def unlink(path: str) -> None:
+    def unlink(path: str, dir_fd: int | None = None) -> None:
         caller = _caller()
         if skip("unlink", caller):
             return
-        full = os.path.realpath(path)
-        saved["unlink"](path)
+        where = path if dir_fd is None else os.path.join(_path_of(dir_fd), path)
+        full = os.path.join(os.path.realpath(os.path.dirname(where)), os.path.basename(where))
+        saved["unlink"](path, dir_fd)
         log.append(Op("unlink", full, caller=caller))
 
     def reserve(fd: int, offset: int, length: int) -> None:
@@ -180,7 +193,7 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
 
     mine = {"pwrite_full": pwrite_full, "punch_hole": punch_hole, "set_size": set_size,
             "sync": syncer("sync"), "sync_data": syncer("sync_data"), "sync_dir": sync_dir,
-            "open_path": open_path, "create_new": create_new, "unlink": unlink,
+            "open_path": open_path, "open_at": open_at, "create_new": create_new, "unlink": unlink,
             "reserve": reserve}
     for n, f in mine.items():
         setattr(sparse, n, f)

@@ -85,7 +85,7 @@ def _renew(dev: str) -> None:
 def device_journal(dev: str) -> str:
     """Where apply keeps the journal for dev unless told otherwise."""
     path = files.default_journal(dev)
-    assert os.path.dirname(path) == "/var/tmp"
+    assert os.path.dirname(path) == "/var/lib/sparsepatch"
     return path
 
 
@@ -315,12 +315,10 @@ def paused_apply(patch: bytes, dev: str) -> Iterator[subprocess.Popen[bytes]]:
         fd = os.open(dev, os.O_RDONLY)
         try:
             deadline = time.monotonic() + 30
+            probe = struct.pack("@hhqqi", fcntl.F_RDLCK, 0, 0, 0, 0) + bytes(8)
             while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    break  # the apply holds it
+                if struct.unpack_from("@h", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0] == fcntl.F_WRLCK:
+                    break  # the apply holds its lock
                 time.sleep(0.02)
             else:
                 pytest.fail(f"apply did not take its lock on {dev} (exit {proc.returncode})")

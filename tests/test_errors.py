@@ -10,6 +10,7 @@ import io
 import os
 import pty
 import random
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -410,8 +411,10 @@ def test_right_patch_applies_after_a_refused_wrong_one(case: Case, via: str) -> 
 
 def test_locked_destination(case: Case) -> None:
     before = digest(case.dest)
-    with open(case.dest, "rb") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(case.dest, "r+b") as f:
+        # The lock an apply holds: an OFD write lock over the whole file (a reader's flock
+        # must not count, tests/test_root_safety.py).
+        fcntl.fcntl(f, fcntl.F_OFD_SETLK, struct.pack("@hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0) + bytes(8))
         line = error_line(run_cli("apply", str(case.patch), str(case.dest), check=False), 7, warnings_ok=True)
     assert "apply" in line or "lock" in line
     assert digest(case.dest) == before

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -57,26 +58,31 @@ def warnings(r: subprocess.CompletedProcess[bytes]) -> list[str]:
     return [ln for ln in r.stderr.decode().splitlines() if ln.startswith("sparsepatch: warning:")]
 
 
+FLOCK = struct.Struct("@hhqqi")  # struct flock for F_OFD_SETLK / F_OFD_GETLK
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold the lock an apply takes on path, from another open file description."""
+    """Hold the lock an apply takes on path (an OFD write lock over the whole file), from
+    another open file description."""
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0) + bytes(8))
         yield
     finally:
         os.close(fd)
 
 
-def holds_flock(pid: int, path: Path) -> bool:
-    """Whether process pid holds a flock on path's inode, from /proc/locks (which, unlike
-    trying the lock ourselves, cannot disturb the process)."""
-    st = os.stat(path)
-    for line in Path("/proc/locks").read_text().splitlines():
-        f = line.split()
-        if len(f) >= 6 and f[1] == "FLOCK" and f[4] == str(pid) and f[5].split(":")[-1] == str(st.st_ino):
-            return True
-    return False
+def holds_lock(path: Path) -> bool:
+    """Whether some open file holds a write lock over the whole of path, asked with
+    F_OFD_GETLK (which, unlike trying the lock ourselves, cannot disturb the holder)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, FLOCK.pack(fcntl.F_RDLCK, 0, 0, 0, 0) + bytes(8))
+    finally:
+        os.close(fd)
+    kind, _, start, length, _ = FLOCK.unpack_from(out)
+    return kind == fcntl.F_WRLCK and start == 0 and length == 0
 
 
 def start_streaming_apply(w: World) -> subprocess.Popen[bytes]:
@@ -88,10 +94,10 @@ def start_streaming_apply(w: World) -> subprocess.Popen[bytes]:
     p.stdin.write(w.patch.read_bytes()[:108])
     p.stdin.flush()
     for _ in range(600):
-        if holds_flock(p.pid, w.dest) or p.poll() is not None:
+        if holds_lock(w.dest) or p.poll() is not None:
             break
         time.sleep(0.05)
-    if not holds_flock(p.pid, w.dest):
+    if not holds_lock(w.dest):
         p.kill()
         out = p.communicate()
         pytest.fail(f"the first apply never took the lock: {out!r}")

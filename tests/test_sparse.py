@@ -259,9 +259,9 @@ def test_open_path_errors_are_one_line(tmp: Path) -> None:
 
 def test_a_second_lock_is_refused(tmp: Path, fd_of: object) -> None:
     p = make_sparse(tmp / "f", 4 * KiB, [])
-    sparse.lock_exclusive(fd_of(p), str(p))  # type: ignore[operator]
+    sparse.lock_destination(fd_of(p), str(p))  # type: ignore[operator]
     with pytest.raises(Locked, match="another sparsepatch apply holds this destination"):
-        sparse.lock_exclusive(fd_of(p), str(p))  # type: ignore[operator]
+        sparse.lock_destination(fd_of(p), str(p))  # type: ignore[operator]
 
 
 def test_a_pipe_is_not_seekable() -> None:
