@@ -132,7 +132,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     jpath = journal or files.default_journal(dest)
     # A patch file is read twice, a stream once: see the precheck below.
     twice = precheck and all(files.input_size(p) is not None for p in pieces)
-    with files.open_inputs(pieces) as chain:
+    with files.open_inputs(pieces, twice) as chain:
         read = chain.read if progress is None else files.counting(chain.read, progress)
         name = "patch" if pieces == ["-"] else pieces[0]
         reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)

@@ -11,8 +11,10 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO
 
+import blake3
+
 from . import sparse
-from .errors import IOFailure, UsageError
+from .errors import FormatError, IOFailure, UsageError
 from .format import sniff
 from .journal import journal_path
 
@@ -40,10 +42,12 @@ def patch_pieces(paths: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def open_inputs(paths: list[str]) -> Iterator[Chain]:
-    """One reader over several files in order (pieces of a split patch)."""
+def open_inputs(paths: list[str], twice: bool = False) -> Iterator[Chain]:
+    """One reader over several files in order (pieces of a split patch). twice: the files
+    will be read a second time after rewind(), which must see the same bytes (StableChain)."""
     with contextlib.ExitStack() as stack:
-        yield Chain([stack.enter_context(open_input(p)) for p in paths])
+        opened = [stack.enter_context(open_input(p)) for p in paths]
+        yield StableChain(opened, paths) if twice else Chain(opened)
 
 
 class Chain:
@@ -67,6 +71,116 @@ class Chain:
         for f in self.files:
             f.seek(0)
         self.current = 0
+
+
+class StableChain(Chain):
+    """A Chain read twice, whose second reading hands out only the bytes the first one saw.
+
+    apply checks a patch file whole before its first write, then reads it again to write:
+    the check is worth something only if both readings see the same bytes. Holding the
+    open files (Chain) keeps a path replaced meanwhile out of it; a file written in place
+    is caught here. Before the second reading, every file's size, mtime and ctime (and
+    inode) must be as before the first, or it is refused with nothing written. During
+    the second reading, each WINDOW of bytes is read whole and compared with the BLAKE3
+    digest the first reading recorded for it before any of its bytes are handed out, so
+    no record is used unless all its bytes are the ones checked. Memory: one window and
+    32 bytes per window of patch."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, files: list[IO[bytes]], names: list[str]):
+        super().__init__(files)
+        self.names = names
+        self.stamps = self._stamps()
+        self.digests = bytearray()
+        self.total = 0  # bytes the first reading was given
+        self._hasher = blake3.blake3()
+        self._filled = 0  # bytes of the first reading's current window
+        self._second = False
+        self._window = b""  # the second reading's current window, checked
+        self._start = 0  # its offset in the patch
+        self._pos = 0  # bytes of it handed out
+
+    def _stamps(self) -> list[tuple[int, int, int, int, int]]:
+        out = []
+        for f in self.files:
+            st = os.fstat(f.fileno())
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return out
+
+    def read(self, n: int) -> bytes:
+        if self._second:
+            return self._read_checked(n)
+        data = super().read(n)
+        view = memoryview(data)
+        while view:
+            k = min(len(view), self.WINDOW - self._filled)
+            self._hasher.update(view[:k])
+            self._filled += k
+            view = view[k:]
+            if self._filled == self.WINDOW:
+                self._close_window()
+        self.total += len(data)
+        return data
+
+    def _close_window(self) -> None:
+        self.digests += self._hasher.digest()
+        self._hasher = blake3.blake3()
+        self._filled = 0
+
+    def rewind(self) -> None:
+        if not self._second:
+            if self._filled:
+                self._close_window()
+            now = self._stamps()
+            for name, a, b in zip(self.names, self.stamps, now, strict=True):
+                if a != b:
+                    raise FormatError(
+                        f"{name}: the patch file changed while apply was reading it (its size, "
+                        "mtime or ctime differ from when it was opened); nothing was written"
+                    )
+            if self.total > sum(st[2] for st in now):
+                raise FormatError(f"{self.names[0]}: the patch file changed while apply was reading it")
+            self._second = True
+        super().rewind()
+        self._window, self._start, self._pos = b"", 0, 0
+
+    def _read_checked(self, n: int) -> bytes:
+        if self._pos == len(self._window):
+            start = self._start + len(self._window)
+            # Past what the first reading was given, it found the end of the patch: so
+            # does this one (bytes appended since are not part of what was checked).
+            want = min(self.WINDOW, self.total - start)
+            if want <= 0:
+                return b""
+            parts, got = [], 0
+            while got < want:
+                chunk = super().read(want - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            window = b"".join(parts)
+            k = start // self.WINDOW
+            if blake3.blake3(window).digest() != self.digests[k * 32 : (k + 1) * 32]:
+                raise FormatError(
+                    f"{self._name_at(start)}: the patch file changed while apply was reading it "
+                    f"(bytes {start}..{start + want - 1} of the patch are not what was "
+                    "checked); stopped before using them: the blocks written are whole, apply "
+                    "the unchanged patch again to finish"
+                )
+            self._window, self._start, self._pos = window, start, 0
+        out = self._window[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def _name_at(self, offset: int) -> str:
+        """The piece that holds byte offset of the patch."""
+        for name, st in zip(self.names, self.stamps, strict=True):
+            if offset < st[2]:
+                return name
+            offset -= st[2]
+        return self.names[-1]
 
 
 @contextlib.contextmanager
