@@ -129,6 +129,8 @@ class StableChain(Chain):
         self._filled = 0
 
     def rewind(self) -> None:
+        super().rewind()
+        self._window, self._start, self._pos = b"", 0, 0
         if not self._second:
             if self._filled:
                 self._close_window()
@@ -142,8 +144,6 @@ class StableChain(Chain):
             if self.total > sum(st[2] for st in now):
                 raise FormatError(f"{self.names[0]}: the patch file changed while apply was reading it")
             self._second = True
-        super().rewind()
-        self._window, self._start, self._pos = b"", 0, 0
 
     def _read_checked(self, n: int) -> bytes:
         if self._pos == len(self._window):
