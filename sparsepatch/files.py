@@ -79,8 +79,8 @@ class StableChain(Chain):
     apply checks a patch file whole before its first write, then reads it again to write:
     the check is worth something only if both readings see the same bytes. Holding the
     open files (Chain) keeps a path replaced meanwhile out of it; a file written in place
-    is caught here. Before the second reading, every file's size, mtime and ctime (and
-    inode) must be as before the first, or it is refused with nothing written. During
+    is caught here. Before the second reading, every file's size, mtime and ctime must
+    be what they were when it was opened, or it is refused with nothing written. During
     the second reading, each WINDOW of bytes is read whole and compared with the BLAKE3
     digest the first reading recorded for it before any of its bytes are handed out, so
     no record is used unless all its bytes are the ones checked. Memory: one window and
@@ -141,8 +141,6 @@ class StableChain(Chain):
                         f"{name}: the patch file changed while apply was reading it (its size, "
                         "mtime or ctime differ from when it was opened); nothing was written"
                     )
-            if self.total > sum(st[2] for st in now):
-                raise FormatError(f"{self.names[0]}: the patch file changed while apply was reading it")
             self._second = True
 
     def _read_checked(self, n: int) -> bytes:
