@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -48,15 +47,18 @@ block_shift = shift_for_block_size
 
 
 def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-              progress: Callable[[int], None] | None = None) -> SignatureStats:
-    """Write the signature of dest (a path or '-') to output (a path, '-' or None: stdout)."""
+              progress: Callable[[int], None] | None = None, *, source_check: str = "mtime",
+              warn: Callable[[str], object] | None = None) -> SignatureStats:
+    """Write the signature of dest (a path or '-') to output (a path, '-' or None: stdout).
+    A file that changes while it is read raises SourceChanged; source_check "content"
+    looks at its size only, for a file whose mtime is always new (see diff)."""
     shift = block_shift(block_size)
     files.refuse_overwrite(output, dest)
     fd, own = files.open_source(dest)
     try:
         with files.open_output(output, mode=files.output_mode(dest)) as write:
-            mtime = os.fstat(fd).st_mtime_ns if stat.S_ISREG(os.fstat(fd).st_mode) else 0
-            return write_signature(fd, shift, dest, write, progress, mtime)
+            return write_signature(fd, shift, dest, write, progress, None,
+                                   source_check=source_check, warn=warn)
     finally:
         if own:
             os.close(fd)
@@ -96,9 +98,14 @@ def load_key(path: str) -> bytes:
 def diff(sig: str | None, source: str, output: str | None = None, *, full: bool = False,
          block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
          key_file: str | None = None, split: int | None = None,
-         progress: Callable[[int], None] | None = None) -> DiffStats:
+         progress: Callable[[int], None] | None = None, source_check: str = "mtime",
+         warn: Callable[[str], object] | None = None) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
-    None) the patch creates the whole file."""
+    None) the patch creates the whole file. A source that changes while it is read raises
+    SourceChanged: source_check "mtime" compares its mtime, ctime and size before and
+    after; "content" (a source whose mtime is always new, such as a FUSE export) its size,
+    and relies on the second reading of the blocks the patch carries, which are hashed
+    again and compared with the first."""
     if full == (sig is not None):
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
@@ -110,7 +117,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     try:
         with files.open_output(output, split, files.output_mode(sig, source)) as write:
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
-                               progress=progress)
+                               progress=progress, source_check=source_check, warn=warn)
     finally:
         if own:
             os.close(fd)
@@ -134,7 +141,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     pieces = files.patch_pieces([patch] if isinstance(patch, str) else list(patch))
     # A patch file is read twice, a stream once: see the precheck below.
     twice = precheck and all(files.input_size(p) is not None for p in pieces)
-    with files.open_inputs(pieces) as chain:
+    with files.open_inputs(pieces, twice) as chain:
         read = chain.read if progress is None else files.counting(chain.read, progress)
         name = "patch" if pieces == ["-"] else pieces[0]
         reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)

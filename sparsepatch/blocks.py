@@ -7,19 +7,21 @@ is what the format defines its hash over (spec/FORMAT.md, "Blocks")."""
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
+import stat
 import struct
 from array import array
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing
 
 import blake3
 
 from . import sparse
-from .errors import IOFailure, SourceChanged
+from .errors import IOFailure, SourceChanged, UsageError
 from .fork import Rows, pack_rows, share_map, unpack_rows
-from .format import HASH_LEN, SigHeader, SignatureEncoder
+from .format import HASH_LEN, ZERO_HASH, SigHeader, Signature, SignatureEncoder
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
 _COUNT = struct.Struct("<I")  # digests of one chunk, in a group's result
@@ -30,11 +32,52 @@ GROUP = CHUNK
 MAX_GROUP = 1024
 
 
-def block_ranges(fd: int, size: int, shift: int) -> Iterator[tuple[int, int]]:
-    """Data extents rounded out to whole blocks and merged: (first_block, end_block)."""
+SOURCE_CHECKS = ("mtime", "content")
+
+
+class Stamp:
+    """How signature and diff notice a regular file that changes while they read it: its
+    fstat before the read against its fstat after.
+
+    check "mtime" compares mtime, ctime and size: any write between the two stats shows.
+    check "content" compares the size only, for a file whose timestamps say nothing (a
+    FUSE export that reports the current time as mtime): diff then relies on its second
+    pass, which hashes every block it puts in the patch again and compares with the first
+    pass. A block or device, or a stream, has no such stamp and is not checked here."""
+
+    def __init__(self, fd: int, check: str):
+        if check not in SOURCE_CHECKS:
+            raise UsageError(f"source check {check!r} is not one of: {', '.join(SOURCE_CHECKS)}")
+        self.fd = fd
+        self.check = check
+        st = os.fstat(fd)
+        self.regular = stat.S_ISREG(st.st_mode)
+        self.mtime_ns = st.st_mtime_ns if self.regular else 0
+        self.before = self._take(st)
+
+    def _take(self, st: os.stat_result) -> tuple[int, ...] | None:
+        if not self.regular:
+            return None
+        if self.check == "content":
+            return (st.st_size,)
+        return st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+    def verify(self, name: str, verb: str) -> None:
+        """Raise SourceChanged if the file is not as it was when the stamp was taken."""
+        if self.before is None:
+            return
+        if self._take(os.fstat(self.fd)) != self.before:
+            what = "size" if self.check == "content" else "mtime or size"
+            raise SourceChanged(f"{name}: the file changed while {verb} was reading it ({what})")
+
+
+def block_ranges(fd: int, size: int, shift: int,
+                 unreported: Callable[[], None] | None = None) -> Iterator[tuple[int, int]]:
+    """Data extents rounded out to whole blocks and merged: (first_block, end_block).
+    unreported is called when the filesystem gave no hole map for a sparse file."""
     bs = 1 << shift
     cur: tuple[int, int] | None = None
-    for start, end in sparse.data_extents(fd, size):
+    for start, end in sparse.data_extents(fd, size, unreported):
         b0, b1 = start >> shift, (end + bs - 1) >> shift
         if cur and b0 <= cur[1]:
             cur = (cur[0], max(cur[1], b1))
@@ -59,7 +102,8 @@ class Scanner:
     the same whether or not a worker ran."""
 
     def __init__(self, fd: int, shift: int, name: str, size: int | None = None,
-                 progress: Callable[[int], None] | None = None, workers: int | None = None):
+                 progress: Callable[[int], None] | None = None, workers: int | None = None,
+                 warn: Callable[[str], object] | None = None):
         self.fd = fd
         self.shift = shift
         self.name = name
@@ -67,6 +111,10 @@ class Scanner:
         self.size = size if size is not None else (sparse.file_size(fd) if self.seekable else 0)
         self.bytes_read = 0
         self.progress = progress
+        self.warn = warn
+        # Whether holes were skipped unread: a stream, a device and a filesystem that gives
+        # no hole map (ramfs) have every byte read; the stats say which it was.
+        self.holes_skipped = self.seekable and not sparse.is_block_device(fd)
         bs = 1 << shift
         # Anonymous memory is zero-filled by the kernel page by page as it is first used: a
         # bytearray would be cleared whole up front (3 ms for 4 MiB), mostly for nothing on
@@ -100,10 +148,16 @@ class Scanner:
         SEEK_DATA call it data from then on, so a second walk could see other extents."""
         shift, size = self.shift, self.size
         per = len(self._buf) >> shift
-        for b0, b1 in block_ranges(self.fd, size, shift):
+        for b0, b1 in block_ranges(self.fd, size, shift, self._unreported):
             for b in range(b0, b1, per):
                 n = min(b1 - b, per)
                 yield b, n, min(n << shift, size - (b << shift))
+
+    def _unreported(self) -> None:
+        self.holes_skipped = False
+        if self.warn is not None:
+            self.warn(f"{self.name}: the filesystem does not report holes: reading all "
+                      f"{self.size} bytes, holes included")
 
     def _groups(self) -> Iterator[Rows]:
         group: Rows = []
@@ -207,6 +261,47 @@ class Scanner:
             block += n
             if got < len(mv):
                 return
+
+
+Chunk = tuple[int, array, bytes, memoryview | None]  # what Scanner.chunks yields
+
+
+def differences(sig: Signature, chunks: Iterable[Chunk],
+                shift: int) -> Iterator[tuple[int, bytes | bytearray, bytes, memoryview | None]]:
+    """The walk of a scan against a signature (diff's changes, verify's first difference):
+    every block where the scanned file differs from sig, ascending, as (block, its hash in
+    sig, its hash in the file, its bytes or None). ZERO_HASH stands for a hole or zeros on
+    either side. The bytes come only from a stream scan, for a block the file holds data
+    in, and are valid until the next item."""
+    di, dh = sig.data_index, sig.hashes
+    nd = len(di)
+    d = 0
+    for first, index, digests, view in chunks:
+        n = len(index)
+        if not n:
+            continue
+        # Most chunks are unchanged: the signature holds exactly these blocks and hashes.
+        e = bisect.bisect_right(di, index[n - 1], d)
+        if e - d == n and di[d:e] == index and dh[d * HASH_LEN : e * HASH_LEN] == digests:
+            d = e
+            continue
+        for k, i in enumerate(index):
+            digest = digests[k * HASH_LEN : (k + 1) * HASH_LEN]
+            while d < nd and di[d] < i:
+                yield di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH, None
+                d += 1
+            base: bytes | bytearray = ZERO_HASH
+            if d < nd and di[d] == i:
+                base = dh[d * HASH_LEN : (d + 1) * HASH_LEN]
+                d += 1
+                if base == digest:
+                    continue
+            blk = None if view is None else view[(i - first) << shift : (i - first + 1) << shift]
+            yield i, base, digest, blk
+    while d < nd:
+        yield di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH, None
+        d += 1
+
 
 def read_blocks(fd: int, shift: int, size: int, first: int, count: int, name: str) -> bytes:
     """The bytes of blocks first..first+count-1, clipped at size (no padding)."""

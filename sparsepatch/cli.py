@@ -284,14 +284,29 @@ _output = click.option("-o", "--output", metavar="FILE",
                        help="Write here (atomically: renamed when complete) instead of stdout.")
 
 
+def _source_check(content: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--source-check", type=click.Choice(["mtime", "content"]), default="mtime",
+        show_default=True,
+        help="How a file that changes while it is read is noticed (exit 6): mtime compares "
+             f"its mtime, ctime and size before and after; content {content}")
+
+
+def _warn(message: str) -> None:
+    click.echo(f"sparsepatch: warning: {message}", err=True)
+
+
 @main.command(epilog=EXIT_CODES)
 @click.argument("dest", metavar="DEST")
 @_output
 @click.option("-b", "--block-size", type=SizeType(), default=str(api.DEFAULT_BLOCK_SIZE),
               show_default="16K", help="Block size, a power of two from 4K to 16M.")
+@_source_check("compares only its size (for a file whose mtime is always new, such as a FUSE "
+               "export; a change in place then goes unseen here, and apply refuses the "
+               "blocks it touches that changed).")
 @_common
-def signature(dest: str, output: str | None, block_size: int, quiet: bool, progress: str,
-              as_json: bool, stats: str | None) -> None:
+def signature(dest: str, output: str | None, block_size: int, source_check: str, quiet: bool,
+              progress: str, as_json: bool, stats: str | None) -> None:
     """Write the signature (block hashes and hole map) of DEST ('-': stdin).
 
     \b
@@ -303,7 +318,8 @@ def signature(dest: str, output: str | None, block_size: int, quiet: bool, progr
     _refuse_tty(output)
     prog = _progress("signature", lambda: api.data_size(dest), progress, quiet)
     t = time.monotonic()
-    s = _run(api.signature, dest, output, block_size, progress=prog)
+    s = _run(api.signature, dest, output, block_size, progress=prog, source_check=source_check,
+             warn=_warn)
     _finish("signature", s, time.monotonic() - t,
             f"signature: {human(s.file_size)} apparent, {human(s.bytes_read)} read, "
             f"{s.data_blocks:,} data blocks, signature {human(s.signature_bytes)}", quiet, stats_to)
@@ -322,10 +338,13 @@ def signature(dest: str, output: str | None, block_size: int, quiet: bool, progr
 @click.option("--split", type=SplitSizeType(), metavar="SIZE",
               help="With -o: write FILE.000, FILE.001, ... of at most SIZE each "
                    "(fat32: 4 GiB - 1 byte, the largest file FAT32 holds).")
+@_source_check("compares its size, and hashes the blocks the patch carries again in the second "
+               "reading against the first (for a source whose mtime is always new, such "
+               "as a FUSE export).")
 @_common
 def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
-         key_file: str | None, split: int | None, quiet: bool, progress: str, as_json: bool,
-         stats: str | None) -> None:
+         key_file: str | None, split: int | None, source_check: str, quiet: bool, progress: str,
+         as_json: bool, stats: str | None) -> None:
     """Write a patch that turns the file SIG describes into SOURCE ('-': stdin).
 
     \b
@@ -333,6 +352,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
       sparsepatch diff vm.sig vm.img -o vm.patch
       sparsepatch diff --full vm.img -o /media/usb/vm.patch --split fat32
       sparsepatch diff -k secret.key vm.sig vm.img -o vm.patch
+      sparsepatch diff --source-check content vm.sig /mnt/fuse/vm.img -o vm.patch
     """
     want = 1 if full else 2
     if len(args) != want:
@@ -345,7 +365,8 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     t = time.monotonic()
     sig = None if full else args[0]
     s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
-             key_file=key_file, split=split, progress=prog)
+             key_file=key_file, split=split, progress=prog, source_check=source_check,
+             warn=_warn)
     changed = s.data_blocks + s.zero_blocks + s.copy_blocks
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import stat
 import struct
 from array import array
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .blocks import Scanner, read_blocks
+from .blocks import Chunk, Scanner, Stamp, differences, read_blocks
 from .errors import IOFailure, SourceChanged
 from .fork import Rows, pack_rows, share_map, unpack_rows
 from .format import (
@@ -72,6 +71,7 @@ class DiffStats:
     base_identity: str
     target_identity: str
     full: bool
+    holes_skipped: bool  # False: every byte was read (a stream, a device, no hole map)
 
 
 @dataclass
@@ -121,39 +121,18 @@ class _Spool:
 
 def _scan(sig: Signature, scan: Scanner, spool: _Spool | None, target: SignatureBuilder) -> Changes:
     """Phase one: the changes against sig; the target's blocks go to target (its identity)."""
-    di, dh = sig.data_index, sig.hashes
-    nd = len(di)
-    d = 0
     changes = Changes(array("Q"), bytearray(), bytearray())
-    shift = scan.shift
+
+    def fed(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        for chunk in chunks:
+            target.add_many(chunk[1], chunk[2])
+            yield chunk
+
     with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
-        for first, index, digests, view in chunks:
-            target.add_many(index, digests)
-            n = len(index)
-            if not n:
-                continue
-            # Most chunks are unchanged: the signature holds exactly these blocks and hashes.
-            e = bisect.bisect_right(di, index[n - 1], d)
-            if e - d == n and di[d:e] == index and dh[d * HASH_LEN : e * HASH_LEN] == digests:
-                d = e
-                continue
-            for k, i in enumerate(index):
-                digest = digests[k * HASH_LEN : (k + 1) * HASH_LEN]
-                while d < nd and di[d] < i:
-                    changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
-                    d += 1
-                base: bytes | bytearray = ZERO_HASH
-                if d < nd and di[d] == i:
-                    base = dh[d * HASH_LEN : (d + 1) * HASH_LEN]
-                    d += 1
-                    if base == digest:
-                        continue
-                changes.add(i, base, digest)
-                if spool and view is not None:  # only a stream scan hands out block contents
-                    spool.add(view[(i - first) << shift : (i - first + 1) << shift])
-    while d < nd:
-        changes.add(di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH)
-        d += 1
+        for i, base, digest, blk in differences(sig, fed(chunks), scan.shift):
+            changes.add(i, base, digest)
+            if spool and blk is not None:  # only a stream scan hands out block contents
+                spool.add(blk)
     return changes
 
 
@@ -234,13 +213,6 @@ class _Compressor:
         return self.c.compress(raw)
 
 
-def _stamp(fd: int) -> tuple[int, int, int] | None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return st.st_mtime_ns, st.st_ctime_ns, st.st_size
-
-
 def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: int, name: str) -> None:
     """The first phase chose these blocks by their hashes; a source that changed since
     would otherwise put data in the patch that its own hashes do not describe."""
@@ -258,14 +230,17 @@ def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: in
 
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
                 full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
-                progress: Callable[[int], None] | None = None) -> DiffStats:
+                progress: Callable[[int], None] | None = None, source_check: str = "mtime",
+                warn: Callable[[str], object] | None = None) -> DiffStats:
     shift = sig.header.block_shift
     bs = 1 << shift
-    scan = Scanner(fd, shift, name, progress=progress)
     # A regular file that changes while diff runs changes its mtime, ctime or size: one
     # stat before and after covers the blocks read once. The DATA blocks, read twice, are
-    # hashed again too: a write through a shared mmap changes no timestamp.
-    before = _stamp(fd)
+    # hashed again too: a write through a shared mmap changes no timestamp. With
+    # source_check "content" (for a file whose mtime is always new) only the size is
+    # compared, and the second reading's hashes are the check.
+    stamp = Stamp(fd, source_check)
+    scan = Scanner(fd, shift, name, progress=progress, warn=warn)
     spool = None if scan.seekable else _Spool(shift)
     target = SignatureBuilder(shift, scan.size if scan.seekable else None)
     changes = _scan(sig, scan, spool, target)
@@ -357,10 +332,10 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
                 records += 1
                 data_bytes += raw_len
                 payload_bytes += payload_len
-    if before is not None and _stamp(fd) != before:
-        raise SourceChanged(f"{name}: the file changed while diff was reading it (mtime or size)")
+    stamp.verify(name, "diff")
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],
                                            counts[REC_COPY], payload_bytes, written)))
     return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
                      counts[REC_ZERO], counts[REC_COPY], records, scan.bytes_read, data_bytes,
-                     payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full)
+                     payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full,
+                     scan.holes_skipped)

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO
 
+import blake3
+
 from . import sparse
 from .errors import FormatError, IOFailure, Locked, UsageError
 from .format import sniff
@@ -84,9 +86,10 @@ def patch_pieces(paths: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def open_inputs(paths: list[str]) -> Iterator[Chain]:
-    """One reader over several files in order (pieces of a split patch)."""
-    chain = Chain(paths)
+def open_inputs(paths: list[str], twice: bool = False) -> Iterator[Chain]:
+    """One reader over several files in order (pieces of a split patch). twice: the files
+    will be read a second time after rewind(), which must see the same bytes (StableChain)."""
+    chain = StableChain(paths) if twice else Chain(paths)
     try:
         yield chain
     finally:
@@ -148,6 +151,125 @@ class Chain:
     def close(self) -> None:
         if self.current < len(self.paths):
             self._close()
+
+
+class StableChain(Chain):
+    """A Chain read twice, whose second reading hands out only the bytes the first one saw.
+
+    apply checks a patch file whole before its first write, then reads it again to write:
+    the check is worth something only if both readings see the same bytes. Holding the
+    open files (Chain) keeps a path replaced meanwhile out of it; a file written in place
+    is caught here. Before the second reading, every file's size, mtime and ctime must
+    be what they were when it was opened, or it is refused with nothing written. During
+    the second reading, each WINDOW of bytes is read whole and compared with the BLAKE3
+    digest the first reading recorded for it before any of its bytes are handed out, so
+    no record is used unless all its bytes are the ones checked. Memory: one window and
+    32 bytes per window of patch."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, paths: list[str]):
+        super().__init__(paths)
+        self.names = paths
+        self.stamps: list[tuple[int, int, int, int, int]] = []  # per piece, when first opened
+        self.digests = bytearray()
+        self.total = 0  # bytes the first reading was given
+        self._hasher = blake3.blake3()
+        self._filled = 0  # bytes of the first reading's current window
+        self._second = False
+        self._window = b""  # the second reading's current window, checked
+        self._start = 0  # its offset in the patch
+        self._pos = 0  # bytes of it handed out
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _open(self) -> IO[bytes]:
+        f = super()._open()
+        stamp = self._stamp(os.fstat(f.fileno()))
+        if self.current == len(self.stamps):
+            self.stamps.append(stamp)
+        elif stamp != self.stamps[self.current]:
+            f.close()
+            raise FormatError(f"{self.paths[self.current]}: the patch file changed while apply "
+                              "was reading it (its size, mtime or ctime differ)")
+        return f
+
+    def read(self, n: int) -> bytes:
+        if self._second:
+            return self._read_checked(n)
+        data = super().read(n)
+        view = memoryview(data)
+        while view:
+            k = min(len(view), self.WINDOW - self._filled)
+            self._hasher.update(view[:k])
+            self._filled += k
+            view = view[k:]
+            if self._filled == self.WINDOW:
+                self._close_window()
+        self.total += len(data)
+        return data
+
+    def _close_window(self) -> None:
+        self.digests += self._hasher.digest()
+        self._hasher = blake3.blake3()
+        self._filled = 0
+
+    def rewind(self) -> None:
+        super().rewind()
+        self._window, self._start, self._pos = b"", 0, 0
+        if not self._second:
+            if self._filled:
+                self._close_window()
+            for name, a in zip(self.names, self.stamps, strict=True):
+                try:
+                    b = self._stamp(os.stat(name))
+                except OSError:
+                    b = None
+                if a != b:
+                    raise FormatError(
+                        f"{name}: the patch file changed while apply was reading it (its size, "
+                        "mtime or ctime differ from when it was opened); nothing was written"
+                    )
+            self._second = True
+
+    def _read_checked(self, n: int) -> bytes:
+        if self._pos == len(self._window):
+            start = self._start + len(self._window)
+            # Past what the first reading was given, it found the end of the patch: so
+            # does this one (bytes appended since are not part of what was checked).
+            want = min(self.WINDOW, self.total - start)
+            if want <= 0:
+                return b""
+            parts, got = [], 0
+            while got < want:
+                chunk = super().read(want - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            window = b"".join(parts)
+            k = start // self.WINDOW
+            if blake3.blake3(window).digest() != self.digests[k * 32 : (k + 1) * 32]:
+                raise FormatError(
+                    f"{self._name_at(start)}: the patch file changed while apply was reading it "
+                    f"(bytes {start}..{start + want - 1} of the patch are not what was "
+                    "checked); stopped before using them: the blocks written are whole, apply "
+                    "the unchanged patch again to finish"
+                )
+            self._window, self._start, self._pos = window, start, 0
+        out = self._window[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def _name_at(self, offset: int) -> str:
+        """The piece that holds byte offset of the patch."""
+        for name, st in zip(self.names, self.stamps, strict=True):
+            if offset < st[2]:
+                return name
+            offset -= st[2]
+        return self.names[-1]
 
 
 @contextlib.contextmanager

@@ -60,9 +60,16 @@ def file_size(fd: int) -> int:
     return os.fstat(fd).st_size
 
 
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+def data_extents(fd: int, size: int,
+                 unreported: Callable[[], None] | None = None) -> Iterator[tuple[int, int]]:
     """Yield (start, end) byte ranges that may hold data, in order; holes are skipped
-    without being read. Where SEEK_DATA is unsupported, the whole file is one range."""
+    without being read. Where SEEK_DATA is unsupported, the whole file is one range.
+
+    A filesystem without a hole map of its own (ramfs, and others whose lseek is the
+    generic one) calls the whole file data, and reading its holes may even allocate them.
+    That cannot be told from a file with no holes but by st_blocks: unreported() is called
+    when a regular file comes back as one range although it has far fewer bytes allocated
+    than its size."""
     pos = 0
     while pos < size:
         try:
@@ -71,6 +78,8 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
             if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
                 return
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
+                if unreported and pos == 0 and _looks_sparse(fd, size):
+                    unreported()
                 yield pos, size
                 return
             raise
@@ -81,8 +90,38 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         except OSError:
             end = size
         end = min(end, size)
+        if unreported and pos == 0 and start == 0 and end == size and _looks_sparse(fd, size):
+            unreported()
         yield start, end
         pos = end
+
+
+UNREPORTED_SLACK = 1 << 20  # unallocated bytes below which a whole-file range is believed
+NO_HOLE_MAP = {"ramfs"}  # reading a hole allocates it, so a file read once looks dense
+
+
+def _looks_sparse(fd: int, size: int) -> bool:
+    """A regular file with at least UNREPORTED_SLACK bytes fewer allocated than its size
+    (st_blocks counts 512-byte units whatever the filesystem's block size), or one on a
+    filesystem known to keep no hole map."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    return st.st_blocks * 512 + UNREPORTED_SLACK <= size or _fs_type(st.st_dev) in NO_HOLE_MAP
+
+
+def _fs_type(dev: int) -> str:
+    """The type of the filesystem mounted from device number dev ("" if unknown)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and " - " in line:
+                    return line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        pass
+    return ""
 
 
 def reopen(fd: int) -> int:

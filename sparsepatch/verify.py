@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import closing
 from dataclasses import dataclass
 
-from .blocks import Scanner
+from .blocks import Scanner, differences
 from .errors import VerifyMismatch
 from .format import (
     REC_DATA,
@@ -34,7 +34,7 @@ def verify_patch(reader: PatchReader) -> VerifyStats:
     return VerifyStats(n, raw, reader.mac is not None)
 
 
-def _describe(h: bytes) -> str:
+def _describe(h: bytes | bytearray) -> str:
     return "a hole or zeros" if h == ZERO_HASH else f"hash {h.hex()}"
 
 
@@ -44,27 +44,11 @@ def against_signature(fd: int, name: str, sig: Signature) -> None:
     scan = Scanner(fd, shift, name)
     if scan.seekable and scan.size != sig.header.file_size:
         raise VerifyMismatch(f"{name}: {scan.size} bytes, the signature says {sig.header.file_size}")
-    di, nd, d = sig.data_index, len(sig.data_index), 0
-
-    def differ(block: int, expected: bytes, found: bytes) -> VerifyMismatch:
-        return VerifyMismatch(
-            f"{name}: block at byte {block << shift} differs (expected {_describe(expected)}, "
-            f"found {_describe(found)})"
-        )
-
-    with closing(iter(scan)) as blocks:  # closed at once when a difference is raised
-        for i, digest, _ in blocks:
-            if d < nd and di[d] < i:
-                raise differ(di[d], sig.hash_at(d), ZERO_HASH)
-            if d < nd and di[d] == i:
-                expected = sig.hash_at(d)
-                d += 1
-                if expected != digest:
-                    raise differ(i, expected, digest)
-            else:
-                raise differ(i, ZERO_HASH, digest)
-    if d < nd:
-        raise differ(di[d], sig.hash_at(d), ZERO_HASH)
+    with closing(scan.chunks()) as chunks:  # closed at once when a difference is raised
+        for block, expected, found, _ in differences(sig, chunks, shift):
+            raise VerifyMismatch(
+                f"{name}: block at byte {block << shift} differs (expected {_describe(expected)}, "
+                f"found {_describe(found)})"
+            )
     if scan.size != sig.header.file_size:
         raise VerifyMismatch(f"{name}: {scan.size} bytes, the signature says {sig.header.file_size}")
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,14 @@ def test_file_modified_during_diff_is_refused(tmp: Path) -> None:
     assert not (tmp / "p.patch").exists()
 
 
-def test_unchanged_source_gives_a_patch_and_exit_code_6_is_documented(tmp: Path) -> None:
+def test_unchanged_source_gives_the_right_patch_and_exit_code_6_is_documented(tmp: Path) -> None:
     base = make_sparse(tmp / "base.img", 16 * MiB, [(0, 1 * MiB)])
-    api.signature(str(base), str(tmp / "base.sig"))
-    api.diff(str(tmp / "base.sig"), str(base), str(tmp / "p.patch"))
-    assert (tmp / "p.patch").exists()
+    source = make_sparse(tmp / "source.img", 16 * MiB, [(0, 1 * MiB), (8 * MiB, pattern(64 << 10, 5))])
+    run_cli("signature", str(base), "-o", str(tmp / "base.sig"))
+    r = run_cli("diff", str(tmp / "base.sig"), str(source), "-o", str(tmp / "p.patch"))
+    assert r.returncode == 0 and b"error" not in r.stderr
+    dest = tmp / "dest.img"
+    shutil.copyfile(base, dest)
+    run_cli("apply", str(tmp / "p.patch"), str(dest))
+    assert dest.read_bytes() == source.read_bytes()
     assert "6 source changed" in run_cli("diff", "--help").stdout.decode()
