@@ -11,11 +11,13 @@ its bytes reach the destination."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import sparse
 from .destination import Destination
-from .errors import FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
+from .errors import FormatError, IOFailure, SparsePatchError, UsageError, VerifyMismatch, WrongBase
 from .format import REC_COPY, REC_DATA, REC_ZERO, PatchHeader, PatchReader, Record, decode_data
 from .journal import Journal
 from .signature import write_signature
@@ -71,6 +73,9 @@ class Applier:
         self.window = window
         self.shift = h.block_shift
         self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
+        # (record, first block within it, count) written since the destination was last
+        # synced: read back before the journal window moves past them.
+        self.touched: list[tuple[Record, int, int]] = []
 
     def decide(self, rec: Record) -> Decision:
         """Check rec whole and decide each of its blocks. Raises before any write if the
@@ -125,14 +130,53 @@ class Applier:
                 at = rec.first_block
                 self._apply(self.decide(rec))
                 n += 1
-        except IOFailure:
-            raise  # a failed write may have torn a block: the journal must stay
+        except (IOFailure, VerifyMismatch):
+            raise  # a failed or lost write may have torn a block: the journal must stay
         except SparsePatchError:
             self._release(at)
             raise
         self.dest.finish(self.h.target_size)
+        self.check_touched()
         self.journal.remove()
         return n
+
+    def sync(self) -> None:
+        """Make the writes durable and check that they read back as the target: storage
+        that lies about a write or a punch must not let apply end with a wrong block."""
+        self.dest.sync_data()
+        self.check_touched()
+
+    def check_touched(self) -> None:
+        """Read back every block written since the last check (after a sync: from the page
+        cache, cheaply). A lied punch gets zeros written; any other difference stops apply."""
+        touched, self.touched = self.touched, []
+        bad = self._differing(touched)
+        if bad and all(rec.kind == REC_ZERO for rec, _, _ in bad):
+            for rec, b, _ in bad:
+                n = self.dest.write_zeros(rec.first_block + b, 1, self.h.target_size)
+                self.dest.punch_lies += 1
+                self._wrote(n)
+            self.dest.sync_data()
+            bad = self._differing(bad)
+        if bad:
+            rec, b, _ = bad[0]
+            off = (rec.first_block + b) << self.shift
+            raise VerifyMismatch(
+                f"{self.dest.name}: block at byte {off} does not read back as written "
+                f"(expected {rec.target_hash(b).hex()}, found "
+                f"{self.dest.state(rec.first_block + b, self.h.target_size).hex()}; "
+                f"{rec.where()}): the storage did not keep it; the journal stays for a rerun"
+            )
+
+    def _differing(self, touched: list[tuple[Record, int, int]]) -> list[tuple[Record, int, int]]:
+        """The blocks of touched, one (record, block within it, 1) each, that do not hold
+        their target (read as far as the target's end, zero-padded)."""
+        bad = []
+        for rec, b, m in touched:
+            for k in range(b, b + m):
+                if self.dest.state(rec.first_block + k, self.h.target_size) != rec.target_hash(k):
+                    bad.append((rec, k, 1))
+        return bad
 
     def _apply(self, d: Decision) -> None:
         rec = d.rec
@@ -142,6 +186,7 @@ class Applier:
         self.window.cover(d.first, d.end)
         for b, m in d.runs:
             first = rec.first_block + b
+            self.touched.append((rec, b, m))
             if rec.kind == REC_ZERO:
                 self.window.wrote(PUNCH_COST)
                 self._wrote(self.dest.punch(first, m, max(self.h.target_size, self.dest.size())))
@@ -178,9 +223,9 @@ class Applier:
             # the old bytes after it still there it reads as neither base nor target.
             return
         try:
-            self.dest.sync_data()
-        except IOFailure:
-            return
+            self.sync()
+        except (IOFailure, VerifyMismatch):
+            return  # a block may be wrong: the journal lets a rerun repair it
         self.journal.remove()
 
 
@@ -192,6 +237,11 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
     from its first byte), reader is first read whole as a dry run. created says that this
     run created the destination (a full patch)."""
     h = reader.header
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
+        # /dev/null would take every write and keep none; its journal would land in /dev.
+        raise UsageError(f"{name}: not a regular file or a block device; apply cannot write a "
+                         "patch into it")
     dest = Destination(fd, name, h.block_shift, discard)
     slot = journal.load()
     if slot and (slot.base_identity, slot.target_identity) != (h.base_identity, h.target_identity):
@@ -211,9 +261,16 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
         )
     if h.full and not created and not slot and size:
         return _full_onto_existing(reader, fd, name)
+    if h.target_size > size:
+        limit = sparse.file_size_limit(os.path.dirname(os.path.abspath(name)), h.target_size)
+        if limit:
+            # Found only at the final truncate, it would leave a half-applied destination
+            # and a journal that every rerun fails on.
+            raise IOFailure(f"{name}: the target is {h.target_size} bytes, more than "
+                            f"{limit[1]} allows ({limit[0]} bytes)")
     stale = bool(h.base_mtime_ns) and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns
     accepted = (slot.start_block, slot.end_block) if slot else None
-    window = WriteWindow(journal, (h.base_identity, h.target_identity), dest.sync_data,
+    window = WriteWindow(journal, (h.base_identity, h.target_identity), lambda: applier.sync(),
                          h.block_shift, accepted)
     applier = Applier(h, dest, journal, window)
     if reread is not None:
@@ -223,6 +280,9 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
             raise FormatError(f"{reader.name}: the patch changed while apply was reading it")
     n = applier.run(reader)
     a = applier
+    if warn and dest.zero_filled:
+        warn(f"{name}: this filesystem cannot leave gaps in a file (FAT, exFAT): "
+             f"{dest.zero_filled} bytes of holes were written as zeros, and the image is not sparse")
     if warn and stale and a.written + a.punched + a.copied:
         # Only worth saying when this run changed something: a repeated apply also finds a
         # new mtime, its own.

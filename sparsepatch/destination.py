@@ -3,6 +3,8 @@ durability, each failure one IOFailure line naming the path and the byte offset.
 
 from __future__ import annotations
 
+import errno
+
 from . import sparse
 from .errors import IOFailure
 from .format import ZERO_HASH, block_hash
@@ -22,6 +24,8 @@ class Destination:
         self.discard = discard
         self.is_device = sparse.is_block_device(fd)
         self.punch_ok = True
+        self.punch_lies = 0  # blocks a punch reported done but left holding data
+        self.zero_filled = 0  # bytes of zeros written to grow a file that cannot hold holes
         self._zero = bytes(self.bs)
 
     def read(self, block: int, limit: int | None = None) -> bytearray:
@@ -56,8 +60,28 @@ class Destination:
                     sparse.reserve(self.fd, off, len(piece))
                 sparse.pwrite_full(self.fd, piece, off)
             except OSError as e:
-                raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
+                if not self._fill_to(off, e):
+                    raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
+                self._pwrite(piece, off)
         return len(view)
+
+    def _fill_to(self, end: int, e: OSError) -> bool:
+        """After e, writing at byte end: where the filesystem refused to leave a gap (FAT
+        through fusefat says EPERM), fill it with zeros up to end and say so."""
+        size = self.size()
+        if e.errno != errno.EPERM or self.is_device or end <= size:
+            return False
+        zero = bytes(WRITE_STEP)
+        for off in range(size, end, WRITE_STEP):
+            self._pwrite(zero[: min(WRITE_STEP, end - off)], off)
+        self.zero_filled += end - size
+        return True
+
+    def _pwrite(self, data: bytes | memoryview, off: int) -> None:
+        try:
+            sparse.pwrite_full(self.fd, data, off)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
 
     def write_zeros(self, first: int, count: int, limit: int) -> int:
         """Zeros over blocks [first, first + count), clipped at byte limit. Returns bytes written."""
@@ -80,10 +104,27 @@ class Destination:
         except OSError as e:
             raise IOFailure(f"{self.name}: cannot punch a hole at byte {off}: {e.strerror}") from None
         if ok:
-            return 0
+            return self._zero_lies(first, count, limit)
         # The filesystem cannot deallocate: zeros are the only way to get the content right.
         self.punch_ok = False
         return self.write_zeros(first, count, limit)
+
+    def _zero_lies(self, first: int, count: int, limit: int) -> int:
+        """Read a punched range back (its holes cost no read) and write zeros over every
+        block that still holds data: FUSE, network and thin-provisioned storage may report
+        a punch done and keep the data (a qcow2 image does for a partial cluster)."""
+        start, end = first << self.shift, min((first + count) << self.shift, limit)
+        try:
+            ranges = list(sparse.data_extents(self.fd, end, start))
+        except OSError as e:
+            raise IOFailure(f"{self.name}: cannot read back the hole at byte {start}: {e.strerror}") from None
+        n = 0
+        for a, b in ranges:
+            for block in range(a >> self.shift, ((b - 1) >> self.shift) + 1):
+                if self.read(block, limit) != self._zero:
+                    self.punch_lies += 1
+                    n += self.write_zeros(block, 1, limit)
+        return n
 
     def size(self) -> int:
         try:
@@ -101,6 +142,10 @@ class Destination:
         """Set the final size (regular files only) and make everything durable."""
         try:
             sparse.set_size(self.fd, size)
+        except OSError as e:
+            if not self._fill_to(size, e):
+                raise IOFailure(f"{self.name}: cannot truncate to {size} bytes: {e.strerror}") from None
+        try:
             sparse.sync(self.fd)
         except OSError as e:
-            raise IOFailure(f"{self.name}: cannot finish (truncate/fsync): {e.strerror}") from None
+            raise IOFailure(f"{self.name}: cannot finish (fsync): {e.strerror}") from None

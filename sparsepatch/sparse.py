@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import stat
 import struct
 from collections.abc import Callable, Iterator
@@ -58,10 +59,9 @@ def file_size(fd: int) -> int:
     return os.fstat(fd).st_size
 
 
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield (start, end) byte ranges that may hold data, in order; holes are skipped
-    without being read. Where SEEK_DATA is unsupported, the whole file is one range."""
-    pos = 0
+def data_extents(fd: int, size: int, pos: int = 0) -> Iterator[tuple[int, int]]:
+    """Yield (start, end) byte ranges from pos to size that may hold data, in order; holes
+    are skipped without being read. Where SEEK_DATA is unsupported, it is all one range."""
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -168,8 +168,58 @@ def _zeroout(fd: int, offset: int, length: int) -> bool:
 
 
 def set_size(fd: int, size: int) -> None:
-    if not is_block_device(fd):
+    """Truncate a regular file to size. A truncate that changes nothing is skipped: some
+    filesystems (FAT through fusefat) refuse even that."""
+    if not is_block_device(fd) and os.fstat(fd).st_size != size:
         os.ftruncate(fd, size)
+
+
+def file_size_limit(folder: str, size: int) -> tuple[int, str] | None:
+    """None if a file in folder may grow to size bytes, as far as can be told; otherwise
+    (the largest size allowed, what sets it). Probed on an anonymous file in folder, which
+    stays sparse and empty, so any size costs no space."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and size > soft:
+        return soft, "the file size limit (ulimit -f)"
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd = _named_probe(folder)
+        if fd < 0:
+            return None  # cannot create a file there: let the real writes tell
+    try:
+        if _fits(fd, size) is not False:
+            return None
+        lo, hi = 0, size  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _fits(fd, mid) else (lo, mid)
+        return lo, "this filesystem's largest file"
+    finally:
+        os.close(fd)
+
+
+def _fits(fd: int, size: int) -> bool | None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        return False if e.errno == errno.EFBIG else None
+    return True
+
+
+def _named_probe(folder: str) -> int:
+    """An unlinked file in folder where O_TMPFILE is not supported; -1 if none can be made."""
+    for _ in range(10):
+        path = os.path.join(folder, f".sparsepatch-probe.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            return -1
+        os.unlink(path)
+        return fd
+    return -1
 
 
 def sync(fd: int) -> None:
