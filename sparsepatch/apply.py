@@ -23,6 +23,8 @@ from .journal import Journal
 from .signature import write_signature
 from .window import PUNCH_COST, WriteWindow
 
+READBACK_BLOCKS = 64  # blocks read back in one call
+
 
 @dataclass(frozen=True)
 class ApplyStats:
@@ -173,9 +175,10 @@ class Applier:
         their target (read as far as the target's end, zero-padded)."""
         bad = []
         for rec, b, m in touched:
-            for k in range(b, b + m):
-                if self.dest.state(rec.first_block + k, self.h.target_size) != rec.target_hash(k):
-                    bad.append((rec, k, 1))
+            for k0 in range(b, b + m, READBACK_BLOCKS):
+                n = min(READBACK_BLOCKS, b + m - k0)
+                found = self.dest.states(rec.first_block + k0, n, self.h.target_size)
+                bad += [(rec, k0 + i, 1) for i, h in enumerate(found) if h != rec.target_hash(k0 + i)]
         return bad
 
     def _apply(self, d: Decision) -> None:

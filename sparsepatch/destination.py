@@ -40,11 +40,22 @@ class Destination:
             raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
         return buf  # a short read leaves the rest as it was made: zeros
 
+    def states(self, first: int, count: int, limit: int) -> list[bytes]:
+        """The hashes of blocks [first, first + count), read in one go up to byte limit."""
+        off = first << self.shift
+        buf = bytearray(count << self.shift)
+        try:
+            sparse.pread_full(self.fd, memoryview(buf)[: max(0, min(len(buf), limit - off))], off)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
+        view = memoryview(buf)
+        return [self.hash(view[k << self.shift : (k + 1) << self.shift]) for k in range(count)]
+
     def state(self, block: int, limit: int | None = None) -> bytes:
         """The block's hash (ZERO_HASH for zeros), as read by read()."""
         return self.hash(self.read(block, limit))
 
-    def hash(self, data: bytes | bytearray) -> bytes:
+    def hash(self, data: bytes | bytearray | memoryview) -> bytes:
         return ZERO_HASH if data == self._zero else block_hash(memoryview(data))
 
     def write(self, block: int, data: bytes | memoryview) -> int:
