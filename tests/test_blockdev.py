@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import KiB, MiB, allocated, make_sparse, pattern, run_cli
 
-from sparsepatch import api, files
+from sparsepatch import files
 from sparsepatch.format import CRC, SIG_TRAILER, read_signature
 
 BS = 64 * KiB
