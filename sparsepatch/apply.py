@@ -28,6 +28,8 @@ READBACK_BLOCKS = 64  # blocks read back in one call
 
 @dataclass(frozen=True)
 class ApplyStats:
+    """What an apply did, for --stats and the API: blocks per action and bytes written."""
+
     target_size: int
     block_size: int
     records: int

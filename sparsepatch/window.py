@@ -16,6 +16,8 @@ PUNCH_COST = 4096  # a punch is metadata: cheap, but not free to make durable
 
 
 class JournalSlots(Protocol):
+    """What the window needs of the journal: writing a slot durably."""
+
     def write(self, base: bytes, target: bytes, start: int, end: int) -> None: ...
 
 
