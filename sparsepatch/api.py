@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import files, sparse
-from .apply import Applier, ApplyStats
+from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
-from .errors import FormatError, UsageError, VerifyMismatch, WrongBase
+from .errors import FormatError, UsageError, VerifyMismatch
 from .format import (
     CRC,
     MAC_LEN,
@@ -146,46 +146,18 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         name = "patch" if pieces == ["-"] else pieces[0]
         reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)
         h = reader.header
+
+        def reread() -> PatchReader:
+            chain.rewind()
+            return PatchReader(read, name, key, unauthenticated_ok)
+
         fd, created = files.open_dest(dest, h.full, files.output_mode(*pieces))
         journal_: Journal | None = None
         try:
             files.claim_dest(fd, dest, allow_in_use)
             journal_ = files.open_journal(dest, fd, journal)
-            slot = journal_.load()
-            if slot and (slot.base_identity, slot.target_identity) != (h.base_identity, h.target_identity):
-                raise WrongBase(
-                    f"{journal_.path}: an interrupted apply of another patch (target "
-                    f"{slot.target_identity.hex()[:16]}) left this journal; finish that patch "
-                    "first, or delete the journal if the destination is known to be intact"
-                )
-            size = sparse.file_size(fd)
-            lo, hi = sorted((h.base_size, h.target_size))
-            if sparse.is_block_device(fd) and size != h.target_size:
-                raise UsageError(
-                    f"{dest}: block device of {size} bytes cannot become {h.target_size} bytes"
-                )
-            if size not in (h.base_size, h.target_size) and not (slot and lo <= size <= hi):
-                raise WrongBase(
-                    f"{dest}: destination is {size} bytes; the patch expects the base size "
-                    f"{h.base_size} (or the target size {h.target_size} if already applied)"
-                )
-            if h.full and not created and not slot and size:
-                return _full_onto_existing(reader, fd, dest, verify)
-            stale = bool(h.base_mtime_ns) and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns
-            accepted = (slot.start_block, slot.end_block) if slot else None
-            applier = Applier(reader, fd, dest, journal_, accepted, discard)
-            if twice:
-                applier.precheck(reader)
-                chain.rewind()
-                applier.reader = PatchReader(read, name, key, unauthenticated_ok)
-                if applier.reader.header != h:
-                    raise FormatError(f"{name}: the patch changed while apply was reading it")
-            stats = applier.run()
-            if warn and stale and stats.blocks_written + stats.blocks_punched + stats.blocks_copied:
-                # Only worth saying when this run changed something: a repeated apply also
-                # finds a new mtime, its own.
-                warn(f"{dest} was modified after the signature was taken (its mtime differs); "
-                     "blocks the patch touched were checked, others were not: use --verify")
+            stats = apply_patch(reader, fd, dest, journal_, created=created,
+                                reread=reread if twice else None, discard=discard, warn=warn)
         except BaseException:
             # A file this run created and never wrote to would only mislead: remove it.
             if created and sparse.file_size(fd) == 0 and (journal_ is None or journal_.fd is None):
@@ -198,24 +170,6 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
-
-
-def _full_onto_existing(reader: PatchReader, fd: int, dest: str, verify: bool) -> ApplyStats:
-    """A full patch describes data blocks only, not the holes between them, so it cannot
-    check an existing file block by block. Accept it only when the file already is the
-    target (a repeated first copy); anything else is refused before writing."""
-    h = reader.header
-    found = write_signature(fd, h.block_shift, dest, lambda b: None)
-    if found.file_size != h.target_size or found.identity != h.target_identity.hex():
-        raise WrongBase(
-            f"{dest}: exists and is not this patch's target; a full patch only creates a file "
-            "(or resumes its interrupted creation): remove it, or update it with a signature"
-        )
-    n = blocks = 0
-    for rec in reader.records():
-        n += 1
-        blocks += rec.count
-    return ApplyStats(h.target_size, h.block_size, n, 0, 0, 0, blocks, 0, False)
 
 
 def check(path: str, shift: int, identity: bytes, size: int | None = None) -> None:

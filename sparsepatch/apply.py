@@ -1,4 +1,6 @@
-"""Apply: write a patch into a destination in place, block by block, safe to repeat.
+"""Apply: the whole protocol of writing a patch into a destination in place, block by block,
+safe to repeat (spec/FORMAT.md, section 9). apply_patch() takes an open patch reader, an open
+destination and its journal; api opens them.
 
 For every block a record touches, the destination's current block decides: already the
 target, skip; the base, write; inside the window the journal says an interrupted run was
@@ -8,31 +10,26 @@ its bytes reach the destination."""
 
 from __future__ import annotations
 
-import bisect
-from array import array
+import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import sparse
-from .errors import IOFailure, SparsePatchError, WrongBase
-from .format import (
-    REC_COPY,
-    REC_DATA,
-    REC_ZERO,
-    ZERO_HASH,
-    PatchReader,
-    Record,
-    block_hash,
-    decode_data,
-)
+from .destination import Destination
+from .errors import FormatError, IOFailure, SparsePatchError, UsageError, VerifyMismatch, WrongBase
+from .format import REC_COPY, REC_DATA, REC_ZERO, PatchHeader, PatchReader, Record, decode_data
 from .journal import Journal
+from .signature import write_signature
+from .window import PUNCH_COST, WriteWindow
 
-WRITE_STEP = 1 << 20  # bytes reserved and written at once
-SYNC_BUDGET = 64 << 20  # bytes written between two fdatasyncs of the destination
-JOURNAL_LOOKAHEAD = 64 << 20  # without a plan, how far past a write a journal window reaches
+READBACK_BLOCKS = 64  # blocks read back in one call
 
 
 @dataclass(frozen=True)
 class ApplyStats:
+    """What an apply did, for --stats and the API: blocks per action and bytes written."""
+
     target_size: int
     block_size: int
     records: int
@@ -44,206 +41,186 @@ class ApplyStats:
     resumed: bool
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What one record needs, decided from the destination before any of it is written:
+    its decoded data (DATA records), and the runs (first block within the record, count)
+    of blocks to write; the others already hold the target."""
+
+    rec: Record
+    data: bytes | None
+    runs: list[tuple[int, int]]
+
+    @property
+    def blocks(self) -> int:
+        return sum(m for _, m in self.runs)
+
+    @property
+    def first(self) -> int:
+        return self.rec.first_block + self.runs[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.rec.first_block + self.runs[-1][0] + self.runs[-1][1]
+
+
 class Applier:
-    def __init__(self, reader: PatchReader, fd: int, name: str, journal: Journal,
-                 accepted: tuple[int, int] | None, discard: bool = False):
-        self.discard = discard
-        self.reader = reader
-        self.h = reader.header
-        self.fd = fd
-        self.name = name
+    """Owns the record loop of one apply: decide() each record against the destination
+    (the same decision for the dry run and the real one), write what it needs inside the
+    journal window, count what was done, and drop the journal when a refusal leaves every
+    block whole."""
+
+    def __init__(self, h: PatchHeader, dest: Destination, journal: Journal, window: WriteWindow):
+        self.h = h
+        self.dest = dest
         self.journal = journal
-        self.accepted = accepted or (0, 0)
-        self.window = (0, 0)
-        self.unsynced = 0  # bytes written since the last fdatasync
-        # From the pre-read, the write span of each record that writes: (first, end, bytes).
-        self.plan_first, self.plan_end, self.plan_bytes = array("Q"), array("Q"), array("Q")
-        self.shift = self.h.block_shift
-        self.bs = 1 << self.shift
-        self._buf = bytearray(self.bs)
-        self._zero = bytes(self.bs)
+        self.window = window
+        self.shift = h.block_shift
         self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
-        self.punch_ok = True
-        self.is_device = sparse.is_block_device(fd)
+        # (record, first block within it, count) written since the destination was last
+        # synced: read back before the journal window moves past them.
+        self.touched: list[tuple[Record, int, int]] = []
 
-    # -- destination access
-
-    def _state(self, block: int) -> bytes:
-        view = memoryview(self._buf)
-        try:
-            got = sparse.pread_full(self.fd, view, block << self.shift)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: read failed at byte {block << self.shift}: {e.strerror}") from None
-        if got < self.bs:
-            view[got:] = self._zero[: self.bs - got]
-        if self._zero.startswith(view):
-            return ZERO_HASH
-        return block_hash(view)
-
-    def _cover(self, first: int, end: int) -> None:
-        """Make sure the journal names [first, end) before anything there is written.
-
-        The window must hold every block written since the last fdatasync (those may be torn
-        or lost). So it starts at the first such write, and moves on only after a sync, once
-        SYNC_BUDGET bytes were written; its end reaches as far as the writes the budget will
-        allow, read from the plan when the pre-read made one. Windows then change once per
-        budget, not once per scattered record (each change costs a journal fsync)."""
-        if self.window[0] <= first and end <= self.window[1]:
-            return
-        start = self.window[0] if self.window[1] else first
-        if not self.window[1] and self.accepted[1] and self.accepted[1] <= first:
-            # This run's first window would drop the interrupted run's, whose writes may not
-            # be durable yet (its blocks read as target from the page cache): sync them first.
-            try:
-                sparse.sync_data(self.fd)
-            except OSError as e:
-                raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
-        if self.unsynced >= SYNC_BUDGET:
-            try:
-                sparse.sync_data(self.fd)  # durable before the window stops covering it
-            except OSError as e:
-                raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
-            self.unsynced = 0
-            start = first
-        end = max(end, self._horizon(first))
-        a0, a1 = self.accepted
-        if a1 > first:
-            # Part of an interrupted run's window is still ahead of us: keep accepting it if
-            # this run is interrupted too, or its torn blocks would be refused next time.
-            start, end = min(start, a0), max(end, a1)
-        self.window = (start, end)
-        self.journal.write(self.h.base_identity, self.h.target_identity, start, end)
-
-    def _horizon(self, first: int) -> int:
-        """End of the writes, from first on, that fit in what is left of the sync budget."""
-        if not self.plan_first:
-            return first + (JOURNAL_LOOKAHEAD >> self.shift)
-        k = bisect.bisect_left(self.plan_first, first)
-        budget = SYNC_BUDGET - self.unsynced
-        end = first + 1
-        while k < len(self.plan_first) and budget > 0:
-            end = max(end, self.plan_end[k])
-            budget -= self.plan_bytes[k]
-            k += 1
-        return end
-
-    def _write(self, block: int, data: bytes | memoryview) -> None:
-        """Write whole blocks from block on, in steps of at least 1 MiB, each reserved first:
-        a full disk then stops apply between blocks, never inside one."""
-        view = memoryview(data)
-        step = max(self.bs, WRITE_STEP)
-        for pos in range(0, len(view), step):
-            piece = view[pos : pos + step]
-            off = (block << self.shift) + pos
-            try:
-                if not self.is_device:
-                    sparse.reserve(self.fd, off, len(piece))
-                sparse.pwrite_full(self.fd, piece, off)
-            except OSError as e:
-                raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
-            self.bytes_written += len(piece)
-            self.unsynced += len(piece)
-
-    def _punch(self, first: int, count: int) -> None:
-        off = first << self.shift
-        end = max(self.h.target_size, self._size())
-        if not self.is_device:
-            # To the end of the last block, past EOF: a punch that stops inside a page
-            # (a shrink already truncated, resumed) zeroes it but leaves it allocated.
-            end = -(-end >> self.shift) << self.shift
-        length = min(count << self.shift, end - off)
-        if length <= 0:
-            return
-        self.unsynced += 4096  # a punch is metadata: cheap, but not free to make durable
-        try:
-            ok = self.punch_ok and sparse.punch_hole(self.fd, off, length, self.discard)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: cannot punch a hole at byte {off}: {e.strerror}") from None
-        if not ok:
-            # The filesystem cannot deallocate: zeros are the only way to get the content right.
-            self.punch_ok = False
-            for b in range(count):
-                end = min(self.bs, self.h.target_size - ((first + b) << self.shift))
-                self._write(first + b, self._zero[:end])
-
-    def _size(self) -> int:
-        return sparse.file_size(self.fd)
-
-    # -- records
-
-    def _needs_write(self, rec: Record) -> list[bool]:
-        """Per block: True to write, False when already the target. Raises before any write
-        if a block is neither base nor target."""
-        out = []
-        a0, a1 = self.accepted
+    def decide(self, rec: Record) -> Decision:
+        """Check rec whole and decide each of its blocks. Raises before any write if the
+        payload is bad, a block is neither base nor target, or a copy source is wrong."""
+        data = decode_data(self.h, rec) if rec.kind == REC_DATA else None
+        runs: list[tuple[int, int]] = []
         for b in range(rec.count):
             block = rec.first_block + b
-            cur = self._state(block)
+            cur = self.dest.state(block)
             if cur == rec.target_hash(b):
-                out.append(False)
-            elif cur == rec.base_hash(b) or a0 <= block < a1:
-                out.append(True)
-            else:
-                raise WrongBase(
-                    f"{self.name}: destination block at byte {block << self.shift} is neither base "
-                    f"nor target: it changed after the signature was taken ({rec.where()})"
-                )
-        return out
-
-    def _runs(self, need: list[bool]) -> list[tuple[int, int]]:
-        runs: list[tuple[int, int]] = []
-        for b, w in enumerate(need):
-            if not w:
                 continue
+            if cur != rec.base_hash(b) and not self.window.accepts(block):
+                raise WrongBase(
+                    f"{self.dest.name}: destination block at byte {block << self.shift} is neither "
+                    f"base nor target: it changed after the signature was taken ({rec.where()})"
+                )
+            if rec.kind == REC_COPY:
+                self._source(rec, b)
             if runs and runs[-1][0] + runs[-1][1] == b:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((b, 1))
-        return runs
+        return Decision(rec, data, runs)
 
-    def record(self, rec: Record) -> None:
-        data = decode_data(self.h, rec) if rec.kind == REC_DATA else None
-        need = self._needs_write(rec)
-        runs = self._runs(need)
-        self.skipped += rec.count - sum(need)
-        if not runs:
-            return
-        self._cover(rec.first_block + runs[0][0], rec.first_block + runs[-1][0] + runs[-1][1])
-        for b, m in runs:
-            first = rec.first_block + b
-            if rec.kind == REC_ZERO:
-                self._punch(first, m)
-                self.punched += m
-            elif rec.kind == REC_DATA:
-                assert data is not None
-                self._write(first, memoryview(data)[b << self.shift : (b + m) << self.shift])
-                self.written += m
-            else:
-                self._copy(rec, b, m)
-
-    def _check_source(self, rec: Record, k: int) -> None:
+    def _source(self, rec: Record, k: int) -> bytes:
+        """The bytes of copy source block k of rec, checked to hold its target content."""
         src = rec.source_block + k
-        if self._state(src) != rec.target_hash(k):
+        data = self.dest.read(src)
+        if self.dest.hash(data) != rec.target_hash(k):
             raise WrongBase(
-                f"{self.name}: copy source block at byte {src << self.shift} does not hold "
+                f"{self.dest.name}: copy source block at byte {src << self.shift} does not hold "
                 f"the expected content ({rec.where()})"
             )
+        return bytes(data)
 
-    def _copy(self, rec: Record, b: int, m: int) -> None:
-        for k in range(b, b + m):
-            self._check_source(rec, k)  # leaves the source block in self._buf
-            dst = rec.first_block + k
-            length = min(self.bs, self.h.target_size - (dst << self.shift))
-            self._write(dst, memoryview(self._buf)[:length])
-            self.copied += 1
+    def precheck(self, reader: PatchReader) -> None:
+        """A dry run over a first reading of the patch: every CRC, MAC, payload and block
+        hash, and every destination block a record would write, checked before the first
+        write. A truncated, corrupt or wrong-base patch then leaves the destination as it
+        was. The decisions also tell the journal window where the writes will be."""
+        for rec in reader.records():
+            d = self.decide(rec)
+            if d.runs:
+                cost = PUNCH_COST if rec.kind == REC_ZERO else d.blocks << self.shift
+                self.window.plan(d.first, d.end, cost)
+
+    def run(self, reader: PatchReader) -> int:
+        """Apply every record; returns how many there were."""
+        n = at = 0
+        try:
+            for rec in reader.records():
+                at = rec.first_block
+                self._apply(self.decide(rec))
+                n += 1
+        except (IOFailure, VerifyMismatch):
+            raise  # a failed or lost write may have torn a block: the journal must stay
+        except SparsePatchError:
+            self._release(at)
+            raise
+        self.dest.finish(self.h.target_size)
+        self.check_touched()
+        self.journal.remove()
+        return n
+
+    def sync(self) -> None:
+        """Make the writes durable and check that they read back as the target: storage
+        that lies about a write or a punch must not let apply end with a wrong block."""
+        self.dest.sync_data()
+        self.check_touched()
+
+    def check_touched(self) -> None:
+        """Read back every block written since the last check (after a sync: from the page
+        cache, cheaply). A lied punch gets zeros written; any other difference stops apply."""
+        touched, self.touched = self.touched, []
+        bad = self._differing(touched)
+        if bad and all(rec.kind == REC_ZERO for rec, _, _ in bad):
+            for rec, b, _ in bad:
+                n = self.dest.write_zeros(rec.first_block + b, 1, self.h.target_size)
+                self.dest.punch_lies += 1
+                self._wrote(n)
+            self.dest.sync_data()
+            bad = self._differing(bad)
+        if bad:
+            rec, b, _ = bad[0]
+            off = (rec.first_block + b) << self.shift
+            raise VerifyMismatch(
+                f"{self.dest.name}: block at byte {off} does not read back as written "
+                f"(expected {rec.target_hash(b).hex()}, found "
+                f"{self.dest.state(rec.first_block + b, self.h.target_size).hex()}; "
+                f"{rec.where()}): the storage did not keep it; the journal stays for a rerun"
+            )
+
+    def _differing(self, touched: list[tuple[Record, int, int]]) -> list[tuple[Record, int, int]]:
+        """The blocks of touched, one (record, block within it, 1) each, that do not hold
+        their target (read as far as the target's end, zero-padded)."""
+        bad = []
+        for rec, b, m in touched:
+            for k0 in range(b, b + m, READBACK_BLOCKS):
+                n = min(READBACK_BLOCKS, b + m - k0)
+                found = self.dest.states(rec.first_block + k0, n, self.h.target_size)
+                bad += [(rec, k0 + i, 1) for i, h in enumerate(found) if h != rec.target_hash(k0 + i)]
+        return bad
+
+    def _apply(self, d: Decision) -> None:
+        rec = d.rec
+        self.skipped += rec.count - d.blocks
+        if not d.runs:
+            return
+        self.window.cover(d.first, d.end)
+        for b, m in d.runs:
+            first = rec.first_block + b
+            self.touched.append((rec, b, m))
+            if rec.kind == REC_ZERO:
+                self.window.wrote(PUNCH_COST)
+                self._wrote(self.dest.punch(first, m, max(self.h.target_size, self.dest.size())))
+                self.punched += m
+            elif rec.kind == REC_DATA:
+                assert d.data is not None
+                piece = memoryview(d.data)[b << self.shift : (b + m) << self.shift]
+                self._wrote(self.dest.write(first, piece))
+                self.written += m
+            else:
+                for k in range(b, b + m):
+                    # Re-read just before writing: an earlier write may have changed the source.
+                    data = self._source(rec, k)
+                    dst = rec.first_block + k
+                    length = min(len(data), self.h.target_size - (dst << self.shift))
+                    self._wrote(self.dest.write(dst, data[:length]))
+                    self.copied += 1
+
+    def _wrote(self, n: int) -> None:
+        self.bytes_written += n
+        self.window.wrote(n)
 
     def _release(self, at: int) -> None:
         """After a refusal (raised before its record wrote anything), every block written is
         whole, so the journal is not needed, unless an earlier interrupted run's window lies
         ahead, not yet repaired. Keeping it would block the right patch for no reason."""
-        if self.accepted[1] > at or self.journal.fd is None and self.accepted == (0, 0):
+        if not self.window.may_release(at):
             return
-        size = self._size()
+        size = self.dest.size()
         if size not in (self.h.base_size, self.h.target_size):
             return  # writes grew the file: only the journal makes its size acceptable now
         if size > self.h.target_size:
@@ -251,49 +228,88 @@ class Applier:
             # the old bytes after it still there it reads as neither base nor target.
             return
         try:
-            sparse.sync_data(self.fd)
-        except OSError:
-            return
+            self.sync()
+        except (IOFailure, VerifyMismatch):
+            return  # a block may be wrong: the journal lets a rerun repair it
         self.journal.remove()
 
-    def precheck(self, reader: PatchReader) -> None:
-        """A dry run over a second reading of the patch: every CRC, MAC, payload and block
-        hash, and every destination block a record would write, checked before the first
-        write. A truncated, corrupt or wrong-base patch then leaves the destination as it was."""
-        for rec in reader.records():
-            if rec.kind == REC_DATA:
-                decode_data(self.h, rec)
-            need = self._needs_write(rec)
-            if rec.kind == REC_COPY:
-                for k, w in enumerate(need):
-                    if w:
-                        self._check_source(rec, k)
-            runs = self._runs(need)
-            if runs:
-                self.plan_first.append(rec.first_block + runs[0][0])
-                self.plan_end.append(rec.first_block + runs[-1][0] + runs[-1][1])
-                written = sum(m for _, m in runs)
-                self.plan_bytes.append(4096 if rec.kind == REC_ZERO else written << self.shift)
 
-    def run(self) -> ApplyStats:
-        n = 0
-        at = 0
-        try:
-            for rec in self.reader.records():
-                at = rec.first_block
-                self.record(rec)
-                n += 1
-        except IOFailure:
-            raise  # a failed write may have torn a block: the journal must stay
-        except SparsePatchError:
-            self._release(at)
-            raise
-        try:
-            sparse.set_size(self.fd, self.h.target_size)
-            sparse.sync(self.fd)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: cannot finish (truncate/fsync): {e.strerror}") from None
-        self.journal.remove()
-        return ApplyStats(self.h.target_size, self.bs, n, self.written, self.punched, self.copied,
-                          self.skipped, self.bytes_written, self.accepted != (0, 0))
+def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, created: bool = False,
+                reread: Callable[[], PatchReader] | None = None, discard: bool = False,
+                warn: Callable[[str], object] | None = None) -> ApplyStats:
+    """Apply the patch reader reads to the open, locked destination fd (called name in
+    messages), with journal for resuming. With reread (a fresh reader of the same patch
+    from its first byte), reader is first read whole as a dry run. created says that this
+    run created the destination (a full patch)."""
+    h = reader.header
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
+        # /dev/null would take every write and keep none; its journal would land in /dev.
+        raise UsageError(f"{name}: not a regular file or a block device; apply cannot write a "
+                         "patch into it")
+    dest = Destination(fd, name, h.block_shift, discard)
+    slot = journal.load()
+    if slot and (slot.base_identity, slot.target_identity) != (h.base_identity, h.target_identity):
+        raise WrongBase(
+            f"{journal.path}: an interrupted apply of another patch (target "
+            f"{slot.target_identity.hex()[:16]}) left this journal; finish that patch "
+            "first, or delete the journal if the destination is known to be intact"
+        )
+    size = dest.size()
+    lo, hi = sorted((h.base_size, h.target_size))
+    if dest.is_device and size != h.target_size:
+        raise UsageError(f"{name}: block device of {size} bytes cannot become {h.target_size} bytes")
+    if size not in (h.base_size, h.target_size) and not (slot and lo <= size <= hi):
+        raise WrongBase(
+            f"{name}: destination is {size} bytes; the patch expects the base size "
+            f"{h.base_size} (or the target size {h.target_size} if already applied)"
+        )
+    if h.full and not created and not slot and size:
+        return _full_onto_existing(reader, fd, name)
+    if h.target_size > size:
+        limit = sparse.file_size_limit(os.path.dirname(os.path.abspath(name)), h.target_size)
+        if limit:
+            # Found only at the final truncate, it would leave a half-applied destination
+            # and a journal that every rerun fails on.
+            raise IOFailure(f"{name}: the target is {h.target_size} bytes, more than "
+                            f"{limit[1]} allows ({limit[0]} bytes)")
+    stale = bool(h.base_mtime_ns) and not slot and os.fstat(fd).st_mtime_ns != h.base_mtime_ns
+    accepted = (slot.start_block, slot.end_block) if slot else None
+    window = WriteWindow(journal, (h.base_identity, h.target_identity), lambda: applier.sync(),
+                         h.block_shift, accepted)
+    applier = Applier(h, dest, journal, window)
+    if reread is not None:
+        applier.precheck(reader)
+        reader = reread()
+        if reader.header != h:
+            raise FormatError(f"{reader.name}: the patch changed while apply was reading it")
+    n = applier.run(reader)
+    a = applier
+    if warn and dest.zero_filled:
+        warn(f"{name}: this filesystem cannot leave gaps in a file (FAT, exFAT): "
+             f"{dest.zero_filled} bytes of holes were written as zeros, and the image is not sparse")
+    if warn and stale and a.written + a.punched + a.copied:
+        # Only worth saying when this run changed something: a repeated apply also finds a
+        # new mtime, its own.
+        warn(f"{name} was modified after the signature was taken (its mtime differs); "
+             "blocks the patch touched were checked, others were not: use --verify")
+    return ApplyStats(h.target_size, 1 << h.block_shift, n, a.written, a.punched, a.copied,
+                      a.skipped, a.bytes_written, accepted is not None)
 
+
+def _full_onto_existing(reader: PatchReader, fd: int, name: str) -> ApplyStats:
+    """A full patch describes data blocks only, not the holes between them, so it cannot
+    check an existing file block by block. Accept it only when the file already is the
+    target (a repeated first copy); anything else is refused before writing."""
+    h = reader.header
+    found = write_signature(fd, h.block_shift, name, lambda b: None)
+    if found.file_size != h.target_size or found.identity != h.target_identity.hex():
+        raise WrongBase(
+            f"{name}: exists and is not this patch's target; a full patch only creates a file "
+            "(or resumes its interrupted creation): remove it, or update it with a signature"
+        )
+    n = blocks = 0
+    for rec in reader.records():
+        n += 1
+        blocks += rec.count
+    return ApplyStats(h.target_size, h.block_size, n, 0, 0, 0, blocks, 0, False)

@@ -77,7 +77,7 @@ def block_ranges(fd: int, size: int, shift: int,
     unreported is called when the filesystem gave no hole map for a sparse file."""
     bs = 1 << shift
     cur: tuple[int, int] | None = None
-    for start, end in sparse.data_extents(fd, size, unreported):
+    for start, end in sparse.data_extents(fd, size, unreported=unreported):
         b0, b1 = start >> shift, (end + bs - 1) >> shift
         if cur and b0 <= cur[1]:
             cur = (cur[0], max(cur[1], b1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import stat
 import struct
 from collections.abc import Callable, Iterator
@@ -60,17 +61,17 @@ def file_size(fd: int) -> int:
     return os.fstat(fd).st_size
 
 
-def data_extents(fd: int, size: int,
+def data_extents(fd: int, size: int, pos: int = 0,
                  unreported: Callable[[], None] | None = None) -> Iterator[tuple[int, int]]:
-    """Yield (start, end) byte ranges that may hold data, in order; holes are skipped
-    without being read. Where SEEK_DATA is unsupported, the whole file is one range.
+    """Yield (start, end) byte ranges from pos to size that may hold data, in order; holes
+    are skipped without being read. Where SEEK_DATA is unsupported, it is all one range.
 
     A filesystem without a hole map of its own (ramfs, and others whose lseek is the
     generic one) calls the whole file data, and reading its holes may even allocate them.
     That cannot be told from a file with no holes but by st_blocks: unreported() is called
     when a regular file comes back as one range although it has far fewer bytes allocated
     than its size."""
-    pos = 0
+    whole = pos == 0
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -78,7 +79,7 @@ def data_extents(fd: int, size: int,
             if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
                 return
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
-                if unreported and pos == 0 and _looks_sparse(fd, size):
+                if unreported and whole and _looks_sparse(fd, size):
                     unreported()
                 yield pos, size
                 return
@@ -90,7 +91,7 @@ def data_extents(fd: int, size: int,
         except OSError:
             end = size
         end = min(end, size)
-        if unreported and pos == 0 and start == 0 and end == size and _looks_sparse(fd, size):
+        if unreported and whole and start == 0 and end == size and _looks_sparse(fd, size):
             unreported()
         yield start, end
         pos = end
@@ -209,8 +210,58 @@ def _zeroout(fd: int, offset: int, length: int) -> bool:
 
 
 def set_size(fd: int, size: int) -> None:
-    if not is_block_device(fd):
+    """Truncate a regular file to size. A truncate that changes nothing is skipped: some
+    filesystems (FAT through fusefat) refuse even that."""
+    if not is_block_device(fd) and os.fstat(fd).st_size != size:
         os.ftruncate(fd, size)
+
+
+def file_size_limit(folder: str, size: int) -> tuple[int, str] | None:
+    """None if a file in folder may grow to size bytes, as far as can be told; otherwise
+    (the largest size allowed, what sets it). Probed on an anonymous file in folder, which
+    stays sparse and empty, so any size costs no space."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and size > soft:
+        return soft, "the file size limit (ulimit -f)"
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd = _named_probe(folder)
+        if fd < 0:
+            return None  # cannot create a file there: let the real writes tell
+    try:
+        if _fits(fd, size) is not False:
+            return None
+        lo, hi = 0, size  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _fits(fd, mid) else (lo, mid)
+        return lo, "this filesystem's largest file"
+    finally:
+        os.close(fd)
+
+
+def _fits(fd: int, size: int) -> bool | None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        return False if e.errno == errno.EFBIG else None
+    return True
+
+
+def _named_probe(folder: str) -> int:
+    """An unlinked file in folder where O_TMPFILE is not supported; -1 if none can be made."""
+    for _ in range(10):
+        path = os.path.join(folder, f".sparsepatch-probe.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            return -1
+        os.unlink(path)
+        return fd
+    return -1
 
 
 def sync(fd: int) -> None:
