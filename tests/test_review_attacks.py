@@ -181,3 +181,43 @@ def test_info_and_verify_read_a_split_patch(tmp_path: Path) -> None:
     assert (i.returncode, v.returncode) == (0, 0), (i.stderr, v.stderr)
 
 
+
+
+@needs_root_and_setpriv
+@pytest.mark.xfail(strict=True, reason="a first copy writes root's image into an empty file another "
+                   "user planted under the destination's name: that user owns the result")
+def test_a_first_copy_does_not_fill_another_users_planted_empty_file(tmp_path: Path) -> None:
+    """root makes the first copy of a private image (patch 0600) into a sticky folder.
+    Another user has created the destination name first, as an empty 0644 file of their
+    own. apply treats it as an interrupted first copy and writes the image into it: that
+    user can now read root's image and rewrite it before root boots it. Expected: refused
+    (or a file of root's alone)."""
+    patch, _ = _full_patch(tmp_path)
+    patch.chmod(0o600)
+    shared = _sticky_folder()
+    try:
+        dest = shared / "vm.img"
+        _as_nobody("sh", "-c", f"umask 022; : > {dest}")
+        r = run_cli("apply", "-q", str(patch), str(dest), check=False)
+        st = os.stat(dest)
+        assert r.returncode != 0 or (st.st_uid == 0 and st.st_mode & 0o077 == 0), \
+            f"exit {r.returncode}, result owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@needs_root_and_setpriv
+@pytest.mark.xfail(strict=True, reason="a first copy follows another user's symlink planted under "
+                   "the destination's name into any empty file root owns")
+def test_a_first_copy_does_not_write_through_a_planted_symlink(tmp_path: Path) -> None:
+    patch, _ = _full_patch(tmp_path)
+    empty = tmp_path / "empty-but-important"  # say /etc/cron.allow, /var/log/..., a lock file
+    empty.write_bytes(b"")
+    shared = _sticky_folder()
+    try:
+        dest = shared / "vm.img"
+        _as_nobody("ln", "-s", str(empty), str(dest))
+        run_cli("apply", "-q", str(patch), str(dest), check=False)
+        assert empty.stat().st_size == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
