@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -267,3 +268,33 @@ def test_split_4g_is_refused_on_fusefat(tmp_path: Path, fat: Path) -> None:
     r = run_cli("diff", "-q", "--full", str(src), "-o", str(fat / "img.patch"), "--split", "4G",
                 check=False)
     assert r.returncode == 2 and "on FAT" in r.stderr.decode(), r.stderr
+
+
+@needs_root_and_setpriv
+@pytest.mark.skipif(shutil.which("losetup") is None or not os.path.exists("/dev/loop-control"),
+                    reason="needs losetup (util-linux) and loop devices")
+@pytest.mark.xfail(strict=True, reason="-o in a folder another user owns follows that user's symlink "
+                   "into a block device and overwrites it (the sticky-folder rule does not apply)")
+def test_output_into_another_users_folder_does_not_follow_their_symlink_to_a_disk(
+        tmp_path: Path) -> None:
+    """root writes a signature into a drop folder owned by another user (not sticky, so
+    the protected_symlinks-like rule treats the folder owner as trusted). That user has
+    put a symlink to a disk under the output's name: root writes the signature over the
+    disk's first bytes (its partition table or superblock)."""
+    src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 64 * KiB)])
+    backing = tmp_path / "disk"
+    backing.write_bytes(b"SUPERBLOCK" + bytes(4 * MiB - 10))
+    disk = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    drop = Path(tempfile.mkdtemp(prefix="sparsepatch-review-"))
+    try:
+        u = pwd.getpwnam("nobody")
+        os.chown(drop, u.pw_uid, u.pw_gid)
+        drop.chmod(0o755)
+        _as_nobody("ln", "-s", disk, str(drop / "img.sig"))
+        run_cli("signature", "-q", str(src), "-o", str(drop / "img.sig"), check=False)
+        with open(disk, "rb") as f:
+            assert f.read(10) == b"SUPERBLOCK"
+    finally:
+        subprocess.run(["losetup", "-d", disk], capture_output=True)
+        shutil.rmtree(drop, ignore_errors=True)
