@@ -298,3 +298,38 @@ def test_output_into_another_users_folder_does_not_follow_their_symlink_to_a_dis
     finally:
         subprocess.run(["losetup", "-d", disk], capture_output=True)
         shutil.rmtree(drop, ignore_errors=True)
+
+
+def _update(tmp: Path) -> tuple[Path, Path, bytes]:
+    base = make_sparse(tmp / "base", 1 * MiB, [(0, 64 * KiB), (512 * KiB, 64 * KiB)])
+    target = make_sparse(tmp / "target", 1 * MiB, [(0, 64 * KiB), (512 * KiB, 128 * KiB)])
+    api.signature(str(base), str(tmp / "sig"))
+    api.diff(str(tmp / "sig"), str(target), str(tmp / "p"))
+    return base, tmp / "p", target.read_bytes()
+
+
+@pytest.mark.xfail(strict=True, reason="--journal naming the destination: apply writes journal slots "
+                   "into the image, then removes it as its journal, and exits 0")
+def test_journal_option_naming_the_destination_is_refused(tmp_path: Path) -> None:
+    dest, patch, _ = _update(tmp_path)
+    before = dest.read_bytes()
+    r = run_cli("apply", "-q", str(patch), str(dest), "--journal", str(dest), check=False)
+    assert dest.exists(), f"exit {r.returncode}: the destination was deleted"
+    assert r.returncode == 2 and dest.read_bytes() == before, r.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="--journal naming the patch file: apply removes the patch "
+                   "as its journal, and exits 0")
+def test_journal_option_naming_the_patch_is_refused(tmp_path: Path) -> None:
+    dest, patch, _ = _update(tmp_path)
+    r = run_cli("apply", "-q", str(patch), str(dest), "--journal", str(patch), check=False)
+    assert patch.exists(), f"exit {r.returncode}: the patch was deleted"
+
+
+@pytest.mark.xfail(strict=True, reason="apply PATCH - writes a file named '-' (README: every file "
+                   "argument accepts - for stdin or stdout)")
+def test_apply_to_dash_is_refused(tmp_path: Path) -> None:
+    src = make_sparse(tmp_path / "src.img", 64 * KiB, [(0, 64 * KiB)])
+    api.diff(None, str(src), str(tmp_path / "p"), full=True)
+    r = run_cli("apply", "-q", str(tmp_path / "p"), "-", check=False, cwd=tmp_path)
+    assert r.returncode == 2 and not (tmp_path / "-").exists(), r.stderr
