@@ -333,3 +333,14 @@ def test_apply_to_dash_is_refused(tmp_path: Path) -> None:
     api.diff(None, str(src), str(tmp_path / "p"), full=True)
     r = run_cli("apply", "-q", str(tmp_path / "p"), "-", check=False, cwd=tmp_path)
     assert r.returncode == 2 and not (tmp_path / "-").exists(), r.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="an existing --journal FILE that is not a journal is taken as "
+                   "an empty one: overwritten with journal slots, then deleted")
+def test_journal_option_naming_an_unrelated_file_leaves_it_alone(tmp_path: Path) -> None:
+    dest, patch, target = _update(tmp_path)
+    notes = tmp_path / "notes.txt"  # a typo, a tab completion gone wrong: --journal ~/.bashrc
+    notes.write_bytes(b"important notes\n" * 64)
+    r = run_cli("apply", "-q", str(patch), str(dest), "--journal", str(notes), check=False)
+    assert notes.exists() and notes.read_bytes() == b"important notes\n" * 64, \
+        f"exit {r.returncode}: {'changed' if notes.exists() else 'deleted'}"
