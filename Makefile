@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) bench/demo.py
 
+# Most tests run the command line in a subprocess: with PYTHONDONTWRITEBYTECODE set (as in
+# many CI environments) each one would compile the package again, so compile it once first.
 test: $(STAMP)
+	$(PY) -m compileall -q sparsepatch
 	$(PY) -m pytest -q
 
 # Power cuts at every point of apply, resumed: the full set (`make test` runs a sample).
