@@ -53,8 +53,13 @@ class io_errors:
     def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
-            reason = (_SHORT.get(e.errno or 0) if self.short else None) or e.strerror
-            raise IOFailure(f"{self.where}: {reason}") from None
+            raise io_failure(e, self.where, self.short) from None
+
+
+def io_failure(e: OSError, where: str, short: bool = False) -> IOFailure:
+    """The IOFailure io_errors raises, for a handler that must clean up before raising it."""
+    reason = (_SHORT.get(e.errno or 0) if short else None) or e.strerror
+    return IOFailure(f"{where}: {reason}")
 
 
 class FormatError(SparsePatchError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
 
-from sparsepatch import api, files, sparse
+from sparsepatch import api, inputs, sparse
 from sparsepatch.errors import FormatError, SourceChanged, UsageError
 from sparsepatch.format import PatchReader
 
@@ -69,15 +69,15 @@ def test_patch_cut_between_check_and_write_pass_leaves_destination_untouched(
     good = (tmp / "p").read_bytes()
     dest = tmp / "dest.img"
     shutil.copyfile(base, dest)
-    rewind = files.Chain.rewind
+    rewind = inputs.Chain.rewind
 
-    def cut_after_check(self: files.Chain) -> None:
+    def cut_after_check(self: inputs.Chain) -> None:
         # Someone truncates the patch (a copy onto it starts over) once it was checked,
         # just before apply goes back to its first byte to write.
         os.truncate(tmp / "p", len(good) // 2)
         rewind(self)
 
-    monkeypatch.setattr(files.Chain, "rewind", cut_after_check)
+    monkeypatch.setattr(inputs.Chain, "rewind", cut_after_check)
     with pytest.raises(FormatError) as e:
         api.apply(str(tmp / "p"), str(dest), key_file=str(key) if keyed else None)
     assert dest.read_bytes() == base.read_bytes()  # untouched, as a checked patch promises
@@ -127,14 +127,14 @@ def test_patch_appended_to_between_the_readings_is_refused(tmp: Path, monkeypatc
     base, t1, _, p1, _ = two_patches
     dest = tmp / "dest.img"
     shutil.copyfile(base, dest)
-    rewind = files.Chain.rewind
+    rewind = inputs.Chain.rewind
 
-    def append(self: files.Chain) -> None:
+    def append(self: inputs.Chain) -> None:
         with open(p1, "ab") as f:
             f.write(b"x")
         rewind(self)
 
-    monkeypatch.setattr(files.Chain, "rewind", append)
+    monkeypatch.setattr(inputs.Chain, "rewind", append)
     with pytest.raises(FormatError) as e:
         api.apply(str(p1), str(dest))
     assert dest.read_bytes() == base.read_bytes()
