@@ -182,7 +182,8 @@ class Scanner:
         digests: list[bytes] = []
         add, hasher, bs = digests.append, blake3.blake3, 1 << shift
         # The loop body is the per-block cost on top of read+hash: keep it to a slice, a
-        # memcmp and the hash call (this is format.block_hash, inlined).
+        # memcmp and the hash call. This is format.hash_block inlined (the last block is
+        # padded above): calling it per block hashed 9-12% slower at 4 KiB blocks.
         for pos in range(0, full, bs):
             blk = buf[pos : pos + bs]
             if not zero.startswith(blk):
