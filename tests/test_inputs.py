@@ -398,3 +398,31 @@ def test_verify_and_diff_see_the_same_differences_from_a_file_and_a_stream(tmp: 
                                   check=False), 8)
         assert f"block at byte {off} differs" in line
         assert ("found hash" in line) and (("expected a hole" in line) == (off == 6 * MiB))
+
+
+# -- the source a verb reads: closed when done, unless it is stdin
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_source_file_is_closed_after_signature_diff_verify_and_check(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    make_sparse(img, 4 * BS, [(0, BS), (2 * BS, BS)])
+    before = _open_fds()
+    api.signature(str(img), str(tmp_path / "sig"), block_size=BS)
+    stats = api.diff(str(tmp_path / "sig"), str(img), str(tmp_path / "patch"), block_size=BS)
+    api.verify(str(img), str(tmp_path / "sig"))
+    api.check(str(img), 14, bytes.fromhex(stats.target_identity))
+    assert _open_fds() == before
+
+
+def test_stdin_as_the_source_is_left_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = os.pipe()
+    os.close(w)  # an empty stream
+    with os.fdopen(r, "r") as stream:
+        monkeypatch.setattr("sys.stdin", stream)
+        with inputs.open_source("-") as fd:
+            assert fd == r
+        os.fstat(r)  # still open: it is not ours to close
