@@ -18,7 +18,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .blocks import Chunk, Scanner, Stamp, differences, read_blocks
+from .blocks import Chunk, Scanner, SignatureBuilder, Stamp, differences, read_blocks
 from .errors import SourceChanged, io_errors
 from .fork import Rows, pack_rows, share_map, unpack_rows
 from .format import (
@@ -45,7 +45,6 @@ from .format import (
     hash_block,
     raw_length,
 )
-from .signature import SignatureBuilder
 
 if TYPE_CHECKING:
     import zstandard
