@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import files, sparse
+from . import files, inputs, outputs, sparse
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
 from .errors import FormatError, UsageError, VerifyMismatch
@@ -32,10 +32,10 @@ from .journal import Journal
 from .signature import SignatureStats, write_signature
 from .verify import VerifyStats, against_signature, verify_patch
 
-data_size = files.data_size
-input_size = files.input_size
-patch_pieces = files.patch_pieces
-FAT_MAX_FILE = files.FAT_MAX_FILE
+data_size = inputs.data_size
+input_size = inputs.input_size
+patch_pieces = inputs.patch_pieces
+FAT_MAX_FILE = outputs.FAT_MAX_FILE
 
 DEFAULT_BLOCK_SIZE = 16 << 10  # measured on changed ext4 images: bench/BLOCKSIZE.md
 
@@ -53,26 +53,22 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
     A file that changes while it is read raises SourceChanged; source_check "content"
     looks at its size only, for a file whose mtime is always new (see diff)."""
     shift = block_shift(block_size)
-    files.refuse_overwrite(output, dest)
-    fd, own = files.open_source(dest)
-    try:
-        with files.open_output(output, mode=files.output_mode(dest)) as write:
-            return write_signature(fd, shift, dest, write, progress, None,
-                                   source_check=source_check, warn=warn)
-    finally:
-        if own:
-            os.close(fd)
+    outputs.refuse_overwrite(output, dest)
+    with (inputs.open_source(dest) as fd,
+          outputs.open_output(output, mode=outputs.output_mode(dest)) as write):
+        return write_signature(fd, shift, dest, write, progress, None,
+                               source_check=source_check, warn=warn)
 
 
 def write_file(path: str, data: bytes) -> None:
     """Write a small output (--stats FILE) the way -o writes: under a temporary name
     renamed into place, and never through another user's symlink or FIFO."""
-    with files.open_output(path) as write:
+    with outputs.open_output(path) as write:
         write(data)
 
 
 def load_signature(path: str) -> Signature:
-    with files.open_input(path) as f:
+    with inputs.open_input(path) as f:
         name = "signature" if path == "-" else path
         return read_signature(f.read, name)
 
@@ -85,7 +81,7 @@ def empty_signature(block_size: int) -> Signature:
 
 def load_key(path: str) -> bytes:
     """The MAC key derived from a key file's bytes."""
-    with os.fdopen(files.open_file(path), "rb") as f:
+    with os.fdopen(inputs.open_file(path), "rb") as f:
         material = f.read((1 << 20) + 1)
     if len(material) > 1 << 20:
         raise UsageError(f"{path}: key file is larger than 1 MiB; use a small file of random bytes")
@@ -110,17 +106,13 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
         raise UsageError("signature and source cannot both be stdin")
-    files.refuse_overwrite(output, sig, source, key_file)
+    outputs.refuse_overwrite(output, sig, source, key_file)
     key = load_key(key_file) if key_file else None
     signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
-    fd, own = files.open_source(source)
-    try:
-        with files.open_output(output, split, files.output_mode(sig, source)) as write:
-            return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
-                               progress=progress, source_check=source_check, warn=warn)
-    finally:
-        if own:
-            os.close(fd)
+    with (inputs.open_source(source) as fd,
+          outputs.open_output(output, split, outputs.output_mode(sig, source)) as write):
+        return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
+                           progress=progress, source_check=source_check, warn=warn)
 
 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
@@ -138,11 +130,11 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     wrong-base patch is refused before anything is written. allow_in_use applies to a
     file that backs a loop device or that another program holds a lock on."""
     key = load_key(key_file) if key_file else None
-    pieces = files.patch_pieces([patch] if isinstance(patch, str) else list(patch))
+    pieces = inputs.patch_pieces([patch] if isinstance(patch, str) else list(patch))
     # A patch file is read twice, a stream once: see the precheck below.
-    twice = precheck and all(files.input_size(p) is not None for p in pieces)
-    with files.open_inputs(pieces, twice) as chain:
-        read = chain.read if progress is None else files.counting(chain.read, progress)
+    twice = precheck and all(inputs.input_size(p) is not None for p in pieces)
+    with inputs.open_inputs(pieces, twice) as chain:
+        read = chain.read if progress is None else inputs.counting(chain.read, progress)
         name = "patch" if pieces == ["-"] else pieces[0]
         reader = PatchReader(chain.read if twice else read, name, key, unauthenticated_ok)
         h = reader.header
@@ -151,7 +143,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             chain.rewind()
             return PatchReader(read, name, key, unauthenticated_ok)
 
-        fd, created = files.open_dest(dest, h.full, files.output_mode(*pieces))
+        fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces))
         journal_: Journal | None = None
         try:
             files.claim_dest(fd, dest, allow_in_use)
@@ -174,12 +166,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
 
 def check(path: str, shift: int, identity: bytes, size: int | None = None) -> None:
     """Re-hash path's data extents and compare with a target identity (and size)."""
-    fd, own = files.open_source(path)
-    try:
+    with inputs.open_source(path) as fd:
         st = write_signature(fd, shift, path, lambda b: None)
-    finally:
-        if own:
-            os.close(fd)
     if size is not None and st.file_size != size:
         raise VerifyMismatch(f"{path}: {st.file_size} bytes, the patch's target is {size} bytes")
     if st.identity != identity.hex():
@@ -195,12 +183,12 @@ def verify(path: str, against: str | None = None, key_file: str | None = None) -
     VerifyMismatch naming the first difference."""
     if against is None:
         key = load_key(key_file) if key_file else None
-        with files.open_input(path) as f:
+        with inputs.open_input(path) as f:
             name = "patch" if path == "-" else path
             return verify_patch(PatchReader(f.read, name, key, unauthenticated_ok=key is None))
-    with files.open_input(against) as f:
+    with inputs.open_input(against) as f:
         name = "input" if against == "-" else against
-        kind, read = files.sniff_input(f, name)
+        kind, read = inputs.sniff_input(f, name)
         if kind == "signature":
             sig = read_signature(read, name)
         else:
@@ -208,21 +196,17 @@ def verify(path: str, against: str | None = None, key_file: str | None = None) -
     if kind == "patch":
         check(path, h.block_shift, h.target_identity, h.target_size)
         return None
-    fd, own = files.open_source(path)
-    try:
+    with inputs.open_source(path) as fd:
         against_signature(fd, path, sig)
-    finally:
-        if own:
-            os.close(fd)
     return None
 
 
 def info(path: str) -> dict[str, Any]:
     """What a signature or patch holds. Every header, record and trailer field and CRC is
     checked; payloads are not decompressed (verify does that)."""
-    with files.open_input(path) as f:
+    with inputs.open_input(path) as f:
         name = "input" if path == "-" else path
-        kind, read = files.sniff_input(f, name)
+        kind, read = inputs.sniff_input(f, name)
         if kind == "signature":
             s = read_signature(read, name)
             return {

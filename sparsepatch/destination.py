@@ -7,7 +7,7 @@ import errno
 
 from . import sparse
 from .errors import IOFailure
-from .format import ZERO_HASH, block_hash
+from .format import hash_block
 
 WRITE_STEP = 1 << 20  # bytes reserved and written at once
 
@@ -56,7 +56,7 @@ class Destination:
         return self.hash(self.read(block, limit))
 
     def hash(self, data: bytes | bytearray | memoryview) -> bytes:
-        return ZERO_HASH if data == self._zero else block_hash(memoryview(data))
+        return hash_block(data, self.bs)
 
     def write(self, block: int, data: bytes | memoryview) -> int:
         """Write whole blocks from block on, in steps of at least 1 MiB, each reserved first:

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .blocks import Chunk, Scanner, Stamp, differences, read_blocks
-from .errors import IOFailure, SourceChanged
+from .blocks import Chunk, Scanner, SignatureBuilder, Stamp, differences, read_blocks
+from .errors import SourceChanged, io_errors
 from .fork import Rows, pack_rows, share_map, unpack_rows
 from .format import (
+    CRC,
     FLAG_FULL,
     FLAG_MAC,
     HASH_LEN,
@@ -30,20 +30,21 @@ from .format import (
     REC_COPY,
     REC_DATA,
     REC_ZERO,
+    RECORD,
     ZERO_HASH,
     MacChain,
     PatchHeader,
     PatchTrailer,
     Record,
     Signature,
-    block_hash,
     blocks_for,
     data_record_max_blocks,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    hash_block,
+    raw_length,
 )
-from .signature import SignatureBuilder
 
 if TYPE_CHECKING:
     import zstandard
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 DEFAULT_LEVEL = 3
 BATCH_BYTES = 1 << 20  # data per batch of records (the unit shared with the worker process)
 MAX_BATCH = 800  # records per batch: its description (40 bytes a record) stays within fork.MAX_COMMAND
-_BUILT = struct.Struct("<BIQII")
+_META = {REC_DATA: 2 * HASH_LEN, REC_ZERO: HASH_LEN, REC_COPY: 2 * HASH_LEN}  # hash bytes a block
 
 
 @dataclass(frozen=True)
@@ -91,29 +92,28 @@ class Changes:
         a, b = k * HASH_LEN, (k + 1) * HASH_LEN
         return bytes(self.base[a:b]), bytes(self.target[a:b])
 
+    def target_hash(self, k: int) -> bytes:
+        return bytes(self.target[k * HASH_LEN : (k + 1) * HASH_LEN])
+
 
 class _Spool:
     """Changed blocks of a stream source, kept in a temporary file for the second phase."""
+
+    WHERE = "spool file for the source stream"
 
     def __init__(self, shift: int):
         import tempfile  # only a stream source needs it
 
         self.shift = shift
         self.file = tempfile.TemporaryFile(prefix="sparsepatch-spool-")
-        self.blocks = 0
 
     def add(self, blk: memoryview) -> None:
-        try:
+        with io_errors(self.WHERE):
             self.file.write(blk)
-        except OSError as e:
-            raise IOFailure(f"spool file for the source stream: {e.strerror}") from None
-        self.blocks += 1
 
     def finish(self) -> None:
-        try:
+        with io_errors(self.WHERE):
             self.file.flush()
-        except OSError as e:
-            raise IOFailure(f"spool file for the source stream: {e.strerror}") from None
 
     def read(self, k: int, count: int) -> bytes:
         return os.pread(self.file.fileno(), count << self.shift, k << self.shift)
@@ -143,7 +143,7 @@ def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[
     if not len(sig.data_index):
         return {}  # nothing to copy from (a full patch): spare the dict of every target hash
     for k in range(len(changes.index)):
-        t = bytes(changes.target[k * HASH_LEN : (k + 1) * HASH_LEN])
+        t = changes.target_hash(k)
         if t != ZERO_HASH:
             wanted[t] = -1
     if not wanted:
@@ -170,28 +170,27 @@ def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[
 
 def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
           max_data: int) -> Iterator[tuple[int, int, int, int]]:
-    """Group changes into records: (kind, first change k, count, copy source block)."""
+    """Group changes into records: (kind, first change k, count, copy source block). A
+    record goes on over the next block while that block is of the same kind (and, for a
+    COPY, its source is the next block of the destination), up to the kind's limit."""
+
+    def kind_of(k: int) -> tuple[int, int]:
+        """The one place a change's record kind is decided: (kind, copy source block)."""
+        target = changes.target_hash(k)
+        if target == ZERO_HASH:
+            return REC_ZERO, 0
+        src = sources.get(target)
+        return (REC_DATA, 0) if src is None else (REC_COPY, src)
+
     ci = changes.index
     n = len(ci)
     k = 0
     while k < n and ci[k] < target_blocks:
-        base, target = changes.hashes(k)
-        if target == ZERO_HASH:
-            kind, src = REC_ZERO, 0
-        elif target in sources:
-            kind, src = REC_COPY, sources[target]
-        else:
-            kind, src = REC_DATA, 0
+        kind, src = kind_of(k)
         limit = max_data if kind == REC_DATA else MAX_RECORD_BLOCKS
         m = 1
-        while k + m < n and m < limit and ci[k + m] == ci[k] + m and ci[k + m] < target_blocks:
-            t = changes.hashes(k + m)[1]
-            if kind == REC_ZERO and t != ZERO_HASH:
-                break
-            if kind == REC_COPY and sources.get(t) != src + m:
-                break
-            if kind == REC_DATA and (t == ZERO_HASH or t in sources):
-                break
+        while (k + m < n and m < limit and ci[k + m] == ci[k] + m and ci[k + m] < target_blocks
+               and kind_of(k + m) == (kind, src + m if kind == REC_COPY else 0)):
             m += 1
         yield kind, k, m, src
         k += m
@@ -219,10 +218,7 @@ def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: in
     bs = 1 << shift
     view = memoryview(raw)
     for b in range(m):
-        blk = view[b << shift : (b + 1) << shift]
-        if len(blk) < bs:
-            blk = memoryview(bytes(blk) + bytes(bs - len(blk)))
-        if block_hash(blk) != changes.hashes(k + b)[1]:
+        if hash_block(view[b << shift : (b + 1) << shift], bs) != changes.target_hash(k + b):
             raise SourceChanged(
                 f"{name}: block at byte {(first + b) << shift} changed while diff was reading it"
             )
@@ -271,7 +267,7 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     if spool:
         spool.finish()
 
-    def build(kind: int, k: int, m: int, src: int, spooled: int) -> tuple[Record, int]:
+    def build(kind: int, k: int, m: int, src: int, spooled: int) -> Record:
         """One record with its payload: read, re-check and compress. Each payload is its
         own frame, so the bytes do not depend on which process made them."""
         first = changes.index[k]
@@ -280,24 +276,18 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             base, target = changes.hashes(k + b)
             metas.append(base if kind == REC_ZERO else base + target)
         if kind != REC_DATA:
-            return Record(kind, first, m, b"".join(metas), src), 0
+            return Record(kind, first, m, b"".join(metas), src)
         if spool:
             raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
         _recheck(raw, changes, k, m, shift, first, name)
         payload = cctx.compress(raw)
-        return Record(kind, first, m, b"".join(metas), src, payload), len(raw)
+        return Record(kind, first, m, b"".join(metas), src, payload)
 
     def build_batch(batch: Rows) -> bytes:
-        """A batch's records, encoded, each after its numbers (kind, blocks, data bytes,
-        payload bytes, encoded length): what the forked worker sends back."""
-        out = []
-        for plan in batch:
-            rec, raw_len = build(*plan)
-            enc = encode_record(rec)
-            out += [_BUILT.pack(rec.kind, rec.count, raw_len, len(rec.payload), len(enc)), enc]
-        return b"".join(out)
+        """A batch's records, encoded: what the forked worker sends back."""
+        return b"".join(encode_record(build(*plan)) for plan in batch)
 
     def batches() -> Iterator[Rows]:
         """Records in groups of about BATCH_BYTES of data: a task per record made the
@@ -324,13 +314,15 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         for _, payload in built:
             view, pos = memoryview(payload), 0
             while pos < len(view):
-                kind, count, raw_len, payload_len, enc_len = _BUILT.unpack_from(view, pos)
-                pos += _BUILT.size
-                emit(bytes(view[pos : pos + enc_len]))
-                pos += enc_len
+                # The encoded record's own header says what the stats need.
+                kind, first, count, payload_len, _ = RECORD.unpack_from(view, pos)
+                end = pos + RECORD.size + count * _META[kind] + CRC.size + payload_len
+                emit(bytes(view[pos:end]))
+                pos = end
                 counts[kind] += count
                 records += 1
-                data_bytes += raw_len
+                if kind == REC_DATA:
+                    data_bytes += raw_length(header, first, count)
                 payload_bytes += payload_len
     stamp.verify(name, "diff")
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],

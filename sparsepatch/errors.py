@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from types import TracebackType
+
 
 class SparsePatchError(Exception):
     """Root of every error the tool reports as one line."""
@@ -19,6 +22,44 @@ class IOFailure(SparsePatchError):
     """Reading or writing a path failed (missing file, permission, no space)."""
 
     exit_code = 3
+
+
+# The short words for the errors a user meets opening a path they typed (io_errors short=True).
+_SHORT = {
+    errno.ENOENT: "no such file",
+    errno.EISDIR: "is a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+class io_errors:
+    """``with io_errors("PATH: write failed at byte N"):`` turns an OSError raised inside
+    into the one-line IOFailure "PATH: write failed at byte N: No space left on device" (the
+    system's text; with short=True "no such file", "is a directory" or "permission denied"
+    where those apply). A BrokenPipeError passes through: a reader that went away is no
+    failure of ours, and the CLI exits quietly on it. A class, not contextlib's generator:
+    it guards every chunk a scan reads."""
+
+    __slots__ = ("where", "short")
+
+    def __init__(self, where: str, short: bool = False):
+        self.where = where
+        self.short = short
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise io_failure(e, self.where, self.short) from None
+
+
+def io_failure(e: OSError, where: str, short: bool = False) -> IOFailure:
+    """The IOFailure io_errors raises, for a handler that must clean up before raising it."""
+    reason = (_SHORT.get(e.errno or 0) if short else None) or e.strerror
+    return IOFailure(f"{where}: {reason}")
 
 
 class FormatError(SparsePatchError):

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import IOFailure, Locked
+from .errors import Locked, io_errors
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -354,15 +354,13 @@ def lock_destination(fd: int, path: str, allow_in_use: bool = False) -> None:
     any reader can take, does not count. With allow_in_use, other programs' locks are
     ignored, and only a lock far past the data keeps a second apply out. The lock belongs
     to this open file and ends when it is closed or the process dies."""
-    try:
+    with io_errors(f"{path}: cannot lock"):
         found = _try_write_lock(fd, 0)
         if found is None:
             return
         # Every apply holds the bytes from LOCK_MARK on: asking there tells another apply
         # from a program that locks bytes near the start, when both hold the file.
         mark = _try_write_lock(fd, LOCK_MARK)
-    except OSError as e:
-        raise IOFailure(f"{path}: cannot lock: {e.strerror}") from None
     if _is_apply(found) or mark is not None and _is_apply(mark):
         raise Locked(f"{path}: {HELD}")
     if not allow_in_use:
@@ -439,24 +437,17 @@ def open_device_exclusive(path: str) -> int:
     """Open a block device for writing only if nobody else holds it: O_EXCL on a block
     device fails with EBUSY while it is mounted or opened exclusively elsewhere, whatever
     path or device node is used (flock would only see one inode)."""
-    try:
-        return os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise Locked(
-                f"{path}: device is in use: mounted, or another sparsepatch apply holds it"
-            ) from None
-        raise IOFailure(f"{path}: {e.strerror}") from None
+    with io_errors(path):
+        try:
+            return os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise Locked(
+                    f"{path}: device is in use: mounted, or another sparsepatch apply holds it"
+                ) from None
+            raise
 
 
 def open_path(path: str, flags: int, mode: int = 0o666) -> int:
-    try:
+    with io_errors(path, short=True):
         return os.open(path, flags | os.O_CLOEXEC, mode)
-    except FileNotFoundError:
-        raise IOFailure(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise IOFailure(f"{path}: is a directory") from None
-    except PermissionError:
-        raise IOFailure(f"{path}: permission denied") from None
-    except OSError as e:
-        raise IOFailure(f"{path}: {e.strerror}") from None

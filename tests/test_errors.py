@@ -4,6 +4,7 @@ finished by the good patch)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -20,7 +21,7 @@ import pytest
 from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
 
 from sparsepatch import SparsePatchError, api
-from sparsepatch.errors import UsageError
+from sparsepatch.errors import IOFailure, UsageError, io_errors
 from sparsepatch.format import CRC, PATCH_HEADER, PATCH_TRAILER, RECORD, SIG_HEADER, PatchReader, crc32c
 
 BS = 4 * KiB
@@ -560,3 +561,30 @@ def test_authenticated_patch_needs_the_right_key(case: Case) -> None:
     assert digest(case.dest) == before
     run_cli("apply", str(signed), str(case.dest), "-k", str(key))
     assert case.dest.read_bytes() == case.target.read_bytes()
+
+
+# ---------------------------------------------------------------------------- io_errors
+
+
+def test_io_errors_turns_an_os_error_into_one_line_saying_where_and_why() -> None:
+    with pytest.raises(IOFailure) as e, io_errors("/img: write failed at byte 4096"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert str(e.value) == "/img: write failed at byte 4096: No space left on device"
+    assert e.value.__suppress_context__  # the CLI prints the line, never the OSError's traceback
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOENT, "no such file"),
+                                             (errno.EISDIR, "is a directory"),
+                                             (errno.EACCES, "permission denied"),
+                                             (errno.EPERM, "permission denied"),
+                                             (errno.ELOOP, os.strerror(errno.ELOOP))])
+def test_io_errors_short_names_what_a_user_meets_opening_a_path(code: int, words: str) -> None:
+    with pytest.raises(IOFailure, match=f"^/img: {words}$"), io_errors("/img", short=True):
+        raise OSError(code, os.strerror(code))
+
+
+def test_io_errors_lets_a_broken_pipe_and_other_errors_through() -> None:
+    with pytest.raises(BrokenPipeError), io_errors("standard output: write failed"):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+    with pytest.raises(ValueError), io_errors("/img"):
+        raise ValueError("not an I/O error")

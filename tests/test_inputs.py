@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
 
-from sparsepatch import api, files, sparse
+from sparsepatch import api, inputs, sparse
 from sparsepatch.errors import FormatError, SourceChanged, UsageError
 from sparsepatch.format import PatchReader
 
@@ -69,15 +69,15 @@ def test_patch_cut_between_check_and_write_pass_leaves_destination_untouched(
     good = (tmp / "p").read_bytes()
     dest = tmp / "dest.img"
     shutil.copyfile(base, dest)
-    rewind = files.Chain.rewind
+    rewind = inputs.Chain.rewind
 
-    def cut_after_check(self: files.Chain) -> None:
+    def cut_after_check(self: inputs.Chain) -> None:
         # Someone truncates the patch (a copy onto it starts over) once it was checked,
         # just before apply goes back to its first byte to write.
         os.truncate(tmp / "p", len(good) // 2)
         rewind(self)
 
-    monkeypatch.setattr(files.Chain, "rewind", cut_after_check)
+    monkeypatch.setattr(inputs.Chain, "rewind", cut_after_check)
     with pytest.raises(FormatError) as e:
         api.apply(str(tmp / "p"), str(dest), key_file=str(key) if keyed else None)
     assert dest.read_bytes() == base.read_bytes()  # untouched, as a checked patch promises
@@ -127,14 +127,14 @@ def test_patch_appended_to_between_the_readings_is_refused(tmp: Path, monkeypatc
     base, t1, _, p1, _ = two_patches
     dest = tmp / "dest.img"
     shutil.copyfile(base, dest)
-    rewind = files.Chain.rewind
+    rewind = inputs.Chain.rewind
 
-    def append(self: files.Chain) -> None:
+    def append(self: inputs.Chain) -> None:
         with open(p1, "ab") as f:
             f.write(b"x")
         rewind(self)
 
-    monkeypatch.setattr(files.Chain, "rewind", append)
+    monkeypatch.setattr(inputs.Chain, "rewind", append)
     with pytest.raises(FormatError) as e:
         api.apply(str(p1), str(dest))
     assert dest.read_bytes() == base.read_bytes()
@@ -398,3 +398,31 @@ def test_verify_and_diff_see_the_same_differences_from_a_file_and_a_stream(tmp: 
                                   check=False), 8)
         assert f"block at byte {off} differs" in line
         assert ("found hash" in line) and (("expected a hole" in line) == (off == 6 * MiB))
+
+
+# -- the source a verb reads: closed when done, unless it is stdin
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_source_file_is_closed_after_signature_diff_verify_and_check(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    make_sparse(img, 4 * BS, [(0, BS), (2 * BS, BS)])
+    before = _open_fds()
+    api.signature(str(img), str(tmp_path / "sig"), block_size=BS)
+    stats = api.diff(str(tmp_path / "sig"), str(img), str(tmp_path / "patch"), block_size=BS)
+    api.verify(str(img), str(tmp_path / "sig"))
+    api.check(str(img), 14, bytes.fromhex(stats.target_identity))
+    assert _open_fds() == before
+
+
+def test_stdin_as_the_source_is_left_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = os.pipe()
+    os.close(w)  # an empty stream
+    with os.fdopen(r, "r") as stream:
+        monkeypatch.setattr("sys.stdin", stream)
+        with inputs.open_source("-") as fd:
+            assert fd == r
+        os.fstat(r)  # still open: it is not ours to close

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
 
-from sparsepatch import files
+from sparsepatch import inputs, outputs
 from sparsepatch.errors import FormatError, SparsePatchError
 
 NOBODY = 65534
@@ -94,7 +94,7 @@ def test_a_swapped_temporary_never_widens_another_files_mode(public: Path) -> No
     victim = secret(public / "shadow")
     out = folder / "img.sig"
     with pytest.raises(SparsePatchError, match="replaced"):  # noqa: PT012
-        with files.open_output(str(out)) as write:
+        with outputs.open_output(str(out)) as write:
             write(b"signature bytes")
             (tmp,) = [p for p in folder.iterdir() if p.name.endswith(".part")]
 
@@ -238,7 +238,7 @@ def test_outputs_are_no_more_readable_than_their_inputs(tmp: Path) -> None:
 
 
 def test_piece_names_sort_in_piece_order() -> None:
-    names = [files.piece_name("p", k) for k in range(100_000)]
+    names = [outputs.piece_name("p", k) for k in range(100_000)]
     assert names[:2] == ["p.000", "p.001"] and names[899] == "p.899"
     assert names[900] == "p.90000" and names[9899] == "p.98999" and names[9900] == "p.9900000"
     assert sorted(names) == names and len(set(names)) == len(names)
@@ -252,7 +252,7 @@ def test_more_than_a_thousand_pieces_apply_every_way_within_a_small_open_files_l
     run_cli("diff", "--full", str(src), "-o", str(stem), "--split", "4K", "-q")
     got = sorted(stem.parent.iterdir())
     assert len(got) > 1000
-    assert [p.name for p in got] == [Path(files.piece_name(str(stem), k)).name for k in range(len(got))]
+    assert [p.name for p in got] == [Path(outputs.piece_name(str(stem), k)).name for k in range(len(got))]
 
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
@@ -279,7 +279,7 @@ def test_pieces_written_before_names_sorted_still_apply(tmp: Path) -> None:
     got = sorted(stem.parent.iterdir())
     assert 900 < len(got) < 1000
     for k in range(900, len(got)):  # the names 0.1 gave these pieces
-        os.rename(files.piece_name(str(stem), k), f"{stem}.{k:03d}")
+        os.rename(outputs.piece_name(str(stem), k), f"{stem}.{k:03d}")
     run_cli("apply", f"{stem}.000", str(tmp / "d"), "-q")
     assert (tmp / "d").read_bytes() == src.read_bytes()
 
@@ -288,7 +288,7 @@ def test_a_piece_replaced_between_the_two_reads_is_refused(tmp: Path) -> None:
     a, b = tmp / "a", tmp / "b"
     a.write_bytes(b"x" * 5000)
     b.write_bytes(b"y" * 3000)
-    with files.open_inputs([str(a), str(b)]) as chain:
+    with inputs.open_inputs([str(a), str(b)]) as chain:
         assert len(b"".join(iter(lambda: chain.read(1 << 16), b""))) == 8000
         (tmp / "b2").write_bytes(b"y" * 3000)
         os.replace(tmp / "b2", b)  # same bytes, another file
@@ -303,7 +303,7 @@ def test_an_interrupted_resplit_leaves_no_set_that_applies(tmp: Path) -> None:
     stem = tmp / "p"
     run_cli("diff", "--full", str(src), "-o", str(stem), "--split", "16K", "-b", "4K", "-q")
     assert (tmp / "p.003").exists()
-    with pytest.raises(KeyboardInterrupt), files.open_output(str(stem), split=16 * KiB) as write:
+    with pytest.raises(KeyboardInterrupt), outputs.open_output(str(stem), split=16 * KiB) as write:
         write(b"\x89SPPATCH" + bytes(40000))
         raise KeyboardInterrupt
     assert not (tmp / "p.000").exists()
@@ -343,11 +343,11 @@ def fat_folder(tmp: Path) -> Iterator[Path]:
 
 
 def test_pieces_of_4g_are_refused_where_fat_is_found(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(files, "_fs_type", lambda fd: "vfat")
-    with pytest.raises(SparsePatchError, match="fat32") as e, files.open_output(str(tmp / "p"), 4 << 30):
+    monkeypatch.setattr(outputs, "_fs_type", lambda fd: "vfat")
+    with pytest.raises(SparsePatchError, match="fat32") as e, outputs.open_output(str(tmp / "p"), 4 << 30):
         pass
     assert e.value.exit_code == 2
-    with files.open_output(str(tmp / "p"), (4 << 30) - 1) as write:
+    with outputs.open_output(str(tmp / "p"), (4 << 30) - 1) as write:
         write(b"x")
     assert (tmp / "p.000").read_bytes() == b"x"
 
@@ -355,7 +355,7 @@ def test_pieces_of_4g_are_refused_where_fat_is_found(tmp: Path, monkeypatch: pyt
 def test_the_filesystem_type_is_found() -> None:
     fd = os.open("/proc", os.O_RDONLY)
     try:
-        assert files._fs_type(fd) == "proc"
+        assert outputs._fs_type(fd) == "proc"
     finally:
         os.close(fd)
 

@@ -1,0 +1,330 @@
+"""The output side of the verbs: stdout, or a file written under a temporary name and
+renamed over its final one when complete, so that an interrupted run never leaves a file
+that looks finished; the pieces of a split patch and their names; and the permission bits
+an output may have. Everything after the folder is opened goes through descriptors: in a
+folder another user can write to, a name may be swapped for a symlink between two calls."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO
+
+from . import sparse
+from .errors import IOFailure, UsageError, io_errors, io_failure
+
+
+def _stdout() -> IO[bytes]:
+    if sys.stdout is None:  # started with descriptor 1 closed (`>&-`)
+        raise IOFailure("standard output is closed")
+    return sys.stdout.buffer
+
+
+def piece_name(stem: str, k: int) -> str:
+    """The name of piece k of a split patch. Pieces 0-899 are STEM.000-STEM.899; after
+    that, like split(1), each further group starts with one more 9 and is one digit
+    wider (STEM.90000-STEM.98999, then STEM.9900000-...), so names sort in piece order
+    in every locale and `cat STEM.*` reads them in order however many there are."""
+    width, count, prefix = 3, 900, ""
+    while k >= count:
+        k -= count
+        width, count, prefix = width + 1, count * 10, prefix + "9"
+    return f"{stem}.{prefix}{k:0{width}d}"
+
+
+def old_piece_name(stem: str, k: int) -> str:
+    """The names sparsepatch 0.1.0 gave: on from STEM.900 to STEM.999, STEM.1000, ..."""
+    return f"{stem}.{k:03d}"
+
+
+@contextlib.contextmanager
+def open_output(path: str | None, split: int | None = None,
+                mode: int = 0o666) -> Iterator[Callable[[bytes], object]]:
+    """Write to stdout, or to a temporary file beside path renamed over it when complete,
+    so that an interrupted run never leaves a file that looks finished. With split, write
+    pieces of at most split bytes each (piece_name), all renamed at the end. The file
+    gets the permission bits mode, less the umask.
+
+    The folder is opened once and everything happens relative to it. In a folder that
+    others may write to and that has the sticky bit (/tmp), a symlink, FIFO or device
+    that is neither ours nor the folder owner's is refused, as the kernel's
+    protected_symlinks and protected_fifos do: another user may have planted it there."""
+    if path is None or path == "-":
+        if split:
+            raise UsageError("--split needs -o FILE")
+        with _direct(_stdout(), "standard output") as out:
+            yield out
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    with io_errors(f"{path}: cannot create output"):
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if split:
+            _check_piece_size(dfd, folder, split)
+            with _pieces(dfd, path, split, mode) as out:
+                yield out
+            return
+        special = _open_special(dfd, name, path)
+        if special is not None:
+            # /dev/null, a FIFO, a tape: write into it; renaming over it would replace the node.
+            with os.fdopen(special, "wb", buffering=0) as f, _direct(f, path) as out:
+                yield out
+            return
+        with _pieces(dfd, path, None, mode) as out:
+            yield out
+    finally:
+        os.close(dfd)
+
+
+FAT_MAX_FILE = (4 << 30) - 1  # the largest file FAT12/16/32 can hold
+
+
+def _check_piece_size(dfd: int, folder: str, split: int) -> None:
+    if split > FAT_MAX_FILE and _fs_type(dfd) in ("vfat", "msdos", "fat"):
+        raise UsageError(f"{folder} is on FAT, whose largest file is 4 GiB - 1 byte: "
+                         "use --split fat32 (or 4095M)")
+
+
+def _fs_type(fd: int) -> str | None:
+    """The type of the filesystem fd is on, from /proc/self/mountinfo (None if unknown)."""
+    dev = os.fstat(fd).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[2] == want and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
+
+def _shared(st: os.stat_result) -> bool:
+    """A sticky folder that others may write to (/tmp), where anyone may plant a name."""
+    return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
+
+
+def _trusted(owner: int, folder: os.stat_result) -> bool:
+    return owner in (os.geteuid(), folder.st_uid)
+
+
+def _open_special(dfd: int, name: str, path: str) -> int | None:
+    """An open descriptor for path when it is a device or FIFO to write into (following
+    symlinks one by one, each under the rule above); None when the output is to be a new
+    regular file renamed into place (a symlink to a regular file is replaced by it)."""
+    owned = os.dup(dfd)
+    try:
+        for _ in range(40):
+            folder = os.fstat(owned)
+            with io_errors(f"{path}: cannot create output"):
+                try:
+                    st = os.stat(name, dir_fd=owned, follow_symlinks=False)
+                except FileNotFoundError:
+                    return None
+            if stat.S_ISDIR(st.st_mode):
+                raise IOFailure(f"{path}: is a directory")
+            if stat.S_ISREG(st.st_mode):
+                return None
+            if _shared(folder) and not _trusted(st.st_uid, folder):
+                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "FIFO or device"
+                raise IOFailure(f"{path}: refusing to write through a {kind} owned by uid "
+                                f"{st.st_uid} in a folder others can write to")
+            if not stat.S_ISLNK(st.st_mode):
+                with io_errors(f"{path}: cannot open"):
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
+                                 dir_fd=owned)
+                now = os.fstat(fd)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    raise IOFailure(f"{path}: replaced while it was being opened")
+                return fd
+            target = os.readlink(name, dir_fd=owned)
+            parent, name = os.path.split(target)
+            if parent:
+                with io_errors(f"{path}: cannot open"):
+                    nxt = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=owned)
+                os.close(owned)
+                owned = nxt
+            if not name:
+                raise IOFailure(f"{path}: is a directory")
+        raise IOFailure(f"{path}: too many levels of symbolic links")
+    finally:
+        os.close(owned)
+
+
+@contextlib.contextmanager
+def _pieces(dfd: int, path: str, split: int | None, mode: int) -> Iterator[Callable[[bytes], object]]:
+    """One temporary per output file in the folder dfd, renamed into place at the end."""
+    names = (lambda k: piece_name(path, k)) if split else (lambda k: path)
+    pieces: list[_PartFile] = []
+    left = split or 0
+    if split:
+        # A re-split that is interrupted must not leave the previous set to be applied as
+        # if it were the new one: its first piece goes before anything else happens.
+        _unlink(dfd, piece_name(path, 0))
+        sparse.sync(dfd)
+
+    def write(b: bytes) -> None:
+        nonlocal left
+        if not split:
+            pieces[0].write(b)
+            return
+        view = memoryview(b)
+        while view:
+            if left == 0:
+                _PartFile(dfd, names(len(pieces)), pieces, mode)
+                left = split
+            n = min(len(view), left)
+            pieces[-1].write(view[:n])
+            left -= n
+            view = view[n:]
+
+    try:
+        _PartFile(dfd, names(0), pieces, mode)
+        yield write
+        for piece in pieces:
+            piece.close()
+        if split:
+            # Pieces a previous, longer patch of the same name left behind would be read on.
+            for name, first in ((piece_name, len(pieces)), (old_piece_name, max(len(pieces), 900))):
+                k = first
+                while _unlink(dfd, name(path, k)):
+                    k += 1
+        # Last piece first: the first piece, the name a user reaches for, appears only
+        # when the rest are in place.
+        for piece in reversed(pieces):
+            piece.commit()
+        sparse.sync(dfd)
+    except BaseException:
+        for piece in pieces:
+            piece.abort()
+        raise
+
+
+def _unlink(dfd: int, path: str) -> bool:
+    """Remove a stale piece; False if there is none."""
+    with io_errors(f"{path}: cannot remove the stale piece"):
+        try:
+            os.unlink(os.path.basename(path), dir_fd=dfd)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _direct(f: IO[bytes], name: str) -> Iterator[Callable[[bytes], object]]:
+    """Writes to an already open stream, with errors as one line (a broken pipe stays a
+    BrokenPipeError: the CLI treats a reader that went away as a quiet exit)."""
+    where = f"{name}: write failed"
+
+    def write(b: bytes) -> None:
+        with io_errors(where):
+            f.write(b)
+
+    yield write
+    with io_errors(where):
+        f.flush()
+
+
+class _PartFile:
+    """An output file written under a temporary name beside its final one. Everything
+    goes through descriptors (the folder's and the file's): in a folder another user can
+    write to, a path may be swapped for a symlink between two calls."""
+
+    def __init__(self, dfd: int, path: str, registry: list[_PartFile], mode: int):
+        self.dfd, self.path, self.mode = dfd, path, mode
+        self.name = os.path.basename(path)
+        self.tmp = ""
+        self.fd = -1
+        self.f: IO[bytes] | None = None
+        self.ident = (0, 0)
+        # Registered before the file exists, so that an interrupt at any point after
+        # the open still finds it to remove.
+        registry.append(self)
+        for _ in range(100):
+            # The name is known before the file exists (mkstemp would only say afterwards).
+            self.tmp = f".{self.name}.{os.urandom(4).hex()}.part"
+            try:
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                self.tmp = ""  # not ours: abort() must leave that name alone
+                raise io_failure(e, f"{path}: cannot create output") from None
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
+        self.f = os.fdopen(self.fd, "wb", buffering=1 << 20)
+
+    def write(self, b: bytes | memoryview) -> None:
+        assert self.f is not None
+        with io_errors(f"{self.path}: write failed"):
+            self.f.write(b)
+
+    def close(self) -> None:
+        assert self.f is not None
+        with io_errors(f"{self.path}: cannot finish output"):
+            self.f.flush()
+            os.fchmod(self.f.fileno(), self.mode & ~_umask() & 0o7777)
+            sparse.sync(self.f.fileno())
+            self.f.close()
+
+    def commit(self) -> None:
+        with io_errors(f"{self.path}: cannot finish output"):
+            st = os.stat(self.tmp, dir_fd=self.dfd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != self.ident:
+                raise IOFailure(f"{self.path}: the temporary file {self.tmp} was replaced by "
+                                "someone else; the output was not written")
+            os.replace(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+        self.tmp = ""
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.f is not None:
+                self.f.close()
+            elif self.fd >= 0:
+                os.close(self.fd)
+        if self.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp, dir_fd=self.dfd)
+
+
+def refuse_overwrite(output: str | None, *inputs: str | None) -> None:
+    """-o naming an input would rename the output over it: a typo that destroys an image."""
+    if output is None or output == "-" or not os.path.exists(output):
+        return
+    for path in inputs:
+        if path and path != "-" and os.path.exists(path) and os.path.samefile(output, path):
+            raise UsageError(f"{output}: the output would replace the input {path}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(*inputs: str | None) -> int:
+    """The permission bits an output made from inputs may have: no more than any input's
+    (read, write), so that a signature or patch of a private image stays private. A stream
+    counts as 0600: where it came from, and who could read it there, is unknown."""
+    mode = 0o666
+    for path in inputs:
+        if path is None:
+            continue
+        bits = 0o600
+        if path != "-":
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # opening it reports the problem
+            if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                bits = st.st_mode & 0o666
+        mode &= bits
+    return mode
