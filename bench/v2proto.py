@@ -15,11 +15,15 @@ moved      per workload: where the changed data is found in the base (same offse
 compress   one zstd stream over the novel data vs frames; threads, determinism, peak RSS of the
            compressor (measured in a child process), decoder window.
 synthetic  swaps, a 3-cycle and a shift by one 4 KiB page of real base data, plus new data.
+dump       writes OUT/base.data (the base's data extents), OUT/NAME.changed (changed 16 KiB blocks)
+           and OUT/NAME.novel (novel pages) for the zstd CLI comparisons in V2-DESIGN.md.
+zmodes     on OUT/NAME.novel: exact page repeats removed, zstd's multithreaded job sizes, flushes.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -38,10 +42,10 @@ PPB = BS // PAGE
 ZERO16 = bytes(16)
 WORKLOADS = ("install", "upgrade", "rebuilt")
 # Bytes a v2 patch spends on references (proposal in V2-DESIGN.md): a copy run is
-# target page u64 + source page u64 + count u32; each copied page carries its 16-byte hash; each
-# changed 16 KiB block keeps base and target hash (the per-block checks stay).
+# target page u64 + source page u64 + count u32; each copied page carries its base and target page
+# hash (16 B each); each changed 16 KiB block keeps base and target hash (the per-block checks stay).
 RUN_BYTES = 20
-PAGE_HASH = 16
+PAGE_HASH = 32
 BLOCK_META = 32
 ZERO_RUN = 32  # a ZERO record: header and CRC
 
@@ -502,19 +506,81 @@ def cmd_synthetic(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dump(a: argparse.Namespace) -> int:
+    base_path = os.path.join(a.dir, "base.img")
+    base = Image(load_pages(base_path))
+    with open(os.path.join(a.out, "base.data"), "wb") as f:
+        for n in sorted(base.pages):
+            f.write(base.pages[n])
+    known = base_hashes(base)
+    for name in a.workloads.split(","):
+        target = Image(load_pages(os.path.join(a.dir, f"{name}.img")))
+        with open(os.path.join(a.out, f"{name}.changed"), "wb") as ch, \
+                open(os.path.join(a.out, f"{name}.novel"), "wb") as nov:
+            for b in sorted(target.blocks):
+                if base.blocks.get(b) == target.blocks[b]:
+                    continue
+                for n in range(b * PPB, b * PPB + PPB):
+                    ch.write(target.pages.get(n, bytes(PAGE)))
+                    th = target.page_hash(n)
+                    if th != ZERO16 and base.page_hash(n) != th and th not in known:
+                        nov.write(target.pages[n])
+    return 0
+
+
+def cmd_zmodes(a: argparse.Namespace) -> int:
+    mib = 2 ** 20
+    for name in a.workloads.split(","):
+        with open(os.path.join(a.out, f"{name}.novel"), "rb") as f:
+            d = f.read()
+        seen: set[bytes] = set()
+        uniq = []
+        for k in range(0, len(d), PAGE):
+            h = h16(d[k : k + PAGE])
+            if h not in seen:
+                seen.add(h)
+                uniq.append(d[k : k + PAGE])
+        u = b"".join(uniq)
+        print(f"== {name}: {len(d) // PAGE - len(uniq)} pages repeat exactly")
+        for wl in (24, 25, 27):
+            print(f"  repeats removed, wlog {wl} LDM: {ldm(u, wl) / mib:.2f} MiB")
+        modes: list[tuple[int, int, dict[str, int]]] = [
+            (2, 0, {"overlap_log": 9}), (2, 0, {"overlap_log": 9, "job_size": 256 << 20}),
+            (2, 0, {"job_size": 512 << 20}), (0, 1 << 20, {}),
+            (2, 8 << 20, {"overlap_log": 9, "job_size": 256 << 20})]
+        for threads, every, kw in modes:
+            cp = zstandard.ZstdCompressionParameters.from_level(3, window_log=27, enable_ldm=1,
+                                                                threads=threads, **kw)
+            out = io.BytesIO()
+            w = zstandard.ZstdCompressor(compression_params=cp).stream_writer(out, closefd=False)
+            step = every or len(d)
+            for k in range(0, len(d), step):
+                w.write(d[k : k + step])
+                if every:
+                    w.flush(zstandard.FLUSH_BLOCK)
+            w.flush(zstandard.FLUSH_FRAME)
+            print(f"  wlog 27 LDM threads={threads} {kw} flush every {every >> 20} MiB: "
+                  f"{len(out.getvalue()) / mib:.2f} MiB")
+            sys.stdout.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for n in ("moved", "compress", "synthetic"):
+    for n in ("moved", "compress", "synthetic", "dump", "zmodes"):
         s = sub.add_parser(n)
         s.add_argument("--dir", default="/var/tmp/osimg2")
         s.add_argument("--workloads", default=",".join(WORKLOADS))
         s.add_argument("--json")
         s.add_argument("--tmp", default="/var/tmp")
         s.add_argument("--threads-on", default="install")
+        s.add_argument("--out", default="/var/tmp/v2")
     a = p.parse_args(argv)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return {"moved": cmd_moved, "compress": cmd_compress, "synthetic": cmd_synthetic}[a.cmd](a)
+    cmds = {"moved": cmd_moved, "compress": cmd_compress, "synthetic": cmd_synthetic, "dump": cmd_dump,
+            "zmodes": cmd_zmodes}
+    return cmds[a.cmd](a)
 
 
 if __name__ == "__main__":
