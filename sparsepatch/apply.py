@@ -284,7 +284,7 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
     messages), with journal for resuming. With reread (a fresh reader of the same patch
     from its first byte), reader is first read whole as a dry run. created says that this
     run created the destination (a full patch). With undo, the base content of every block
-    overwritten goes there first (spec section 10)."""
+    overwritten goes there first (spec section 9.6)."""
     h = reader.header
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):

@@ -1,4 +1,4 @@
-"""The undo patch an apply writes with --undo (spec/FORMAT.md, section 10): an ordinary patch
+"""The undo patch an apply writes with --undo (spec/FORMAT.md, section 9.6): an ordinary patch
 from the patch's target back to its base, holding the base content of every block the apply
 overwrites or punches, and of the tail a shrink cuts off.
 
@@ -345,8 +345,8 @@ class Undo:
             raise IOFailure(f"{self.spool_path}: cannot sync the undo spool: {e.strerror}") from None
         self.unsynced = 0
 
-    def tail(self, read: Callable[[int], bytearray], data_extents: Callable[[int, int], list[tuple[int, int]]],
-             size: int) -> None:
+    def tail(self, read: Callable[[int], bytearray],
+             data_extents: Callable[[int, int], list[tuple[int, int]]], size: int) -> None:
         """Before a shrink's truncate (size: the destination's size now): record the base
         blocks past the target's end that hold data. Zero blocks need nothing: the undo's
         final size brings them back as holes."""
