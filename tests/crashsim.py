@@ -56,7 +56,10 @@ from sparsepatch import api, sparse
 from sparsepatch.errors import SparsePatchError
 
 # The package exports a function named apply, which hides the module of that name.
-apply_mod = importlib.import_module("sparsepatch.apply")
+window_mod = importlib.import_module("sparsepatch.window")
+destination_mod = importlib.import_module("sparsepatch.destination")
+# The sizes a scenario scales down, and the module that owns each.
+TUNABLES = {"SYNC_BUDGET": window_mod, "JOURNAL_LOOKAHEAD": window_mod, "WRITE_STEP": destination_mod}
 
 PAGE = 4096
 SECTOR = 512
@@ -420,9 +423,9 @@ class Scenario:
     base: bytes | None  # None: no destination yet (a first copy, from a full patch)
     target: bytes
     stream: bool = False  # patch from stdin: no pre-read, no plan
-    sync_budget: int = apply_mod.SYNC_BUDGET
-    lookahead: int = apply_mod.JOURNAL_LOOKAHEAD
-    write_step: int = apply_mod.WRITE_STEP
+    sync_budget: int = window_mod.SYNC_BUDGET
+    lookahead: int = window_mod.JOURNAL_LOOKAHEAD
+    write_step: int = destination_mod.WRITE_STEP
     journal_elsewhere: bool = False  # --journal in another folder (as for a block device)
 
 
@@ -476,7 +479,7 @@ def scenarios() -> list[Scenario]:
     out = []
     for bs in (4096, 16384):
         small = 3 * bs
-        for budget_name, budget in (("tight", small), ("default", apply_mod.SYNC_BUDGET)):
+        for budget_name, budget in (("tight", small), ("default", window_mod.SYNC_BUDGET)):
             k = 1 if bs == 4096 else 4
             cases = [
                 ("inplace", 160 * k * 1024 + 1000, 160 * k * 1024 + 1000, False, False),
@@ -491,8 +494,8 @@ def scenarios() -> list[Scenario]:
                 tight = budget_name == "tight"
                 out.append(Scenario(
                     f"{name}-{bs // 1024}k-{budget_name}", bs, None if first else base, target,
-                    stream, budget, 8 * bs if tight else apply_mod.JOURNAL_LOOKAHEAD,
-                    2 * bs if tight else apply_mod.WRITE_STEP))
+                    stream, budget, 8 * bs if tight else window_mod.JOURNAL_LOOKAHEAD,
+                    2 * bs if tight else destination_mod.WRITE_STEP))
     for sc in [s for s in out if s.name in ("firstcopy-16k-tight", "inplace-4k-tight")]:
         out.append(Scenario(sc.name + "-journal-elsewhere", sc.block_size, sc.base, sc.target,
                             sc.stream, sc.sync_budget, sc.lookahead, sc.write_step, True))
@@ -540,14 +543,14 @@ class Case:
     @contextlib.contextmanager
     def tuned(self) -> Iterator[None]:
         names = ("SYNC_BUDGET", "JOURNAL_LOOKAHEAD", "WRITE_STEP")
-        saved = [getattr(apply_mod, n) for n in names]
+        saved = [getattr(TUNABLES[n], n) for n in names]
         for n, v in zip(names, (self.sc.sync_budget, self.sc.lookahead, self.sc.write_step), strict=True):
-            setattr(apply_mod, n, v)
+            setattr(TUNABLES[n], n, v)
         try:
             yield
         finally:
             for n, v in zip(names, saved, strict=True):
-                setattr(apply_mod, n, v)
+                setattr(TUNABLES[n], n, v)
 
     def apply(self) -> None:
         with self.tuned():

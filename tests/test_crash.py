@@ -75,9 +75,9 @@ REMOVALS = {
     "journal write": lambda fn, caller: fn == "pwrite_full" and caller == "sparsepatch.journal:write",
     "journal fsync": lambda fn, caller: fn == "sync" and caller == "sparsepatch.journal:write",
     "fdatasync before the window moves": (
-        lambda fn, caller: fn == "sync_data" and caller == "sparsepatch.apply:_cover"),
+        lambda fn, caller: fn == "sync_data" and caller == "sparsepatch.destination:sync_data"),
     "journal folder fsync": lambda fn, caller: fn == "sync_dir" and caller == "sparsepatch.journal:write",
-    "final fsync": lambda fn, caller: fn == "sync" and caller == "sparsepatch.apply:run",
+    "final fsync": lambda fn, caller: fn == "sync" and caller == "sparsepatch.destination:finish",
 }
 
 
