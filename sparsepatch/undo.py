@@ -357,9 +357,9 @@ class Undo:
         first = max(blocks_for(self.h.target_size, self.shift), self.end)
         zero = bytes(1 << self.shift)
         for a, b in data_extents(first << self.shift, self.h.base_size):
-            for block in range(max(first, a >> self.shift), blocks_for(b, self.shift)):
-                if block < self.end or block >= self.base_blocks:
-                    continue
+            # Extents end at pages, not blocks: two of them may share a block.
+            start, first = max(first, a >> self.shift), max(first, blocks_for(b, self.shift))
+            for block in range(start, min(first, self.base_blocks)):
                 buf = read(block)
                 if buf != zero:
                     self._add(block, ZERO_HASH, hash_block(buf, 1 << self.shift), buf)

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import KiB, MiB, error_line, extents, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, allocated_blocks, error_line, make_sparse, pattern, run_cli
 from test_resume import CLI, _duration, _kill_after, _kill_when, clone, same_bytes
 
 # name: (base size, base extents, target size, target extents)
@@ -20,7 +20,9 @@ CASES = {
                  8 * MiB + 1234, [(0, 512 * KiB), (3 * MiB, pattern(MiB, 5)), (5 * MiB, 2 * MiB)]),
     "grow": (4 * MiB + 7, [(0, 512 * KiB), (2 * MiB, MiB), (4 * MiB, 7)],
              9 * MiB + 99, [(0, pattern(512 * KiB, 1)), (3 * MiB, MiB), (6 * MiB, 3 * MiB)]),
-    "shrink": (9 * MiB + 99, [(0, 512 * KiB), (3 * MiB, MiB), (6 * MiB, 3 * MiB + 99)],
+    # The tail the shrink cuts off has a block with a hole page between two data pages.
+    "shrink": (9 * MiB + 99, [(0, 512 * KiB), (3 * MiB, MiB), (5 * MiB, 4 * KiB), (5 * MiB + 8 * KiB, 4 * KiB),
+                              (6 * MiB, 3 * MiB + 99)],
                4 * MiB + 7, [(0, pattern(512 * KiB, 9)), (2 * MiB, MiB)]),
 }
 
@@ -35,9 +37,13 @@ def make_pair(tmp: Path, case: str) -> tuple[Path, Path, Path]:
     return base, target, tmp / "update.patch"
 
 
+BS = 16 * KiB  # the default block size: the unit apply writes and punches
+
+
 def assert_is_base(dest: Path, base: Path) -> None:
     assert same_bytes(dest, base)
-    assert extents(dest) == extents(base)  # holes where the base had holes, and only there
+    # Holes where the base had them: no block allocated that the base had as a hole.
+    assert allocated_blocks(dest, BS) <= allocated_blocks(base, BS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
