@@ -21,8 +21,8 @@ CASES = {
     "grow": (4 * MiB + 7, [(0, 512 * KiB), (2 * MiB, MiB), (4 * MiB, 7)],
              9 * MiB + 99, [(0, pattern(512 * KiB, 1)), (3 * MiB, MiB), (6 * MiB, 3 * MiB)]),
     # The tail the shrink cuts off has a block with a hole page between two data pages.
-    "shrink": (9 * MiB + 99, [(0, 512 * KiB), (3 * MiB, MiB), (5 * MiB, 4 * KiB), (5 * MiB + 8 * KiB, 4 * KiB),
-                              (6 * MiB, 3 * MiB + 99)],
+    "shrink": (9 * MiB + 99, [(0, 512 * KiB), (3 * MiB, MiB), (5 * MiB, 4 * KiB),
+                              (5 * MiB + 8 * KiB, 4 * KiB), (6 * MiB, 3 * MiB + 99)],
                4 * MiB + 7, [(0, pattern(512 * KiB, 9)), (2 * MiB, MiB)]),
 }
 
