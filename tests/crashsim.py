@@ -449,6 +449,7 @@ class Scenario:
     journal_elsewhere: bool = False  # --journal in another folder (as for a block device)
     undo: bool = False  # apply --undo: the undo must come out whole and lead back to the base
     undo_batch: int = apply_mod.SYNC_BATCH
+    undo_elsewhere: bool = False  # UNDO in another folder than the destination and its journal
 
 
 def _blocks(n: int, bs: int) -> int:
@@ -528,7 +529,15 @@ def scenarios() -> list[Scenario]:
         out.append(Scenario(sc.name + "-undo", sc.block_size, sc.base, sc.target, sc.stream,
                             sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
                             undo_batch=4 * sc.block_size))
+    sc = scenario_in(out, "inplace-16k-tight-undo")
+    out.append(Scenario(sc.name + "-elsewhere", sc.block_size, sc.base, sc.target, sc.stream,
+                        sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
+                        undo_batch=sc.undo_batch, undo_elsewhere=True))
     return out
+
+
+def scenario_in(scs: list[Scenario], name: str) -> Scenario:
+    return next(s for s in scs if s.name == name)
 
 
 def scenario(name: str) -> Scenario:
@@ -571,7 +580,15 @@ class Case:
 
     @property
     def undo(self) -> str | None:
-        return os.path.join(self.folder, "update.undo") if self.sc.undo else None
+        if not self.sc.undo:
+            return None
+        folder = os.path.join(os.path.dirname(self.folder), "u") if self.sc.undo_elsewhere else self.folder
+        return os.path.join(folder, "update.undo")
+
+    @property
+    def spool(self) -> str:
+        assert self.undo is not None
+        return os.path.join(os.path.dirname(self.undo), ".update.undo.sparsepatch-undo")
 
     @contextlib.contextmanager
     def tuned(self) -> Iterator[None]:
@@ -620,6 +637,8 @@ class Case:
         if left:
             return f"left behind: {', '.join(left)}"
         if self.undo is not None:
+            if os.path.exists(self.spool):
+                return f"left behind: {self.spool}"
             with open(self.undo, "rb") as f:
                 return self.undo_problem(f.read())
         return None
@@ -713,6 +732,8 @@ def setup(sc: Scenario, root: str) -> Case:
     os.mkdir(work)
     os.rename(patch, os.path.join(work, "update.patch"))
     journal = None
+    if sc.undo_elsewhere:
+        os.mkdir(os.path.join(folder, "u"))
     if sc.journal_elsewhere:
         os.mkdir(os.path.join(folder, "j"))
         journal = os.path.realpath(os.path.join(folder, "j", "dest.journal"))
@@ -724,7 +745,7 @@ def initial_state(case: Case) -> State:
     st: State = {case.dest: None}
     if case.undo is not None:
         st[case.undo] = None
-        st[os.path.join(case.folder, ".update.undo.sparsepatch-undo")] = None
+        st[case.spool] = None
     if case.sc.base is not None:
         write_sparse(case.dest, case.sc.base)
         st[case.dest] = snapshot(case.dest)
