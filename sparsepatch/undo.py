@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 
 from . import sparse
-from .errors import AuthenticationError, FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
+from .errors import FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
 from .format import (
     CRC,
     FLAG_MAC,
@@ -164,10 +164,9 @@ class Undo:
         """Walk the spool's records; returns the byte length of its valid prefix and the
         MAC chain's last tag there."""
         try:
+            # A header Tag that does not match is torn, not another key's: the patch, checked
+            # with this key, is the one the spool's header names.
             reader = PatchReader(read, self.spool_path, self.key)
-        except AuthenticationError:
-            raise WrongBase(f"{self.spool_path}: the undo spool was made with another key; "
-                            "give the key of the interrupted run") from None
         except SparsePatchError:
             return 0, b""
         good = reader.r.pos

@@ -234,3 +234,19 @@ def test_rerun_without_the_spool_is_refused_and_leaves_the_destination(
     assert dest.read_bytes() == before and not undo.exists()
     run_cli("apply", str(patch), str(dest))
     assert same_bytes(dest, target)
+
+
+def test_spool_of_another_patch_is_refused_and_kept(tmp: Path) -> None:
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    base_a, _, patch_a = make_pair(tmp / "a", "grow")
+    base_b, _, patch_b = make_pair(tmp / "b", "in-place")
+    clone(base_a, tmp / "a.img")
+    run_cli("apply", str(patch_a), str(tmp / "a.img"), "--undo", str(tmp / "a.undo"))
+    spool = tmp / ".b.undo.sparsepatch-undo"
+    spool.write_bytes((tmp / "a.undo").read_bytes())  # as if left by an interrupted apply of A
+    clone(base_b, tmp / "b.img")
+    r = run_cli("apply", str(patch_b), str(tmp / "b.img"), "--undo", str(tmp / "b.undo"), check=False)
+    assert "another patch" in error_line(r, 5)
+    assert same_bytes(tmp / "b.img", base_b)
+    assert spool.read_bytes() == (tmp / "a.undo").read_bytes()
