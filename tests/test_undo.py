@@ -186,7 +186,7 @@ def test_apply_undo_killed_at_random_moments_then_rerun(bigpair: tuple[Path, Pat
     whole = _duration(args)
     rng = random.Random(20261130)
     interrupted = torn = 0
-    for trial in range(8):
+    for trial in range(6):
         clone(base, dest)
         if undo.exists():
             undo.unlink()
