@@ -30,6 +30,7 @@ from .format import (
 )
 from .journal import Journal
 from .signature import SignatureStats, write_signature
+from .undo import Undo
 from .verify import VerifyStats, against_signature, verify_patch
 
 data_size = inputs.data_size
@@ -118,7 +119,8 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
           unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None,
           journal: str | None = None, discard: bool = False, precheck: bool = True,
-          allow_in_use: bool = False, progress: Callable[[int], None] | None = None) -> ApplyStats:
+          allow_in_use: bool = False, progress: Callable[[int], None] | None = None,
+          undo: str | None = None) -> ApplyStats:
     """Apply patch (a path, '-', or the pieces of a split patch in order) to dest in place;
     create dest for a full patch.
 
@@ -128,9 +130,16 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     ranges on block devices (checked to read back as zeros). When the patch is a file (not
     a stream), precheck reads it once whole first, so that a corrupt, truncated or
     wrong-base patch is refused before anything is written. allow_in_use applies to a
-    file that backs a loop device or that another program holds a lock on."""
+    file that backs a loop device or that another program holds a lock on. undo names a
+    file to write the undo patch to (target back to base, authenticated with the same
+    key), made durable block by block before each block is overwritten."""
     key = load_key(key_file) if key_file else None
     pieces = inputs.patch_pieces([patch] if isinstance(patch, str) else list(patch))
+    if undo is not None:
+        if undo == "-":
+            raise UsageError("--undo needs a file: it is written beside a temporary that a "
+                             "rerun resumes")
+        outputs.refuse_overwrite(undo, dest, *pieces, key_file)
     # A patch file is read twice, a stream once: see the precheck below.
     twice = precheck and all(inputs.input_size(p) is not None for p in pieces)
     with inputs.open_inputs(pieces, twice) as chain:
@@ -143,13 +152,20 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             chain.rewind()
             return PatchReader(read, name, key, unauthenticated_ok)
 
+        if undo is not None and h.full:
+            raise UsageError(f"{name}: a full patch creates {dest} from nothing; its undo would be "
+                             "removing the file, so --undo is for patches that update one")
         fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces))
         journal_: Journal | None = None
+        undo_: Undo | None = None
         try:
             files.claim_dest(fd, dest, allow_in_use)
             journal_ = files.open_journal(dest, fd, journal)
+            if undo is not None:
+                undo_ = Undo(undo, h, key, dest)
             stats = apply_patch(reader, fd, dest, journal_, created=created,
-                                reread=reread if twice else None, discard=discard, warn=warn)
+                                reread=reread if twice else None, discard=discard, warn=warn,
+                                undo=undo_)
         except BaseException:
             # A file this run created and never wrote to would only mislead: remove it.
             if created and sparse.file_size(fd) == 0 and (journal_ is None or journal_.fd is None):
@@ -158,6 +174,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         finally:
             if journal_ is not None:
                 journal_.close()
+            if undo_ is not None:
+                undo_.close()
             os.close(fd)
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)

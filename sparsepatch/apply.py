@@ -21,6 +21,7 @@ from .errors import FormatError, IOFailure, SparsePatchError, UsageError, Verify
 from .format import REC_COPY, REC_DATA, REC_ZERO, PatchHeader, PatchReader, Record, decode_data
 from .journal import Journal
 from .signature import write_signature
+from .undo import SYNC_BATCH, Undo
 from .window import PUNCH_COST, WriteWindow
 
 READBACK_BLOCKS = 64  # blocks read back in one call
@@ -70,8 +71,14 @@ class Applier:
     journal window, count what was done, and drop the journal when a refusal leaves every
     block whole."""
 
-    def __init__(self, h: PatchHeader, dest: Destination, journal: Journal, window: WriteWindow):
+    def __init__(self, h: PatchHeader, dest: Destination, journal: Journal, window: WriteWindow,
+                 undo: Undo | None = None):
         self.h = h
+        self.undo = undo
+        # With an undo, decisions wait here until the spool holding their blocks' base
+        # content is synced: one sync per batch, not one per record.
+        self.pending: list[Decision] = []
+        self.pending_bytes = 0
         self.dest = dest
         self.journal = journal
         self.window = window
@@ -88,7 +95,10 @@ class Applier:
         runs: list[tuple[int, int]] = []
         for b in range(rec.count):
             block = rec.first_block + b
-            cur = self.dest.state(block)
+            buf = self.dest.read(block)
+            cur = self.dest.hash(buf)
+            if self.undo is not None:
+                self.undo.see(block, rec.base_hash(b), rec.target_hash(b), cur, buf)
             if cur == rec.target_hash(b):
                 continue
             if cur != rec.base_hash(b) and not self.window.accepts(block):
@@ -132,17 +142,50 @@ class Applier:
         try:
             for rec in reader.records():
                 at = rec.first_block
-                self._apply(self.decide(rec))
+                self._queue(self.decide(rec))
                 n += 1
+            self._flush()
         except (IOFailure, VerifyMismatch):
             raise  # a failed or lost write may have torn a block: the journal must stay
         except SparsePatchError:
+            self.pending = []  # decided, not written: nothing of them to release
             self._release(at)
             raise
+        if self.undo is not None:
+            # A shrink's tail, recorded and durable before the truncate removes it.
+            self.undo.tail(self.dest.read, self._extents, self.dest.size())
+            self.undo.sync()
         self.dest.finish(self.h.target_size)
         self.check_touched()
+        if self.undo is not None:
+            self.undo.finish()  # before the journal goes: a rerun must still find its way
         self.journal.remove()
         return n
+
+    def _queue(self, d: Decision) -> None:
+        if self.undo is None:
+            self._apply(d)
+            return
+        self.pending.append(d)
+        self.pending_bytes += len(d.data) if d.data is not None else 0
+        if self.pending_bytes >= SYNC_BATCH or self.undo.unsynced >= SYNC_BATCH or len(self.pending) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The base content of the pending decisions' blocks is durable in the undo spool:
+        now they may be written."""
+        if self.undo is None or not self.pending:
+            return
+        self.undo.sync()
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        for d in pending:
+            self._apply(d)
+
+    def _extents(self, start: int, end: int) -> list[tuple[int, int]]:
+        try:
+            return [(a, b) for a, b in sparse.data_extents(self.dest.fd, end, start)]
+        except OSError as e:
+            raise IOFailure(f"{self.dest.name}: cannot find its data at byte {start}: {e.strerror}") from None
 
     def sync(self) -> None:
         """Make the writes durable and check that they read back as the target: storage
@@ -236,11 +279,12 @@ class Applier:
 
 def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, created: bool = False,
                 reread: Callable[[], PatchReader] | None = None, discard: bool = False,
-                warn: Callable[[str], object] | None = None) -> ApplyStats:
+                warn: Callable[[str], object] | None = None, undo: Undo | None = None) -> ApplyStats:
     """Apply the patch reader reads to the open, locked destination fd (called name in
     messages), with journal for resuming. With reread (a fresh reader of the same patch
     from its first byte), reader is first read whole as a dry run. created says that this
-    run created the destination (a full patch)."""
+    run created the destination (a full patch). With undo, the base content of every block
+    overwritten goes there first (spec section 9.6)."""
     h = reader.header
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
@@ -277,12 +321,18 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
     accepted = (slot.start_block, slot.end_block) if slot else None
     window = WriteWindow(journal, (h.base_identity, h.target_identity), lambda: applier.sync(),
                          h.block_shift, accepted)
-    applier = Applier(h, dest, journal, window)
+    applier = Applier(h, dest, journal, window, undo)
+    if undo is not None:
+        undo.load(size)
     if reread is not None:
         applier.precheck(reader)
+        if undo is not None:
+            undo.checked()
         reader = reread()
         if reader.header != h:
             raise FormatError(f"{reader.name}: the patch changed while apply was reading it")
+    if undo is not None:
+        undo.begin_run()
     n = applier.run(reader)
     a = applier
     if warn and dest.zero_filled:

@@ -389,10 +389,13 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
 @click.option("--allow-in-use", is_flag=True,
               help="Apply to a file that backs a loop device or that another program (qemu) "
                    "holds a lock on. Another apply is still refused.")
+@click.option("--undo", metavar="UNDO",
+              help="Also write UNDO, a patch from the target back to the destination as it "
+                   "was (authenticated with -k's key too); applying it rolls the update back.")
 @_common
 def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bool,
-          journal: str | None, discard: bool, allow_in_use: bool, quiet: bool, progress: str,
-          as_json: bool, stats: str | None) -> None:
+          journal: str | None, discard: bool, allow_in_use: bool, undo: str | None, quiet: bool,
+          progress: str, as_json: bool, stats: str | None) -> None:
     """Apply PATCH ('-': stdin) to DEST in place, sparsely; safe to repeat or resume.
 
     Give the pieces of a split patch in order (or just PATCH.000: the rest are found).
@@ -402,6 +405,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
       sparsepatch apply vm.patch /var/lib/libvirt/images/vm.img --verify
       sparsepatch apply /media/usb/vm.patch.000 vm.img
       cat /media/usb/vm.patch.* | sparsepatch apply - vm.img
+      sparsepatch apply vm.patch vm.img --undo vm.undo   # later: apply vm.undo vm.img
     """
     if len(args) < 2:
         raise click.UsageError("expected PATCH... DEST")
@@ -412,7 +416,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
     prog = _progress("apply", total, progress, quiet)
     t = time.monotonic()
     s = _run(api.apply, patches, dest, verify, key_file=key_file, unauthenticated_ok=no_auth,
-             journal=journal, discard=discard, allow_in_use=allow_in_use, progress=prog,
+             journal=journal, discard=discard, allow_in_use=allow_in_use, progress=prog, undo=undo,
              warn=lambda m: click.echo(f"sparsepatch: warning: {m}", err=True))
     _finish("apply", s, time.monotonic() - t,
             f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "

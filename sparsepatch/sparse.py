@@ -284,6 +284,12 @@ def unlink(path: str, dir_fd: int | None = None) -> None:
     os.unlink(path, dir_fd=dir_fd)
 
 
+def rename(src: str, dst: str, dir_fd: int) -> None:
+    """Rename src over dst, both names in the folder dir_fd; durable only after the folder
+    is synced. OSError as raised."""
+    os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
 def sync_dir(path: str | int) -> None:
     """Make a create, rename or unlink in the directory durable. path may be the folder's
     open descriptor (held open so that no one can swap the folder for another)."""

@@ -19,9 +19,11 @@ target has a zero block, and no journal left. Runs interrupted while resuming ar
 the same way (level 2): a resume from a crash state is recorded and its own crash states
 tried.
 
+A rename (apply --undo renames its spool to UNDO) is, like a create, durable only once its
+folder was fsynced; before that it is kept or lost as a whole.
+
 Not modelled: fallocate's reservations (space only, the content reads the same either
-way), renames (apply makes none yet: a staged apply that renames will need them, durable
-with a sync of the folder), block devices, and filesystems that reorder a write to one
+way), block devices, and filesystems that reorder a write to one
 page before an earlier one to the same page (each write is kept or lost on its own,
 which already allows more than a page cache does).
 
@@ -58,8 +60,10 @@ from sparsepatch.errors import SparsePatchError
 # The package exports a function named apply, which hides the module of that name.
 window_mod = importlib.import_module("sparsepatch.window")
 destination_mod = importlib.import_module("sparsepatch.destination")
+apply_mod = importlib.import_module("sparsepatch.apply")
 # The sizes a scenario scales down, and the module that owns each.
-TUNABLES = {"SYNC_BUDGET": window_mod, "JOURNAL_LOOKAHEAD": window_mod, "WRITE_STEP": destination_mod}
+TUNABLES = {"SYNC_BUDGET": window_mod, "JOURNAL_LOOKAHEAD": window_mod, "WRITE_STEP": destination_mod,
+            "SYNC_BATCH": apply_mod}
 
 PAGE = 4096
 SECTOR = 512
@@ -70,8 +74,8 @@ FULL = (1 << (PAGE // SECTOR)) - 1  # every sector of a page kept
 
 @dataclass
 class Op:
-    kind: str  # write, punch, truncate, sync, create, unlink, syncdir, reserve
-    path: str
+    kind: str  # write, punch, truncate, sync, create, unlink, rename, syncdir, reserve
+    path: str  # for a rename, the new name (data holds the old one)
     off: int = 0
     length: int = 0
     data: bytes = b""
@@ -107,7 +111,7 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
     picks is neither done nor logged: the code under test without that line."""
     saved = {n: getattr(sparse, n) for n in (
         "pwrite_full", "punch_hole", "set_size", "sync", "sync_data", "sync_dir", "open_path",
-        "open_at", "create_new", "unlink", "reserve")}
+        "open_at", "create_new", "unlink", "reserve", "rename")}
 
     def skip(name: str, caller: str) -> bool:
         return drop is not None and drop(name, caller)
@@ -187,6 +191,15 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
         saved["unlink"](path, dir_fd)
         log.append(Op("unlink", full, caller=caller))
 
+    def rename(src: str, dst: str, dir_fd: int) -> None:
+        caller = _caller()
+        if skip("rename", caller):
+            return
+        folder = _path_of(dir_fd)
+        saved["rename"](src, dst, dir_fd)
+        log.append(Op("rename", os.path.join(folder, dst), data=os.path.join(folder, src).encode(),
+                      caller=caller))
+
     def reserve(fd: int, offset: int, length: int) -> None:
         caller = _caller()
         if skip("reserve", caller):
@@ -197,7 +210,7 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
     mine = {"pwrite_full": pwrite_full, "punch_hole": punch_hole, "set_size": set_size,
             "sync": syncer("sync"), "sync_data": syncer("sync_data"), "sync_dir": sync_dir,
             "open_path": open_path, "open_at": open_at, "create_new": create_new, "unlink": unlink,
-            "reserve": reserve}
+            "reserve": reserve, "rename": rename}
     for n, f in mine.items():
         setattr(sparse, n, f)
     try:
@@ -297,7 +310,7 @@ def _units(op: Op, i: int) -> list[Unit]:
         if op.kind == "write" and op.extends:
             out.append((i, -2))
         return out
-    if op.kind in ("truncate", "create", "unlink"):
+    if op.kind in ("truncate", "create", "unlink", "rename"):
         return [(i, -1)]
     return []  # syncs, and reserve (space only: a lost one reads the same)
 
@@ -312,7 +325,7 @@ class Log:
             at = len(ops) + 1
             for j in range(i + 1, len(ops)):
                 o = ops[j]
-                if op.kind in ("create", "unlink"):
+                if op.kind in ("create", "unlink", "rename"):
                     if o.kind == "syncdir" and o.path == os.path.dirname(op.path):
                         at = j
                         break
@@ -336,6 +349,8 @@ class Log:
         for op in self.ops:
             if op.kind != "syncdir":
                 st.setdefault(op.path, None)
+            if op.kind == "rename":
+                st.setdefault(op.data.decode(), None)
 
         def kept(u: Unit) -> int:
             return FULL if self.durable_at[u[0]] < k else choice.get(u, FULL)
@@ -349,6 +364,11 @@ class Log:
             if op.kind == "unlink":
                 if kept((i, -1)):
                     st[op.path] = None
+                continue
+            if op.kind == "rename":
+                old = op.data.decode()
+                if kept((i, -1)) and st.get(old) is not None:
+                    st[op.path], st[old] = st[old], None
                 continue
             img = st.get(op.path)
             if img is None or op.kind in ("sync", "syncdir", "reserve"):
@@ -427,6 +447,9 @@ class Scenario:
     lookahead: int = window_mod.JOURNAL_LOOKAHEAD
     write_step: int = destination_mod.WRITE_STEP
     journal_elsewhere: bool = False  # --journal in another folder (as for a block device)
+    undo: bool = False  # apply --undo: the undo must come out whole and lead back to the base
+    undo_batch: int = apply_mod.SYNC_BATCH
+    undo_elsewhere: bool = False  # UNDO in another folder than the destination and its journal
 
 
 def _blocks(n: int, bs: int) -> int:
@@ -499,7 +522,22 @@ def scenarios() -> list[Scenario]:
     for sc in [s for s in out if s.name in ("firstcopy-16k-tight", "inplace-4k-tight")]:
         out.append(Scenario(sc.name + "-journal-elsewhere", sc.block_size, sc.base, sc.target,
                             sc.stream, sc.sync_budget, sc.lookahead, sc.write_step, True))
+    # apply --undo: the undo spool synced every four blocks, so that writes and spool syncs
+    # interleave as they do every 32 MiB on a real image.
+    for sc in [s for s in out if s.name in ("inplace-16k-tight", "shrink-4k-tight", "grow-4k-tight",
+                                            "stream-16k-tight", "shrink-16k-default")]:
+        out.append(Scenario(sc.name + "-undo", sc.block_size, sc.base, sc.target, sc.stream,
+                            sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
+                            undo_batch=4 * sc.block_size))
+    sc = scenario_in(out, "inplace-16k-tight-undo")
+    out.append(Scenario(sc.name + "-elsewhere", sc.block_size, sc.base, sc.target, sc.stream,
+                        sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
+                        undo_batch=sc.undo_batch, undo_elsewhere=True))
     return out
+
+
+def scenario_in(scs: list[Scenario], name: str) -> Scenario:
+    return next(s for s in scs if s.name == name)
 
 
 def scenario(name: str) -> Scenario:
@@ -540,11 +578,24 @@ class Case:
     kinds: set[str] = field(default_factory=set)
     journal: str | None = None
 
+    @property
+    def undo(self) -> str | None:
+        if not self.sc.undo:
+            return None
+        folder = os.path.join(os.path.dirname(self.folder), "u") if self.sc.undo_elsewhere else self.folder
+        return os.path.join(folder, "update.undo")
+
+    @property
+    def spool(self) -> str:
+        assert self.undo is not None
+        return os.path.join(os.path.dirname(self.undo), ".update.undo.sparsepatch-undo")
+
     @contextlib.contextmanager
     def tuned(self) -> Iterator[None]:
-        names = ("SYNC_BUDGET", "JOURNAL_LOOKAHEAD", "WRITE_STEP")
+        names = ("SYNC_BUDGET", "JOURNAL_LOOKAHEAD", "WRITE_STEP", "SYNC_BATCH")
         saved = [getattr(TUNABLES[n], n) for n in names]
-        for n, v in zip(names, (self.sc.sync_budget, self.sc.lookahead, self.sc.write_step), strict=True):
+        values = (self.sc.sync_budget, self.sc.lookahead, self.sc.write_step, self.sc.undo_batch)
+        for n, v in zip(names, values, strict=True):
             setattr(TUNABLES[n], n, v)
         try:
             yield
@@ -555,12 +606,12 @@ class Case:
     def apply(self) -> None:
         with self.tuned():
             if not self.sc.stream:
-                api.apply(self.patch, self.dest, journal=self.journal)
+                api.apply(self.patch, self.dest, journal=self.journal, undo=self.undo)
                 return
             saved = sys.stdin
             sys.stdin = Stdin(self.patch_bytes)  # type: ignore[assignment]
             try:
-                api.apply("-", self.dest, journal=self.journal)
+                api.apply("-", self.dest, journal=self.journal, undo=self.undo)
             finally:
                 sys.stdin = saved
 
@@ -582,9 +633,36 @@ class Case:
             if not target[b * bs : (b + 1) * bs].strip(b"\0"):
                 return f"block {b} is zero in the target but allocated (page at byte {p * PAGE})"
         left = sorted(set(os.listdir(self.folder)) - {os.path.basename(self.dest),
-                                                        os.path.basename(self.patch)})
+                                                        os.path.basename(self.patch), "update.undo"})
         if left:
             return f"left behind: {', '.join(left)}"
+        if self.undo is not None:
+            if os.path.exists(self.spool):
+                return f"left behind: {self.spool}"
+            with open(self.undo, "rb") as f:
+                return self.undo_problem(f.read())
+        return None
+
+    def undo_problem(self, undo: bytes) -> str | None:
+        """What is wrong with an undo patch's bytes: invalid, or not leading from the target
+        back to the base."""
+        assert self.sc.base is not None
+        scratch = tempfile.mkdtemp(prefix="undo.", dir=os.path.dirname(self.folder))
+        try:
+            u, d = os.path.join(scratch, "u"), os.path.join(scratch, "d")
+            with open(u, "wb") as f:
+                f.write(undo)
+            write_sparse(d, self.sc.target)
+            try:
+                api.verify(u)
+                api.apply(u, d)
+            except SparsePatchError as e:
+                return f"the undo patch is not valid: {e}"
+            with open(d, "rb") as f:
+                if f.read() != self.sc.base:
+                    return "the undo patch does not lead back to the base"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return None
 
     def after_return(self, state: State) -> str | None:
@@ -598,24 +676,37 @@ class Case:
             got[p * PAGE : (p + 1) * PAGE] = page[: max(0, img.size - p * PAGE)]
         if bytes(got) != self.sc.target:
             return "the destination is not the target"
-        left = sorted(p for p, i in state.items() if p != self.dest and i is not None)
+        undo = state.get(self.undo) if self.undo is not None else None
+        if self.undo is not None:
+            if undo is None:
+                return "the undo patch is gone"
+            raw = bytearray(undo.size)
+            for p, page in undo.pages.items():
+                raw[p * PAGE : (p + 1) * PAGE] = page[: max(0, undo.size - p * PAGE)]
+            bad = self.undo_problem(bytes(raw))
+            if bad:
+                return bad
+        left = sorted(p for p, i in state.items() if p not in (self.dest, self.undo) and i is not None)
         return f"left behind: {', '.join(left)}" if left else None
 
     def leftovers(self, state: State) -> str | None:
         """Files of the state besides the destination still there (a journal kept
         outside the folder included)."""
-        left = sorted(p for p in state if p != self.dest and os.path.lexists(p))
+        left = sorted(p for p in state if p not in (self.dest, self.undo) and os.path.lexists(p))
         return f"left behind: {', '.join(left)}" if left else None
 
     def resume(self) -> str | None:
         """Run apply on the state on disk; what went wrong, or None."""
+        return self.run() or self.problem()
+
+    def run(self) -> str | None:
         try:
             self.apply()
         except SparsePatchError as e:
             return f"apply failed (exit {e.exit_code}): {e}"
         except Exception:
             return "apply crashed:\n" + traceback.format_exc()
-        return self.problem()
+        return None
 
 
 def setup(sc: Scenario, root: str) -> Case:
@@ -641,6 +732,8 @@ def setup(sc: Scenario, root: str) -> Case:
     os.mkdir(work)
     os.rename(patch, os.path.join(work, "update.patch"))
     journal = None
+    if sc.undo_elsewhere:
+        os.mkdir(os.path.join(folder, "u"))
     if sc.journal_elsewhere:
         os.mkdir(os.path.join(folder, "j"))
         journal = os.path.realpath(os.path.join(folder, "j", "dest.journal"))
@@ -650,6 +743,9 @@ def setup(sc: Scenario, root: str) -> Case:
 
 def initial_state(case: Case) -> State:
     st: State = {case.dest: None}
+    if case.undo is not None:
+        st[case.undo] = None
+        st[case.spool] = None
     if case.sc.base is not None:
         write_sparse(case.dest, case.sc.base)
         st[case.dest] = snapshot(case.dest)
@@ -672,7 +768,8 @@ def record(case: Case, start: State, drop: Drop | None) -> Log:
     materialize(start)
     ops: list[Op] = []
     with recording(ops, drop):
-        err = case.resume()
+        err = case.run()
+    err = err or case.problem()  # not recorded: it checks the undo by applying it elsewhere
     log = Log(start, ops)
     err = err or case.leftovers(log.state(len(ops), {}))
     if err:
