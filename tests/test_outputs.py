@@ -524,3 +524,55 @@ def test_nohup_keeps_sighup_ignored(tmp: Path) -> None:
                        capture_output=True)
     assert r.returncode == 128 + signal.SIGHUP, r.stderr
     assert not (tmp / "t").exists()
+
+
+# ------------------------------- names another user owns, outside a sticky folder, and FIFOs
+
+
+@needs_root
+def test_stats_onto_another_users_fifo_in_their_folder_replaces_it(tmp: Path, public: Path) -> None:
+    """root writes --stats into a folder nobody owns, where nobody made the name a FIFO:
+    the FIFO is replaced by the file (never opened: that would wait for a reader)."""
+    img = image(tmp / "img")
+    folder = public / "theirs"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    as_nobody(lambda: os.mkfifo(folder / "s.json", 0o666))
+    run_cli("signature", str(img), "-o", str(tmp / "s"), "-q", "--stats", str(folder / "s.json"),
+            timeout=30)
+    assert (folder / "s.json").is_file() and os.stat(folder / "s.json").st_uid == 0
+    assert b'"command": "signature"' in (folder / "s.json").read_bytes()
+
+
+@needs_root
+def test_a_symlink_of_another_user_inside_the_target_of_ours_is_not_followed(tmp: Path,
+                                                                             public: Path) -> None:
+    """Our own symlink leads through a folder symlink another user owns to a device: the
+    device is not written (the output replaces our name instead)."""
+    backing = tmp / "disk"
+    backing.write_bytes(pattern(MiB, 1))
+    img = image(tmp / "img")
+    folder = public / "theirs"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    for dev in loop_device(backing):
+        as_nobody(lambda dev=dev: os.symlink(os.path.dirname(dev), folder / "d"))
+        os.symlink(folder / "d" / os.path.basename(dev), tmp / "out")
+        run_cli("signature", str(img), "-o", str(tmp / "out"), "-q", check=False)
+        subprocess.run(["sync"], check=True)
+    assert backing.read_bytes() == pattern(MiB, 1)
+
+
+def test_our_fifo_with_no_reader_is_refused_at_once(tmp: Path) -> None:
+    img = image(tmp / "img")
+    os.mkfifo(tmp / "fifo", 0o600)
+    r = run_cli("signature", str(img), "-o", str(tmp / "fifo"), check=False, timeout=30)
+    assert "no reader" in error_line(r, 3)
+    assert stat.S_ISFIFO(os.lstat(tmp / "fifo").st_mode)
+
+
+def test_dev_stdout_as_output_writes_to_the_pipe(tmp: Path) -> None:
+    img = image(tmp / "img")
+    r = run_cli("signature", str(img), "-o", "/dev/stdout", "-q")
+    assert r.stdout.startswith(b"\x89SPSIG")
+    assert Path("/dev/stdout").is_symlink()

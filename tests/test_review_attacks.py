@@ -273,8 +273,6 @@ def test_split_4g_is_refused_on_fusefat(tmp_path: Path, fat: Path) -> None:
 @needs_root_and_setpriv
 @pytest.mark.skipif(shutil.which("losetup") is None or not os.path.exists("/dev/loop-control"),
                     reason="needs losetup (util-linux) and loop devices")
-@pytest.mark.xfail(strict=True, reason="-o in a folder another user owns follows that user's symlink "
-                   "into a block device and overwrites it (the sticky-folder rule does not apply)")
 def test_output_into_another_users_folder_does_not_follow_their_symlink_to_a_disk(
         tmp_path: Path) -> None:
     """root writes a signature into a drop folder owned by another user (not sticky, so
