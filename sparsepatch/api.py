@@ -56,7 +56,7 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
     files.refuse_overwrite(output, dest)
     fd, own = files.open_source(dest)
     try:
-        with files.open_output(output, mode=files.output_mode(dest)) as write:
+        with files.open_output(output, mode=files.read_mode(fd if own else None)) as write:
             return write_signature(fd, shift, dest, write, progress, None,
                                    source_check=source_check, warn=warn)
     finally:
@@ -72,9 +72,15 @@ def write_file(path: str, data: bytes) -> None:
 
 
 def load_signature(path: str) -> Signature:
+    return _read_signature(path)[0]
+
+
+def _read_signature(path: str) -> tuple[Signature, int]:
+    """The signature at path, and the mode an output made from it may have (read_mode)."""
     with files.open_input(path) as f:
         name = "signature" if path == "-" else path
-        return read_signature(f.read, name)
+        mode = files.read_mode(None if path == "-" else f.fileno())
+        return read_signature(f.read, name), mode
 
 
 def empty_signature(block_size: int) -> Signature:
@@ -112,10 +118,11 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         raise UsageError("signature and source cannot both be stdin")
     files.refuse_overwrite(output, sig, source, key_file)
     key = load_key(key_file) if key_file else None
-    signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
+    signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)
     fd, own = files.open_source(source)
     try:
-        with files.open_output(output, split, files.output_mode(sig, source)) as write:
+        mode &= files.read_mode(fd if own else None)
+        with files.open_output(output, split, mode) as write:
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
                                progress=progress, source_check=source_check, warn=warn)
     finally:

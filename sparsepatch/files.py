@@ -684,6 +684,18 @@ def output_mode(*inputs: str | None) -> int:
     return mode
 
 
+def read_mode(fd: int | None) -> int:
+    """The permission bits an output made from what was read on fd may have (see
+    output_mode); None for a stream. From the descriptor read, not a path looked up again:
+    a path swapped in between would give a secret's output a public file's mode."""
+    if fd is None:
+        return 0o600
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return st.st_mode & 0o666
+    return 0o600
+
+
 def data_size(path: str) -> int | None:
     """Bytes in path's data extents (what signature and diff will read); None for a stream."""
     if path == "-":

@@ -576,3 +576,58 @@ def test_dev_stdout_as_output_writes_to_the_pipe(tmp: Path) -> None:
     r = run_cli("signature", str(img), "-o", "/dev/stdout", "-q")
     assert r.stdout.startswith(b"\x89SPSIG")
     assert Path("/dev/stdout").is_symlink()
+
+
+@pytest.mark.parametrize("verb", ["signature", "diff-signature"])
+def test_output_mode_comes_from_the_files_that_were_read(tmp: Path, verb: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input path is a symlink to a 0600 secret when it is opened, and to a 0644
+    decoy afterwards: the output carries the secret's content, so it stays private."""
+    from sparsepatch import api
+
+    secret_img = image(tmp / "secret.img", 0o600)
+    decoy = image(tmp / "decoy.img", 0o644)
+    link = tmp / "in"
+    link.symlink_to(secret_img)
+
+    def swap() -> None:
+        link.unlink()
+        link.symlink_to(decoy)
+
+    old = os.umask(0o022)
+    try:
+        if verb == "signature":
+            real = files.open_source
+
+            def open_then_swap(path: str) -> tuple[int, bool]:
+                out = real(path)
+                swap()
+                return out
+
+            monkeypatch.setattr(files, "open_source", open_then_swap)
+            api.signature(str(link), str(tmp / "out"))
+        else:
+            # The signature of a secret is a secret too (its block hashes).
+            sig = tmp / "secret.sig"
+            api.signature(str(secret_img), str(sig))
+            sig.chmod(0o600)
+            link.unlink()
+            link.symlink_to(sig)
+            real_open = files.open_input
+
+            @contextlib.contextmanager
+            def open_then_swap_sig(path: str) -> Iterator[object]:
+                with real_open(path) as f:
+                    if path == str(link):
+                        link.unlink()
+                        decoy_sig = tmp / "decoy.sig"
+                        api.signature(str(decoy), str(decoy_sig))
+                        decoy_sig.chmod(0o644)
+                        link.symlink_to(decoy_sig)
+                    yield f
+
+            monkeypatch.setattr(files, "open_input", open_then_swap_sig)
+            api.diff(str(link), str(decoy), str(tmp / "out"))
+    finally:
+        os.umask(old)
+    assert mode_of(tmp / "out") & 0o077 == 0

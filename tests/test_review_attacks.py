@@ -136,9 +136,6 @@ def test_a_piece_planted_after_the_last_one_does_not_stop_apply(tmp_path: Path) 
         shutil.rmtree(shared, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="diff takes the output's mode from a stat of the source "
-                   "path made after opening it: a source swapped in between gives a secret's "
-                   "patch the mode of a public file")
 def test_patch_mode_comes_from_the_source_that_was_read(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The source path names a symlink to a 0600 secret when diff opens it, and a 0644
