@@ -405,8 +405,9 @@ def test_a_directory_named_like_a_piece_is_one_line(tmp: Path) -> None:
     run_cli("diff", "--full", str(img), "-o", str(stem), "--split", "16K", "-b", "4K", "-q")
     n = len(list(tmp.glob("p.*")))
     os.unlink(f"{stem}.001")
-    os.mkdir(f"{stem}.001")  # apply p.000 meets a directory as its second piece
-    assert "is a directory" in error_line(run_cli("apply", f"{stem}.000", str(tmp / "d"), check=False), 3)
+    os.mkdir(f"{stem}.001")  # apply p.000 meets a directory as its second piece: not read
+    line = error_line(run_cli("apply", f"{stem}.000", str(tmp / "d"), check=False), 4)
+    assert "truncated" in line and f"{stem}.001 was not read as the next piece: it is a directory" in line
     os.rmdir(f"{stem}.001")
     os.mkdir(f"{stem}.{n:03d}")  # a stale piece that cannot be removed
     r = run_cli("diff", "--full", str(img), "-o", str(stem), "--split", "16K", "-b", "4K", check=False)
@@ -631,3 +632,39 @@ def test_output_mode_comes_from_the_files_that_were_read(tmp: Path, verb: str,
     finally:
         os.umask(old)
     assert mode_of(tmp / "out") & 0o077 == 0
+
+
+# ------------------------------------------------------- the pieces apply PATCH.000 finds
+
+
+def _split(tmp: Path) -> tuple[Path, bytes]:
+    src = make_sparse(tmp / "src.img", 1 * MiB, [(0, 256 * KiB), (512 * KiB, 256 * KiB)])
+    run_cli("diff", "-q", "--full", str(src), "-o", str(tmp / "p"), "--split", "300K")
+    assert (tmp / "p.001").exists() and not (tmp / "p.002").exists()
+    return tmp / "p", src.read_bytes()
+
+
+def test_a_symlink_after_the_last_piece_is_not_read_as_one(tmp: Path) -> None:
+    p, data = _split(tmp)
+    junk = tmp / "junk"
+    junk.write_bytes(b"junk")
+    os.symlink(junk, f"{p}.002")
+    run_cli("apply", "-q", f"{p}.000", str(tmp / "dest"))
+    assert (tmp / "dest").read_bytes() == data
+
+
+@needs_root
+def test_a_piece_of_another_owner_ends_the_pieces_found(tmp: Path) -> None:
+    """Discovery stops at a piece PATCH.000's owner does not own: a patch whose last
+    piece belongs to someone else reads as truncated, with nothing written."""
+    p, _ = _split(tmp)
+    os.chown(f"{p}.001", NOBODY, NOBODY)
+    line = error_line(run_cli("apply", f"{p}.000", str(tmp / "dest"), check=False), 4)
+    assert "truncated" in line and f"{p}.001 was not read as the next piece: it belongs to uid" in line
+    assert not (tmp / "dest").exists()
+
+
+def test_applying_the_stem_of_a_split_patch_names_its_first_piece(tmp: Path) -> None:
+    p, _ = _split(tmp)
+    line = error_line(run_cli("apply", str(p), str(tmp / "dest"), check=False), 3)
+    assert "no such file" in line and f"give {p}.000" in line

@@ -95,8 +95,6 @@ needs_root_and_setpriv = pytest.mark.skipif(
 
 
 @needs_root_and_setpriv
-@pytest.mark.xfail(strict=True, reason="apply PATCH.000 takes any further PATCH.NNN in a sticky "
-                   "folder, another user's FIFO included, and blocks opening it")
 def test_a_fifo_planted_as_the_next_piece_does_not_hang_apply(tmp_path: Path) -> None:
     """root's split patch (two pieces) in /tmp-like folder; another user adds PATCH.002 as
     a FIFO. Expected: the planted name is ignored or refused at once (as -o does for
@@ -119,8 +117,6 @@ def test_a_fifo_planted_as_the_next_piece_does_not_hang_apply(tmp_path: Path) ->
 
 
 @needs_root_and_setpriv
-@pytest.mark.xfail(strict=True, reason="another user's file named PATCH.NNN after root's pieces "
-                   "in a sticky folder makes apply refuse root's intact patch")
 def test_a_piece_planted_after_the_last_one_does_not_stop_apply(tmp_path: Path) -> None:
     src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 256 * KiB), (512 * KiB, 256 * KiB)])
     shared = _sticky_folder()
