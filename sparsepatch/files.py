@@ -375,10 +375,13 @@ def open_output(path: str | None, split: int | None = None,
 
 
 FAT_MAX_FILE = (4 << 30) - 1  # the largest file FAT12/16/32 can hold
+# Mount types of FAT12/16/32 (exFAT holds larger files). fusefat is how a USB stick is
+# mounted where the vfat module is not loaded, or without root.
+FAT_TYPES = ("vfat", "msdos", "fat", "umsdos", "fuse.fusefat")
 
 
 def _check_piece_size(dfd: int, folder: str, split: int) -> None:
-    if split > FAT_MAX_FILE and _fs_type(dfd) in ("vfat", "msdos", "fat"):
+    if split > FAT_MAX_FILE and _fs_type(dfd) in FAT_TYPES:
         raise UsageError(f"{folder} is on FAT, whose largest file is 4 GiB - 1 byte: "
                          "use --split fat32 (or 4095M)")
 
@@ -607,6 +610,14 @@ def _direct(f: IO[bytes], name: str) -> Iterator[Callable[[bytes], object]]:
         raise IOFailure(f"{name}: write failed: {e.strerror}") from None
 
 
+def _write_error(e: OSError) -> str:
+    # A write to a file we created and hold open is not a permission matter: fusefat says
+    # EPERM when the FAT is full.
+    if e.errno == errno.EPERM:
+        return "no space left (or the filesystem refused the write)"
+    return e.strerror or str(e)
+
+
 class _PartFile:
     """An output file written under a temporary name beside its final one. Everything
     goes through descriptors (the folder's and the file's): in a folder another user can
@@ -643,17 +654,23 @@ class _PartFile:
         try:
             self.f.write(b)
         except OSError as e:
-            raise IOFailure(f"{self.path}: write failed: {e.strerror}") from None
+            raise IOFailure(f"{self.path}: write failed: {_write_error(e)}") from None
 
     def close(self) -> None:
         assert self.f is not None
         try:
             self.f.flush()
-            os.fchmod(self.f.fileno(), self.mode & ~_umask() & 0o7777)
+            try:
+                os.fchmod(self.f.fileno(), self.mode & ~_umask() & 0o7777)
+            except OSError as e:
+                # A filesystem without modes (FAT through fusefat says ENOSYS; the kernel's
+                # vfat ignores the call): the file we created is as private as it can be.
+                if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
             sparse.sync(self.f.fileno())
             self.f.close()
         except OSError as e:
-            raise IOFailure(f"{self.path}: cannot finish output: {e.strerror}") from None
+            raise IOFailure(f"{self.path}: cannot finish output: {_write_error(e)}") from None
 
     def commit(self) -> None:
         try:

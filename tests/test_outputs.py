@@ -668,3 +668,31 @@ def test_applying_the_stem_of_a_split_patch_names_its_first_piece(tmp: Path) -> 
     p, _ = _split(tmp)
     line = error_line(run_cli("apply", str(p), str(tmp / "dest"), check=False), 3)
     assert "no such file" in line and f"give {p}.000" in line
+
+
+FUSEFAT = shutil.which("fusefat")
+
+
+@pytest.mark.skipif(not (FUSEFAT and shutil.which("mkfs.vfat") and os.path.exists("/dev/fuse")),
+                    reason="needs fusefat and mkfs.vfat (Debian fusefat, dosfstools) and /dev/fuse")
+def test_a_full_fusefat_stick_says_no_space(tmp: Path) -> None:
+    """fusefat reports a full FAT as EPERM: the user is told about space, not permission."""
+    assert FUSEFAT
+    fat, mnt = tmp / "fat.img", tmp / "mnt"
+    mnt.mkdir()
+    with open(fat, "wb") as f:
+        f.truncate(2 * MiB)
+    subprocess.run(["mkfs.vfat", str(fat)], check=True, capture_output=True)
+    r = subprocess.run([FUSEFAT, "-o", "rw+", str(fat), str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"fusefat cannot mount here: {r.stderr.decode()}")
+    try:
+        src = tmp / "src.img"
+        src.write_bytes(os.urandom(4 * MiB))  # incompressible: the patch cannot fit
+        r = run_cli("diff", "--full", str(src), "-o", str(mnt / "img.patch"), "--split", "fat32",
+                    check=False)
+        line = error_line(r, 3)
+        assert "no space left" in line and "img.patch.000" in line
+        assert not [p for p in mnt.iterdir() if p.name.endswith(".part")]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -241,8 +241,6 @@ def fat(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @needs_fusefat
-@pytest.mark.xfail(strict=True, reason="-o onto FAT through fusefat fails: fchmod of the temporary "
-                   "is ENOSYS there (\"cannot finish output: Function not implemented\")")
 def test_split_patch_onto_a_fusefat_stick(tmp_path: Path, fat: Path) -> None:
     """README, removable media: diff --split fat32 -o /media/usb/img.patch."""
     src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 64 * KiB)])
@@ -254,8 +252,6 @@ def test_split_patch_onto_a_fusefat_stick(tmp_path: Path, fat: Path) -> None:
 
 
 @needs_fusefat
-@pytest.mark.xfail(strict=True, reason="--split 4G is refused on vfat only: fuse.fusefat is not "
-                   "recognised as FAT")
 def test_split_4g_is_refused_on_fusefat(tmp_path: Path, fat: Path) -> None:
     src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 64 * KiB)])
     r = run_cli("diff", "-q", "--full", str(src), "-o", str(fat / "img.patch"), "--split", "4G",
