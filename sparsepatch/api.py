@@ -196,18 +196,23 @@ def check(path: str, shift: int, identity: bytes, size: int | None = None) -> No
         )
 
 
-def verify(path: str, against: str | None = None, key_file: str | None = None) -> VerifyStats | None:
-    """Without against: check a patch end to end (every CRC, MAC, payload and block hash).
-    With against (a signature or patch): check the file path against it; raise
-    VerifyMismatch naming the first difference."""
+def verify(path: str | list[str], against: str | None = None,
+           key_file: str | None = None) -> VerifyStats | None:
+    """Without against: check a patch end to end (every CRC, MAC, payload and block hash);
+    path may be the pieces of a split patch in order, or its .000 alone (the rest are
+    found as apply finds them). With against (a signature or patch, or a split patch's
+    .000): check the file path against it; raise VerifyMismatch naming the first difference."""
     if against is None:
         key = load_key(key_file) if key_file else None
-        with files.open_input(path) as f:
-            name = "patch" if path == "-" else path
-            return verify_patch(PatchReader(f.read, name, key, unauthenticated_ok=key is None))
-    with files.open_input(against) as f:
+        pieces = files.patch_pieces([path] if isinstance(path, str) else list(path))
+        with files.open_inputs(pieces) as chain:
+            name = "patch" if pieces == ["-"] else pieces[0]
+            return verify_patch(PatchReader(chain.read, name, key, unauthenticated_ok=key is None))
+    if not isinstance(path, str):
+        raise UsageError("verify --against checks one FILE")
+    with files.open_inputs(files.patch_pieces([against])) as f:
         name = "input" if against == "-" else against
-        kind, read = files.sniff_input(f, name)
+        kind, read = files.sniff_read(f.read, name)
         if kind == "signature":
             sig = read_signature(read, name)
         else:
@@ -224,12 +229,14 @@ def verify(path: str, against: str | None = None, key_file: str | None = None) -
     return None
 
 
-def info(path: str) -> dict[str, Any]:
+def info(path: str | list[str]) -> dict[str, Any]:
     """What a signature or patch holds. Every header, record and trailer field and CRC is
-    checked; payloads are not decompressed (verify does that)."""
-    with files.open_input(path) as f:
-        name = "input" if path == "-" else path
-        kind, read = files.sniff_input(f, name)
+    checked; payloads are not decompressed (verify does that). A split patch is read from
+    its pieces, given in order or found from its .000 as apply finds them."""
+    pieces = files.patch_pieces([path] if isinstance(path, str) else list(path))
+    with files.open_inputs(pieces) as f:
+        name = "input" if pieces == ["-"] else pieces[0]
+        kind, read = files.sniff_read(f.read, name)
         if kind == "signature":
             s = read_signature(read, name)
             return {

@@ -697,7 +697,17 @@ class _PartFile:
 def sniff_input(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
     """What f holds, from its magic, and a read callable that still starts at byte 0
     (stdin cannot seek back)."""
-    head = f.read(8)
+    return sniff_read(f.read, name)
+
+
+def sniff_read(source: Callable[[int], bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
+    """sniff_input over a read callable (a Chain's, for the pieces of a split patch)."""
+    head = b""
+    while len(head) < 8:  # a Chain's read stops at the end of each piece
+        chunk = source(8 - len(head))
+        if not chunk:
+            break
+        head += chunk
     kind = sniff(head, name)
     pending = memoryview(head)
 
@@ -706,7 +716,7 @@ def sniff_input(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
         if pending:
             out, pending = bytes(pending[:n]), pending[n:]
             return out
-        return f.read(n)
+        return source(n)
 
     return kind, read
 

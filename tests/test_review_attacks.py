@@ -163,8 +163,6 @@ def test_patch_mode_comes_from_the_source_that_was_read(tmp_path: Path,
     assert stat.S_IMODE(os.stat(tmp_path / "p").st_mode) & 0o077 == 0
 
 
-@pytest.mark.xfail(strict=True, reason="info does not read the pieces of a split patch: a good "
-                   "PATCH.000 is reported truncated (exit 4)")
 def test_info_and_verify_read_a_split_patch(tmp_path: Path) -> None:
     """README: apply PATCH.000 finds the other pieces; an administrator checks the USB
     stick first with `verify` (or `info`) the same way, and is told the patch is truncated."""
