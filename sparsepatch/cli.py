@@ -407,7 +407,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
         raise click.UsageError("expected PATCH... DEST")
     patches, dest = list(args[:-1]), args[-1]
     stats_to = _stats_target(as_json, stats, False)
-    pieces = api.patch_pieces(patches)
+    pieces = _run(api.patch_pieces, patches)
     total = lambda: sum(api.input_size(p) or 0 for p in pieces) or None  # noqa: E731
     prog = _progress("apply", total, progress, quiet)
     t = time.monotonic()

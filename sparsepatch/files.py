@@ -78,7 +78,11 @@ def patch_pieces(paths: list[str]) -> list[str]:
     corrupt, a FIFO would make it a stream (read once, with no check before writing) and
     block apply in open(). A piece missing or refused this way leaves the patch truncated,
     which reading it reports."""
-    if len(paths) != 1 or not paths[0].endswith(".000"):
+    if len(paths) > 1:
+        for path in paths:
+            _given_piece(path)
+        return paths
+    if not paths[0].endswith(".000"):
         return paths
     stem = paths[0][:-4]
     try:
@@ -97,6 +101,19 @@ def patch_pieces(paths: list[str]) -> list[str]:
             break
         out.append(name(stem, k))
     return out
+
+
+def _given_piece(path: str) -> None:
+    """One of several pieces named: a file, never a stream. `apply /tmp/p.* DEST` may
+    name a FIFO another user added; opening it would block, and one stream among the
+    pieces would make the whole patch one, read without the check before writing."""
+    try:
+        st = os.stat(path) if path != "-" else None
+    except OSError:
+        return  # opening it says what is wrong
+    if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise UsageError(f"{path}: a piece of a split patch must be a regular file (a stream "
+                         "is given alone: cat the pieces into '-')")
 
 
 def _found_piece(path: str, owner: int) -> bool:

@@ -699,3 +699,15 @@ def test_a_full_fusefat_stick_says_no_space(tmp: Path) -> None:
         assert not [p for p in mnt.iterdir() if p.name.endswith(".part")]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_fifo_among_the_pieces_named_is_refused_at_once(tmp: Path) -> None:
+    """`apply /tmp/p.* DEST` may name a FIFO someone added: refused, never opened."""
+    p, _ = _split(tmp)
+    os.mkfifo(f"{p}.002")
+    r = run_cli("apply", f"{p}.000", f"{p}.001", f"{p}.002", str(tmp / "dest"), check=False,
+                timeout=30)
+    assert f"{p}.002" in error_line(r, 2)
+    r = run_cli("verify", f"{p}.000", "-", check=False, timeout=30)
+    assert "must be a regular file" in error_line(r, 2)
+    assert not (tmp / "dest").exists()
