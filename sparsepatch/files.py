@@ -534,7 +534,11 @@ def _open_node(dfd: int, name: str, path: str, follow: bool) -> int | None:
             return None
         raise IOFailure(f"{path}: replaced while it was being opened") from None
     except OSError as e:
-        if e.errno == errno.ENXIO:
+        try:
+            fifo = stat.S_ISFIFO(os.stat(name, dir_fd=dfd, follow_symlinks=follow).st_mode)
+        except OSError:
+            fifo = False
+        if e.errno == errno.ENXIO and fifo:
             raise IOFailure(f"{path}: a FIFO with no reader; start the reader first") from None
         raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
     st = os.fstat(fd)
