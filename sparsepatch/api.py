@@ -55,10 +55,11 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
     looks at its size only, for a file whose mtime is always new (see diff)."""
     shift = block_shift(block_size)
     outputs.refuse_overwrite(output, dest)
-    with (inputs.open_source(dest) as fd,
-          outputs.open_output(output, mode=outputs.output_mode(dest)) as write):
-        return write_signature(fd, shift, dest, write, progress, None,
-                               source_check=source_check, warn=warn)
+    with inputs.open_source(dest) as fd:
+        mode = outputs.read_mode(None if dest == "-" else fd)
+        with outputs.open_output(output, mode=mode) as write:
+            return write_signature(fd, shift, dest, write, progress, None,
+                                   source_check=source_check, warn=warn)
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -69,9 +70,15 @@ def write_file(path: str, data: bytes) -> None:
 
 
 def load_signature(path: str) -> Signature:
+    return _read_signature(path)[0]
+
+
+def _read_signature(path: str) -> tuple[Signature, int]:
+    """The signature at path, and the mode an output made from it may have (read_mode)."""
     with inputs.open_input(path) as f:
         name = "signature" if path == "-" else path
-        return read_signature(f.read, name)
+        mode = outputs.read_mode(None if path == "-" else f.fileno())
+        return read_signature(f.read, name), mode
 
 
 def empty_signature(block_size: int) -> Signature:
@@ -109,11 +116,12 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         raise UsageError("signature and source cannot both be stdin")
     outputs.refuse_overwrite(output, sig, source, key_file)
     key = load_key(key_file) if key_file else None
-    signature_ = empty_signature(block_size) if sig is None else load_signature(sig)
-    with (inputs.open_source(source) as fd,
-          outputs.open_output(output, split, outputs.output_mode(sig, source)) as write):
-        return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
-                           progress=progress, source_check=source_check, warn=warn)
+    signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)
+    with inputs.open_source(source) as fd:
+        mode &= outputs.read_mode(None if source == "-" else fd)
+        with outputs.open_output(output, split, mode) as write:
+            return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
+                               progress=progress, source_check=source_check, warn=warn)
 
 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
@@ -195,18 +203,23 @@ def check(path: str, shift: int, identity: bytes, size: int | None = None) -> No
         )
 
 
-def verify(path: str, against: str | None = None, key_file: str | None = None) -> VerifyStats | None:
-    """Without against: check a patch end to end (every CRC, MAC, payload and block hash).
-    With against (a signature or patch): check the file path against it; raise
-    VerifyMismatch naming the first difference."""
+def verify(path: str | list[str], against: str | None = None,
+           key_file: str | None = None) -> VerifyStats | None:
+    """Without against: check a patch end to end (every CRC, MAC, payload and block hash);
+    path may be the pieces of a split patch in order, or its .000 alone (the rest are
+    found as apply finds them). With against (a signature or patch, or a split patch's
+    .000): check the file path against it; raise VerifyMismatch naming the first difference."""
     if against is None:
         key = load_key(key_file) if key_file else None
-        with inputs.open_input(path) as f:
-            name = "patch" if path == "-" else path
-            return verify_patch(PatchReader(f.read, name, key, unauthenticated_ok=key is None))
-    with inputs.open_input(against) as f:
+        pieces = inputs.patch_pieces([path] if isinstance(path, str) else list(path))
+        with inputs.open_inputs(pieces) as chain:
+            name = "patch" if pieces == ["-"] else pieces[0]
+            return verify_patch(PatchReader(chain.read, name, key, unauthenticated_ok=key is None))
+    if not isinstance(path, str):
+        raise UsageError("verify --against checks one FILE")
+    with inputs.open_inputs(inputs.patch_pieces([against])) as f:
         name = "input" if against == "-" else against
-        kind, read = inputs.sniff_input(f, name)
+        kind, read = inputs.sniff_read(f.read, name)
         if kind == "signature":
             sig = read_signature(read, name)
         else:
@@ -219,12 +232,14 @@ def verify(path: str, against: str | None = None, key_file: str | None = None) -
     return None
 
 
-def info(path: str) -> dict[str, Any]:
+def info(path: str | list[str]) -> dict[str, Any]:
     """What a signature or patch holds. Every header, record and trailer field and CRC is
-    checked; payloads are not decompressed (verify does that)."""
-    with inputs.open_input(path) as f:
-        name = "input" if path == "-" else path
-        kind, read = inputs.sniff_input(f, name)
+    checked; payloads are not decompressed (verify does that). A split patch is read from
+    its pieces, given in order or found from its .000 as apply finds them."""
+    pieces = inputs.patch_pieces([path] if isinstance(path, str) else list(path))
+    with inputs.open_inputs(pieces) as f:
+        name = "input" if pieces == ["-"] else pieces[0]
+        kind, read = inputs.sniff_read(f.read, name)
         if kind == "signature":
             s = read_signature(read, name)
             return {

@@ -411,7 +411,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
         raise click.UsageError("expected PATCH... DEST")
     patches, dest = list(args[:-1]), args[-1]
     stats_to = _stats_target(as_json, stats, False)
-    pieces = api.patch_pieces(patches)
+    pieces = _run(api.patch_pieces, patches)
     total = lambda: sum(api.input_size(p) or 0 for p in pieces) or None  # noqa: E731
     prog = _progress("apply", total, progress, quiet)
     t = time.monotonic()
@@ -426,7 +426,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("args", nargs=-1, metavar="PATCH | --against SIG_OR_PATCH FILE")
+@click.argument("args", nargs=-1, metavar="PATCH... | --against SIG_OR_PATCH FILE")
 @click.option("--against", metavar="SIG_OR_PATCH",
               help="Check FILE against a signature (block by block) or a patch's target.")
 @click.option("-k", "--key-file", metavar="KEY", help="Also check the patch's MAC with this key.")
@@ -436,17 +436,20 @@ def verify(args: tuple[str, ...], against: str | None, key_file: str | None, qui
     """Check a patch end to end without a destination, or a file against a signature
     or a patch's target. Exit 0 when good; otherwise the first difference (exit 8).
 
+    Give the pieces of a split patch in order (or just PATCH.000: the rest are found).
+
     \b
     Examples:
       sparsepatch verify vm.patch
+      sparsepatch verify /media/usb/vm.patch.000
       sparsepatch verify --against vm.sig /var/lib/libvirt/images/vm.img
       sparsepatch verify --against vm.patch /var/lib/libvirt/images/vm.img
     """
-    if len(args) != 1:
-        raise click.UsageError("expected PATCH, or --against SIG_OR_PATCH FILE")
+    if not args or (against is not None and len(args) != 1):
+        raise click.UsageError("expected PATCH..., or --against SIG_OR_PATCH FILE")
     stats_to = _stats_target(as_json, stats, False)
     t = time.monotonic()
-    s = _run(api.verify, args[0], against, key_file)
+    s = _run(api.verify, args[0] if against else list(args), against, key_file)
     if s is None:
         _finish("verify", {"file": args[0], "against": against, "match": True},
                 time.monotonic() - t, f"verify: {args[0]} matches {against}", quiet, stats_to)
@@ -458,17 +461,20 @@ def verify(args: tuple[str, ...], against: str | None, key_file: str | None, qui
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("file", metavar="FILE")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(file: str, as_json: bool) -> None:
+def info(files: tuple[str, ...], as_json: bool) -> None:
     """Show what a signature or patch holds (and check its framing whole).
+
+    Give the pieces of a split patch in order (or just PATCH.000: the rest are found).
 
     \b
     Examples:
       sparsepatch info vm.patch
       sparsepatch info vm.sig --json
+      sparsepatch info /media/usb/vm.patch.000
     """
-    d = _run(api.info, file)
+    d = _run(api.info, list(files))
     if as_json:
         import json
 

@@ -15,7 +15,7 @@ from typing import IO
 import blake3
 
 from . import sparse
-from .errors import FormatError, IOFailure
+from .errors import FormatError, IOFailure, Truncated, UsageError
 from .format import sniff
 from .outputs import old_piece_name, piece_name
 
@@ -47,20 +47,37 @@ def open_input(path: str) -> Iterator[IO[bytes]]:
 
 def patch_pieces(paths: list[str]) -> list[str]:
     """The files a patch is read from: the paths given, or for a single PATCH.000 every
-    numbered piece after it that exists (diff --split writes them)."""
-    if len(paths) == 1 and paths[0].endswith(".000") and os.path.lexists(piece_name(paths[0][:-4], 1)):
-        stem = paths[0][:-4]
-        out: list[str] = []
-        name = piece_name
-        while True:
-            k = len(out)
-            if k == 900 and not os.path.lexists(name(stem, k)) and os.path.lexists(old_piece_name(stem, k)):
-                name = old_piece_name  # a set written before pieces were renamed to sort
-            if not os.path.lexists(name(stem, k)):
-                break
-            out.append(name(stem, k))
-        return out or paths  # PATCH.000 itself missing: opening it says so
-    return paths
+    numbered piece after it that exists (diff --split writes them).
+
+    Only a regular file (not a symlink) owned by PATCH.000's owner counts as a found
+    piece; discovery stops before any other name. In a sticky folder (/tmp) anyone may add
+    PATCH.NNN after the last piece: a file of theirs would make an intact patch look
+    corrupt, a FIFO would make it a stream (read once, with no check before writing) and
+    block apply in open(). A piece missing or refused this way leaves the patch truncated,
+    which reading it reports."""
+    if len(paths) > 1:
+        for path in paths:
+            _given_piece(path)
+        return paths
+    if not paths[0].endswith(".000"):
+        return paths
+    stem = paths[0][:-4]
+    try:
+        owner = os.stat(paths[0]).st_uid
+    except OSError:
+        return paths  # opening it says what is wrong
+    if not _found_piece(piece_name(stem, 1), owner):
+        return paths
+    out: list[str] = []
+    name = piece_name
+    while True:
+        k = len(out)
+        if k == 900 and not os.path.lexists(name(stem, k)) and os.path.lexists(old_piece_name(stem, k)):
+            name = old_piece_name  # a set written before pieces were renamed to sort
+        if k > 0 and not _found_piece(name(stem, k), owner):
+            break
+        out.append(name(stem, k))
+    return out
 
 
 @contextlib.contextmanager
@@ -70,6 +87,11 @@ def open_inputs(paths: list[str], twice: bool = False) -> Iterator[Chain]:
     chain = StableChain(paths) if twice else Chain(paths)
     try:
         yield chain
+    except Truncated as e:
+        note = unread_piece(paths)
+        if note:
+            raise Truncated(f"{e}{note}") from None
+        raise
     finally:
         chain.close()
 
@@ -92,7 +114,10 @@ class Chain:
         path = self.paths[self.current]
         if path == "-":
             return _stdin()
-        fd = open_file(path)
+        try:
+            fd = open_file(path)
+        except IOFailure as e:
+            raise IOFailure(f"{e}{missing_patch_hint(path)}") from None
         st = os.fstat(fd)
         if self.current < len(self.seen):
             dev, ino, size = self.seen[self.current]
@@ -253,18 +278,7 @@ class StableChain(Chain):
 def sniff_input(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
     """What f holds, from its magic, and a read callable that still starts at byte 0
     (stdin cannot seek back)."""
-    head = f.read(8)
-    kind = sniff(head, name)
-    pending = memoryview(head)
-
-    def read(n: int) -> bytes:
-        nonlocal pending
-        if pending:
-            out, pending = bytes(pending[:n]), pending[n:]
-            return out
-        return f.read(n)
-
-    return kind, read
+    return sniff_read(f.read, name)
 
 
 def counting(read: Callable[[int], bytes], progress: Callable[[int], None]) -> Callable[[int], bytes]:
@@ -313,3 +327,76 @@ def input_size(path: str) -> int | None:
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _given_piece(path: str) -> None:
+    """One of several pieces named: a file, never a stream. `apply /tmp/p.* DEST` may
+    name a FIFO another user added; opening it would block, and one stream among the
+    pieces would make the whole patch one, read without the check before writing."""
+    try:
+        st = os.stat(path) if path != "-" else None
+    except OSError:
+        return  # opening it says what is wrong
+    if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise UsageError(f"{path}: a piece of a split patch must be a regular file (a stream "
+                         "is given alone: cat the pieces into '-')")
+
+
+def _found_piece(path: str, owner: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == owner
+
+
+def unread_piece(paths: list[str]) -> str:
+    """For a split patch found short: why the name after its last piece, if there is one,
+    was not read as the next piece (patch_pieces)."""
+    if not paths or not paths[0].endswith(".000"):
+        return ""
+    stem, k = paths[0][:-4], len(paths)
+    for name in dict.fromkeys((piece_name(stem, k), old_piece_name(stem, k))):
+        try:
+            st = os.lstat(name)
+            owner = os.stat(paths[0]).st_uid
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            why = "it is a directory"
+        elif not stat.S_ISREG(st.st_mode):
+            why = "it is a symlink" if stat.S_ISLNK(st.st_mode) else "it is not a regular file"
+        elif st.st_uid != owner:
+            why = f"it belongs to uid {st.st_uid}, {paths[0]} to uid {owner}"
+        else:
+            continue
+        return f"; {name} was not read as the next piece: {why}"
+    return ""
+
+
+def missing_patch_hint(path: str) -> str:
+    """For a patch path that does not exist: a pointer to the split patch of that name."""
+    if path != "-" and not os.path.lexists(path) and os.path.lexists(piece_name(path, 0)):
+        return f" (a split patch? give {piece_name(path, 0)})"
+    return ""
+
+
+def sniff_read(source: Callable[[int], bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
+    """sniff_input over a read callable (a Chain's, for the pieces of a split patch)."""
+    head = b""
+    while len(head) < 8:  # a Chain's read stops at the end of each piece
+        chunk = source(8 - len(head))
+        if not chunk:
+            break
+        head += chunk
+    kind = sniff(head, name)
+    pending = memoryview(head)
+
+    def read(n: int) -> bytes:
+        nonlocal pending
+        if pending:
+            out, pending = bytes(pending[:n]), pending[n:]
+            return out
+        return source(n)
+
+    return kind, read

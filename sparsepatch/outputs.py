@@ -7,6 +7,7 @@ folder another user can write to, a name may be swapped for a symlink between tw
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -82,8 +83,13 @@ def open_output(path: str | None, split: int | None = None,
 FAT_MAX_FILE = (4 << 30) - 1  # the largest file FAT12/16/32 can hold
 
 
+# Mount types of FAT12/16/32 (exFAT holds larger files). fusefat is how a USB stick is
+# mounted where the vfat module is not loaded, or without root.
+FAT_TYPES = ("vfat", "msdos", "fat", "umsdos", "fuse.fusefat")
+
+
 def _check_piece_size(dfd: int, folder: str, split: int) -> None:
-    if split > FAT_MAX_FILE and _fs_type(dfd) in ("vfat", "msdos", "fat"):
+    if split > FAT_MAX_FILE and _fs_type(dfd) in FAT_TYPES:
         raise UsageError(f"{folder} is on FAT, whose largest file is 4 GiB - 1 byte: "
                          "use --split fat32 (or 4095M)")
 
@@ -109,52 +115,94 @@ def _shared(st: os.stat_result) -> bool:
     return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
 
 
-def _trusted(owner: int, folder: os.stat_result) -> bool:
-    return owner in (os.geteuid(), folder.st_uid)
+def _trusted(owner: int) -> bool:
+    """Whose symlinks, FIFOs and devices an output may go through or into: ours, or root's
+    (/dev/null). Not the folder owner's: root writing into a folder another user owns
+    would otherwise follow that user's symlink onto a disk."""
+    return owner in (os.geteuid(), 0)
 
 
 def _open_special(dfd: int, name: str, path: str) -> int | None:
-    """An open descriptor for path when it is a device or FIFO to write into (following
-    symlinks one by one, each under the rule above); None when the output is to be a new
-    regular file renamed into place (a symlink to a regular file is replaced by it)."""
-    owned = os.dup(dfd)
+    """An open descriptor for path when it is a device or FIFO to write into; None when the
+    output is to be a new regular file renamed over the name (a regular file, nothing, or
+    a symlink to one of those).
+
+    The name is resolved one component at a time, symlinks in the folders of a link's
+    target included. Every symlink on the way and the device or FIFO at the end must be
+    ours or root's (_trusted). If not: in a sticky folder others can write to, refused,
+    since another user planted it; elsewhere, the name is replaced like a regular file,
+    and nothing is written through it."""
+    shared = _shared(os.fstat(dfd))
+    cur = os.dup(dfd)
+    todo = [name]  # components still to resolve, the next one last
+    links = 0
+
+    def untrusted(st: os.stat_result) -> None:
+        if shared:
+            kind = "symlink" if stat.S_ISLNK(st.st_mode) else "FIFO or device"
+            raise IOFailure(f"{path}: refusing to write through a {kind} owned by uid "
+                            f"{st.st_uid} in a folder others can write to")
+
     try:
-        for _ in range(40):
-            folder = os.fstat(owned)
-            with io_errors(f"{path}: cannot create output"):
-                try:
-                    st = os.stat(name, dir_fd=owned, follow_symlinks=False)
-                except FileNotFoundError:
+        while todo:
+            comp = todo.pop()
+            last = not todo
+            if comp in ("", "."):
+                if last:
+                    raise IOFailure(f"{path}: is a directory")
+                continue
+            try:
+                st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
+            if stat.S_ISLNK(st.st_mode):
+                if not _trusted(st.st_uid):
+                    untrusted(st)
                     return None
+                links += 1
+                if links > 40:
+                    raise IOFailure(f"{path}: too many levels of symbolic links")
+                target = os.readlink(comp, dir_fd=cur)
+                if last and not _resolves(cur, target):
+                    # A link whose text names nothing, yet that leads somewhere: one of
+                    # /proc's (/dev/stdout to a pipe); only the kernel can follow it.
+                    return _open_node(cur, comp, path, follow=True)
+                if target.startswith("/"):
+                    nxt = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    os.close(cur)
+                    cur = nxt
+                todo.extend(reversed(target.split("/")))
+                continue
             if stat.S_ISDIR(st.st_mode):
-                raise IOFailure(f"{path}: is a directory")
+                if last:
+                    raise IOFailure(f"{path}: is a directory")
+                try:
+                    nxt = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=cur)
+                except OSError as e:
+                    raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
+                os.close(cur)
+                cur = nxt
+                continue
+            if not last:
+                raise IOFailure(f"{path}: cannot create output: {os.strerror(errno.ENOTDIR)}")
             if stat.S_ISREG(st.st_mode):
                 return None
-            if _shared(folder) and not _trusted(st.st_uid, folder):
-                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "FIFO or device"
-                raise IOFailure(f"{path}: refusing to write through a {kind} owned by uid "
-                                f"{st.st_uid} in a folder others can write to")
-            if not stat.S_ISLNK(st.st_mode):
-                with io_errors(f"{path}: cannot open"):
-                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
-                                 dir_fd=owned)
-                now = os.fstat(fd)
-                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                    os.close(fd)
-                    raise IOFailure(f"{path}: replaced while it was being opened")
-                return fd
-            target = os.readlink(name, dir_fd=owned)
-            parent, name = os.path.split(target)
-            if parent:
-                with io_errors(f"{path}: cannot open"):
-                    nxt = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=owned)
-                os.close(owned)
-                owned = nxt
-            if not name:
-                raise IOFailure(f"{path}: is a directory")
-        raise IOFailure(f"{path}: too many levels of symbolic links")
+            if not _trusted(st.st_uid):
+                untrusted(st)
+                return None
+            fd = _open_node(cur, comp, path, follow=False)
+            assert fd is not None
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)
+                raise IOFailure(f"{path}: replaced while it was being opened")
+            return fd
+        raise IOFailure(f"{path}: is a directory")  # an empty name
     finally:
-        os.close(owned)
+        os.close(cur)
 
 
 @contextlib.contextmanager
@@ -264,16 +312,26 @@ class _PartFile:
 
     def write(self, b: bytes | memoryview) -> None:
         assert self.f is not None
-        with io_errors(f"{self.path}: write failed"):
+        try:
             self.f.write(b)
+        except OSError as e:
+            raise IOFailure(f"{self.path}: write failed: {_write_error(e)}") from None
 
     def close(self) -> None:
         assert self.f is not None
-        with io_errors(f"{self.path}: cannot finish output"):
+        try:
             self.f.flush()
-            os.fchmod(self.f.fileno(), self.mode & ~_umask() & 0o7777)
+            try:
+                os.fchmod(self.f.fileno(), self.mode & ~_umask() & 0o7777)
+            except OSError as e:
+                # A filesystem without modes (FAT through fusefat says ENOSYS; the kernel's
+                # vfat ignores the call): the file we created is as private as it can be.
+                if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
             sparse.sync(self.f.fileno())
             self.f.close()
+        except OSError as e:
+            raise IOFailure(f"{self.path}: cannot finish output: {_write_error(e)}") from None
 
     def commit(self) -> None:
         with io_errors(f"{self.path}: cannot finish output"):
@@ -328,3 +386,58 @@ def output_mode(*inputs: str | None) -> int:
                 bits = st.st_mode & 0o666
         mode &= bits
     return mode
+
+
+def _resolves(dfd: int, target: str) -> bool:
+    try:
+        os.stat(target, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def _open_node(dfd: int, name: str, path: str, follow: bool) -> int | None:
+    """Open a FIFO or device for writing without ever blocking: a FIFO no one reads is
+    refused at once rather than waited on. follow: name is a link that may lead nowhere
+    (None: the output replaces it)."""
+    flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(name, flags if follow else flags | os.O_NOFOLLOW, dir_fd=dfd)
+    except FileNotFoundError:
+        if follow:
+            return None
+        raise IOFailure(f"{path}: replaced while it was being opened") from None
+    except OSError as e:
+        try:
+            fifo = stat.S_ISFIFO(os.stat(name, dir_fd=dfd, follow_symlinks=follow).st_mode)
+        except OSError:
+            fifo = False
+        if e.errno == errno.ENXIO and fifo:
+            raise IOFailure(f"{path}: a FIFO with no reader; start the reader first") from None
+        raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
+    st = os.fstat(fd)
+    if follow and (stat.S_ISREG(st.st_mode) or not _trusted(st.st_uid)):
+        os.close(fd)
+        raise IOFailure(f"{path}: cannot write through this link; name a file or FIFO")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _write_error(e: OSError) -> str:
+    # A write to a file we created and hold open is not a permission matter: fusefat says
+    # EPERM when the FAT is full.
+    if e.errno == errno.EPERM:
+        return "no space left (or the filesystem refused the write)"
+    return e.strerror or str(e)
+
+
+def read_mode(fd: int | None) -> int:
+    """The permission bits an output made from what was read on fd may have (see
+    output_mode); None for a stream. From the descriptor read, not a path looked up again:
+    a path swapped in between would give a secret's output a public file's mode."""
+    if fd is None:
+        return 0o600
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return st.st_mode & 0o666
+    return 0o600

@@ -405,8 +405,9 @@ def test_a_directory_named_like_a_piece_is_one_line(tmp: Path) -> None:
     run_cli("diff", "--full", str(img), "-o", str(stem), "--split", "16K", "-b", "4K", "-q")
     n = len(list(tmp.glob("p.*")))
     os.unlink(f"{stem}.001")
-    os.mkdir(f"{stem}.001")  # apply p.000 meets a directory as its second piece
-    assert "is a directory" in error_line(run_cli("apply", f"{stem}.000", str(tmp / "d"), check=False), 3)
+    os.mkdir(f"{stem}.001")  # apply p.000 meets a directory as its second piece: not read
+    line = error_line(run_cli("apply", f"{stem}.000", str(tmp / "d"), check=False), 4)
+    assert "truncated" in line and f"{stem}.001 was not read as the next piece: it is a directory" in line
     os.rmdir(f"{stem}.001")
     os.mkdir(f"{stem}.{n:03d}")  # a stale piece that cannot be removed
     r = run_cli("diff", "--full", str(img), "-o", str(stem), "--split", "16K", "-b", "4K", check=False)
@@ -524,3 +525,190 @@ def test_nohup_keeps_sighup_ignored(tmp: Path) -> None:
                        capture_output=True)
     assert r.returncode == 128 + signal.SIGHUP, r.stderr
     assert not (tmp / "t").exists()
+
+
+# ------------------------------- names another user owns, outside a sticky folder, and FIFOs
+
+
+@needs_root
+def test_stats_onto_another_users_fifo_in_their_folder_replaces_it(tmp: Path, public: Path) -> None:
+    """root writes --stats into a folder nobody owns, where nobody made the name a FIFO:
+    the FIFO is replaced by the file (never opened: that would wait for a reader)."""
+    img = image(tmp / "img")
+    folder = public / "theirs"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    as_nobody(lambda: os.mkfifo(folder / "s.json", 0o666))
+    run_cli("signature", str(img), "-o", str(tmp / "s"), "-q", "--stats", str(folder / "s.json"),
+            timeout=30)
+    assert (folder / "s.json").is_file() and os.stat(folder / "s.json").st_uid == 0
+    assert b'"command": "signature"' in (folder / "s.json").read_bytes()
+
+
+@needs_root
+def test_a_symlink_of_another_user_inside_the_target_of_ours_is_not_followed(tmp: Path,
+                                                                             public: Path) -> None:
+    """Our own symlink leads through a folder symlink another user owns to a device: the
+    device is not written (the output replaces our name instead)."""
+    backing = tmp / "disk"
+    backing.write_bytes(pattern(MiB, 1))
+    img = image(tmp / "img")
+    folder = public / "theirs"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    for dev in loop_device(backing):
+        as_nobody(lambda dev=dev: os.symlink(os.path.dirname(dev), folder / "d"))
+        os.symlink(folder / "d" / os.path.basename(dev), tmp / "out")
+        run_cli("signature", str(img), "-o", str(tmp / "out"), "-q", check=False)
+        subprocess.run(["sync"], check=True)
+    assert backing.read_bytes() == pattern(MiB, 1)
+
+
+def test_our_fifo_with_no_reader_is_refused_at_once(tmp: Path) -> None:
+    img = image(tmp / "img")
+    os.mkfifo(tmp / "fifo", 0o600)
+    r = run_cli("signature", str(img), "-o", str(tmp / "fifo"), check=False, timeout=30)
+    assert "no reader" in error_line(r, 3)
+    assert stat.S_ISFIFO(os.lstat(tmp / "fifo").st_mode)
+
+
+def test_a_link_like_dev_stdout_as_output_writes_to_the_pipe(tmp: Path) -> None:
+    """/dev/stdout leads to a pipe through /proc/self/fd/1, whose text names nothing. A
+    link of our own to it is used: a failure must not replace the real /dev/stdout."""
+    img = image(tmp / "img")
+    os.symlink("/proc/self/fd/1", tmp / "stdout")
+    r = run_cli("signature", str(img), "-o", str(tmp / "stdout"), "-q")
+    assert r.stdout.startswith(b"\x89SPSIG")
+    assert (tmp / "stdout").is_symlink()
+
+
+@pytest.mark.parametrize("verb", ["signature", "diff-signature"])
+def test_output_mode_comes_from_the_files_that_were_read(tmp: Path, verb: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input path is a symlink to a 0600 secret when it is opened, and to a 0644
+    decoy afterwards: the output carries the secret's content, so it stays private."""
+    from sparsepatch import api
+
+    secret_img = image(tmp / "secret.img", 0o600)
+    decoy = image(tmp / "decoy.img", 0o644)
+    link = tmp / "in"
+    link.symlink_to(secret_img)
+
+    def swap() -> None:
+        link.unlink()
+        link.symlink_to(decoy)
+
+    old = os.umask(0o022)
+    try:
+        if verb == "signature":
+            real = inputs.open_source
+
+            @contextlib.contextmanager
+            def open_then_swap(path: str) -> Iterator[int]:
+                with real(path) as fd:
+                    swap()
+                    yield fd
+
+            monkeypatch.setattr(inputs, "open_source", open_then_swap)
+            api.signature(str(link), str(tmp / "out"))
+        else:
+            # The signature of a secret is a secret too (its block hashes).
+            sig = tmp / "secret.sig"
+            api.signature(str(secret_img), str(sig))
+            sig.chmod(0o600)
+            link.unlink()
+            link.symlink_to(sig)
+            real_open = inputs.open_input
+
+            @contextlib.contextmanager
+            def open_then_swap_sig(path: str) -> Iterator[object]:
+                with real_open(path) as f:
+                    if path == str(link):
+                        link.unlink()
+                        decoy_sig = tmp / "decoy.sig"
+                        api.signature(str(decoy), str(decoy_sig))
+                        decoy_sig.chmod(0o644)
+                        link.symlink_to(decoy_sig)
+                    yield f
+
+            monkeypatch.setattr(inputs, "open_input", open_then_swap_sig)
+            api.diff(str(link), str(decoy), str(tmp / "out"))
+    finally:
+        os.umask(old)
+    assert mode_of(tmp / "out") & 0o077 == 0
+
+
+# ------------------------------------------------------- the pieces apply PATCH.000 finds
+
+
+def _split(tmp: Path) -> tuple[Path, bytes]:
+    src = make_sparse(tmp / "src.img", 1 * MiB, [(0, 256 * KiB), (512 * KiB, 256 * KiB)])
+    run_cli("diff", "-q", "--full", str(src), "-o", str(tmp / "p"), "--split", "300K")
+    assert (tmp / "p.001").exists() and not (tmp / "p.002").exists()
+    return tmp / "p", src.read_bytes()
+
+
+def test_a_symlink_after_the_last_piece_is_not_read_as_one(tmp: Path) -> None:
+    p, data = _split(tmp)
+    junk = tmp / "junk"
+    junk.write_bytes(b"junk")
+    os.symlink(junk, f"{p}.002")
+    run_cli("apply", "-q", f"{p}.000", str(tmp / "dest"))
+    assert (tmp / "dest").read_bytes() == data
+
+
+@needs_root
+def test_a_piece_of_another_owner_ends_the_pieces_found(tmp: Path) -> None:
+    """Discovery stops at a piece PATCH.000's owner does not own: a patch whose last
+    piece belongs to someone else reads as truncated, with nothing written."""
+    p, _ = _split(tmp)
+    os.chown(f"{p}.001", NOBODY, NOBODY)
+    line = error_line(run_cli("apply", f"{p}.000", str(tmp / "dest"), check=False), 4)
+    assert "truncated" in line and f"{p}.001 was not read as the next piece: it belongs to uid" in line
+    assert not (tmp / "dest").exists()
+
+
+def test_applying_the_stem_of_a_split_patch_names_its_first_piece(tmp: Path) -> None:
+    p, _ = _split(tmp)
+    line = error_line(run_cli("apply", str(p), str(tmp / "dest"), check=False), 3)
+    assert "no such file" in line and f"give {p}.000" in line
+
+
+FUSEFAT = shutil.which("fusefat")
+
+
+@pytest.mark.skipif(not (FUSEFAT and shutil.which("mkfs.vfat") and os.path.exists("/dev/fuse")),
+                    reason="needs fusefat and mkfs.vfat (Debian fusefat, dosfstools) and /dev/fuse")
+def test_a_full_fusefat_stick_says_no_space(tmp: Path) -> None:
+    """fusefat reports a full FAT as EPERM: the user is told about space, not permission."""
+    assert FUSEFAT
+    fat, mnt = tmp / "fat.img", tmp / "mnt"
+    mnt.mkdir()
+    with open(fat, "wb") as f:
+        f.truncate(2 * MiB)
+    subprocess.run(["mkfs.vfat", str(fat)], check=True, capture_output=True)
+    r = subprocess.run([FUSEFAT, "-o", "rw+", str(fat), str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"fusefat cannot mount here: {r.stderr.decode()}")
+    try:
+        src = tmp / "src.img"
+        src.write_bytes(os.urandom(4 * MiB))  # incompressible: the patch cannot fit
+        r = run_cli("diff", "--full", str(src), "-o", str(mnt / "img.patch"), "--split", "fat32",
+                    check=False)
+        line = error_line(r, 3)
+        assert "no space left" in line and "img.patch.000" in line
+        assert not [p for p in mnt.iterdir() if p.name.endswith(".part")]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_fifo_among_the_pieces_named_is_refused_at_once(tmp: Path) -> None:
+    """`apply /tmp/p.* DEST` may name a FIFO someone added: refused, never opened."""
+    p, _ = _split(tmp)
+    os.mkfifo(f"{p}.002")
+    r = run_cli("apply", f"{p}.000", f"{p}.001", f"{p}.002", str(tmp / "dest"), check=False,
+                timeout=30)
+    assert f"{p}.002" in error_line(r, 2)
+    r = run_cli("verify", f"{p}.000", "-", check=False, timeout=30)
+    assert "must be a regular file" in error_line(r, 2)
+    assert not (tmp / "dest").exists()

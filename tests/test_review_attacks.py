@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import KiB, MiB, make_sparse, pattern, run_cli
 
-from sparsepatch import api, files, sparse
+from sparsepatch import api, inputs, sparse
 from sparsepatch.errors import SparsePatchError
 
 
@@ -95,8 +97,6 @@ needs_root_and_setpriv = pytest.mark.skipif(
 
 
 @needs_root_and_setpriv
-@pytest.mark.xfail(strict=True, reason="apply PATCH.000 takes any further PATCH.NNN in a sticky "
-                   "folder, another user's FIFO included, and blocks opening it")
 def test_a_fifo_planted_as_the_next_piece_does_not_hang_apply(tmp_path: Path) -> None:
     """root's split patch (two pieces) in /tmp-like folder; another user adds PATCH.002 as
     a FIFO. Expected: the planted name is ignored or refused at once (as -o does for
@@ -119,8 +119,6 @@ def test_a_fifo_planted_as_the_next_piece_does_not_hang_apply(tmp_path: Path) ->
 
 
 @needs_root_and_setpriv
-@pytest.mark.xfail(strict=True, reason="another user's file named PATCH.NNN after root's pieces "
-                   "in a sticky folder makes apply refuse root's intact patch")
 def test_a_piece_planted_after_the_last_one_does_not_stop_apply(tmp_path: Path) -> None:
     src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 256 * KiB), (512 * KiB, 256 * KiB)])
     shared = _sticky_folder()
@@ -136,9 +134,6 @@ def test_a_piece_planted_after_the_last_one_does_not_stop_apply(tmp_path: Path) 
         shutil.rmtree(shared, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="diff takes the output's mode from a stat of the source "
-                   "path made after opening it: a source swapped in between gives a secret's "
-                   "patch the mode of a public file")
 def test_patch_mode_comes_from_the_source_that_was_read(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The source path names a symlink to a 0600 secret when diff opens it, and a 0644
@@ -153,15 +148,16 @@ def test_patch_mode_comes_from_the_source_that_was_read(tmp_path: Path,
     src = tmp_path / "src.img"
     src.symlink_to(secret)
 
-    real = files.open_source
+    real = inputs.open_source
 
-    def open_then_swap(path: str) -> tuple[int, bool]:
-        out = real(path)
-        src.unlink()
-        src.symlink_to(decoy)
-        return out
+    @contextlib.contextmanager
+    def open_then_swap(path: str) -> Iterator[int]:
+        with real(path) as fd:
+            src.unlink()
+            src.symlink_to(decoy)
+            yield fd
 
-    monkeypatch.setattr(files, "open_source", open_then_swap)
+    monkeypatch.setattr(inputs, "open_source", open_then_swap)
     old = os.umask(0o022)
     try:
         api.diff(None, str(src), str(tmp_path / "p"), full=True)
@@ -170,8 +166,6 @@ def test_patch_mode_comes_from_the_source_that_was_read(tmp_path: Path,
     assert stat.S_IMODE(os.stat(tmp_path / "p").st_mode) & 0o077 == 0
 
 
-@pytest.mark.xfail(strict=True, reason="info does not read the pieces of a split patch: a good "
-                   "PATCH.000 is reported truncated (exit 4)")
 def test_info_and_verify_read_a_split_patch(tmp_path: Path) -> None:
     """README: apply PATCH.000 finds the other pieces; an administrator checks the USB
     stick first with `verify` (or `info`) the same way, and is told the patch is truncated."""
@@ -248,8 +242,6 @@ def fat(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @needs_fusefat
-@pytest.mark.xfail(strict=True, reason="-o onto FAT through fusefat fails: fchmod of the temporary "
-                   "is ENOSYS there (\"cannot finish output: Function not implemented\")")
 def test_split_patch_onto_a_fusefat_stick(tmp_path: Path, fat: Path) -> None:
     """README, removable media: diff --split fat32 -o /media/usb/img.patch."""
     src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 64 * KiB)])
@@ -261,8 +253,6 @@ def test_split_patch_onto_a_fusefat_stick(tmp_path: Path, fat: Path) -> None:
 
 
 @needs_fusefat
-@pytest.mark.xfail(strict=True, reason="--split 4G is refused on vfat only: fuse.fusefat is not "
-                   "recognised as FAT")
 def test_split_4g_is_refused_on_fusefat(tmp_path: Path, fat: Path) -> None:
     src = make_sparse(tmp_path / "src.img", 1 * MiB, [(0, 64 * KiB)])
     r = run_cli("diff", "-q", "--full", str(src), "-o", str(fat / "img.patch"), "--split", "4G",
@@ -273,8 +263,6 @@ def test_split_4g_is_refused_on_fusefat(tmp_path: Path, fat: Path) -> None:
 @needs_root_and_setpriv
 @pytest.mark.skipif(shutil.which("losetup") is None or not os.path.exists("/dev/loop-control"),
                     reason="needs losetup (util-linux) and loop devices")
-@pytest.mark.xfail(strict=True, reason="-o in a folder another user owns follows that user's symlink "
-                   "into a block device and overwrites it (the sticky-folder rule does not apply)")
 def test_output_into_another_users_folder_does_not_follow_their_symlink_to_a_disk(
         tmp_path: Path) -> None:
     """root writes a signature into a drop folder owned by another user (not sticky, so

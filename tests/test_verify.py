@@ -79,3 +79,33 @@ def test_killed_signature_never_leaves_its_output_name(tmp: Path) -> None:
         for n in names:
             if n.endswith(".part"):
                 os.unlink(tmp / n)
+
+
+def _split(tmp: Path) -> tuple[Path, Path]:
+    src = make_sparse(tmp / "src.img", 1 * MiB, [(0, 256 * KiB), (512 * KiB, 256 * KiB)])
+    run_cli("diff", "-q", "--full", str(src), "-o", str(tmp / "p"), "--split", "200K")
+    assert (tmp / "p.002").exists()
+    return tmp / "p", src
+
+
+def test_info_and_verify_take_the_pieces_of_a_split_patch_in_order(tmp_path: Path) -> None:
+    p, src = _split(tmp_path)
+    pieces = sorted(str(x) for x in tmp_path.glob("p.*"))
+    whole = tmp_path / "whole.patch"
+    whole.write_bytes(b"".join(Path(x).read_bytes() for x in pieces))
+    assert run_cli("info", *pieces).stdout == run_cli("info", str(whole)).stdout.replace(
+        str(whole).encode(), pieces[0].encode())
+    assert b"is intact" in run_cli("verify", *pieces).stderr
+    run_cli("verify", "--against", f"{p}.000", str(src))
+    # Out of order is a corrupt patch, not a good one.
+    error_line(run_cli("verify", pieces[1], pieces[0], *pieces[2:], check=False), 4)
+
+
+def test_verify_of_a_split_patch_missing_its_last_piece_is_truncated(tmp_path: Path) -> None:
+    p, _ = _split(tmp_path)
+    last = max(tmp_path.glob("p.*"))
+    os.unlink(last)
+    assert "truncated" in error_line(run_cli("verify", f"{p}.000", check=False), 4)
+    assert "truncated" in error_line(run_cli("info", f"{p}.000", check=False), 4)
+    line = error_line(run_cli("verify", "--against", f"{p}.000", str(p), "extra", check=False), 2)
+    assert "--against" in line
