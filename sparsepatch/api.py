@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import files, inputs, outputs, sparse
+from . import files, inputs, outputs
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
 from .errors import FormatError, UsageError, VerifyMismatch
@@ -141,6 +141,9 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     file that backs a loop device or that another program holds a lock on. undo names a
     file to write the undo patch to (target back to base, authenticated with the same
     key), made durable block by block before each block is overwritten."""
+    if dest == "-":
+        raise UsageError("-: apply writes in place: DEST must be a file or a block device, "
+                         "not standard output")
     key = load_key(key_file) if key_file else None
     pieces = inputs.patch_pieces([patch] if isinstance(patch, str) else list(patch))
     if undo is not None:
@@ -168,22 +171,26 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         undo_: Undo | None = None
         try:
             files.claim_dest(fd, dest, allow_in_use)
-            journal_ = files.open_journal(dest, fd, journal)
+            journal_ = files.open_journal(dest, fd, journal, pieces)
             if undo is not None:
                 undo_ = Undo(undo, h, key, dest)
-            stats = apply_patch(reader, fd, dest, journal_, created=created,
+            stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,
                                 undo=undo_)
         except BaseException:
-            # A file this run created and never wrote to would only mislead: remove it.
-            if created and sparse.file_size(fd) == 0 and (journal_ is None or journal_.fd is None):
-                sparse.unlink(dest)
+            # A file this run created and never wrote to would only mislead (a rerun takes
+            # an empty file for an interrupted first copy): remove it, by the folder it was
+            # created in, and only if the name still is that file.
+            if created is not None:
+                created.remove_if_empty(fd)
             raise
         finally:
             if journal_ is not None:
                 journal_.close()
             if undo_ is not None:
                 undo_.close()
+            if created is not None:
+                created.close()
             os.close(fd)
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)

@@ -310,6 +310,8 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
         )
     if h.full and not created and not slot and size:
         return _full_onto_existing(reader, fd, name)
+    if size == h.base_size > h.target_size and not slot:
+        _check_cut_off(h, fd, name)
     if h.target_size > size:
         limit = sparse.file_size_limit(os.path.dirname(os.path.abspath(name)), h.target_size)
         if limit:
@@ -345,6 +347,19 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
              "blocks the patch touched were checked, others were not: use --verify")
     return ApplyStats(h.target_size, 1 << h.block_shift, n, a.written, a.punched, a.copied,
                       a.skipped, a.bytes_written, accepted is not None)
+
+
+def _check_cut_off(h: PatchHeader, fd: int, name: str) -> None:
+    """A shrink truncates away the blocks past the target size, and the patch has no hash
+    for them: only the base identity can say they are the base's. With no journal, a
+    destination of the base size has not been written to, so it must be the base whole."""
+    found = write_signature(fd, h.block_shift, name, lambda b: None)
+    if found.identity != h.base_identity.hex():
+        raise WrongBase(
+            f"{name}: is not this patch's base (identity {found.identity[:16]}..., the patch's "
+            f"base is {h.base_identity.hex()[:16]}...); the patch would cut off its last "
+            f"{h.base_size - h.target_size} bytes unchecked"
+        )
 
 
 def _full_onto_existing(reader: PatchReader, fd: int, name: str) -> ApplyStats:

@@ -15,8 +15,8 @@ import os
 import stat
 
 from . import sparse
-from .errors import IOFailure
-from .format import JOURNAL_SLOT_SIZE, JournalSlot, decode_journal, encode_journal_slot
+from .errors import IOFailure, UsageError
+from .format import JOURNAL_MAGIC, JOURNAL_SLOT_SIZE, JournalSlot, decode_journal, encode_journal_slot
 
 # Not /var/tmp (shared: anyone can put a file under a name we would open) and not /run
 # (lost on a power cut, the one time a journal is needed).
@@ -78,13 +78,18 @@ class Journal:
     looked up there, unlinked there, and the folder synced through it), and fd, the journal
     itself once it exists. path is for messages. Created only by the first write (an apply
     that writes nothing leaves nothing behind), with O_EXCL: a name that appears meanwhile
-    is refused, not written through. owners: the uids an existing journal may belong to."""
+    is refused, not written through. owners: the uids an existing journal may belong to.
+    not_files: files ((st_dev, st_ino) -> what they are) the journal must not be: the
+    destination and the patch (--journal naming one would write slots into it, then
+    remove it as the journal)."""
 
-    def __init__(self, dir_fd: int, name: str, path: str, owners: frozenset[int]):
+    def __init__(self, dir_fd: int, name: str, path: str, owners: frozenset[int],
+                 not_files: dict[tuple[int, int], str] | None = None):
         self.dir_fd = dir_fd
         self.name = name
         self.path = path
         self.owners = owners
+        self.not_files = not_files or {}
         self.fd: int | None = None
         self.seq = 0
 
@@ -98,11 +103,16 @@ class Journal:
             raise IOFailure(f"{self.path}: refusing the apply journal: {_why(e)}") from None
         try:
             self._check(fd)
-            buf = os.pread(fd, 2 * JOURNAL_SLOT_SIZE, 0)
+            buf = os.pread(fd, 2 * JOURNAL_SLOT_SIZE + 1, 0)
+            if not looks_like_journal(buf):
+                raise IOFailure(
+                    f"{self.path}: refusing the apply journal: this file is not one ({os.fstat(fd).st_size} "
+                    f"bytes; a journal is empty or at most {2 * JOURNAL_SLOT_SIZE} bytes of slots)"
+                )
         except OSError as e:
             os.close(fd)
             raise IOFailure(f"{self.path}: cannot read the apply journal: {e.strerror}") from None
-        except IOFailure:
+        except BaseException:
             os.close(fd)
             raise
         self.fd = fd
@@ -114,6 +124,9 @@ class Journal:
 
     def _check(self, fd: int) -> None:
         st = os.fstat(fd)
+        what = self.not_files.get((st.st_dev, st.st_ino))
+        if what is not None:
+            raise UsageError(f"{self.path}: is {what}; the journal must be another file")
         if not stat.S_ISREG(st.st_mode):
             why = "not a regular file"
         elif st.st_nlink != 1:
@@ -174,6 +187,20 @@ class Journal:
                 os.close(fd)
         self.fd = None
         self.dir_fd = -1
+
+
+def looks_like_journal(buf: bytes) -> bool:
+    """Whether buf, a file's first bytes (up to one byte past two slots), can be a journal
+    or what a crash leaves of one: empty (created, never written), or at most two slots,
+    each all zeros (never written, or its write lost), or starting with the journal magic
+    (valid, or torn after it), or a torn first part of the magic followed by zeros."""
+    if len(buf) > 2 * JOURNAL_SLOT_SIZE:
+        return False
+    for i in range(0, len(buf), JOURNAL_SLOT_SIZE):
+        slot = buf[i : i + JOURNAL_SLOT_SIZE]
+        if not (slot.startswith(JOURNAL_MAGIC) or JOURNAL_MAGIC.startswith(slot.rstrip(b"\0"))):
+            return False
+    return True
 
 
 def _why(e: OSError) -> str:

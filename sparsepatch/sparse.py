@@ -439,12 +439,16 @@ def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
                    dir_fd=dir_fd)
 
 
-def open_device_exclusive(path: str) -> int:
+def open_device_exclusive(path: str, *, dir_fd: int | None = None, name: str | None = None) -> int:
     """Open a block device for writing only if nobody else holds it: O_EXCL on a block
     device fails with EBUSY while it is mounted or opened exclusively elsewhere, whatever
-    path or device node is used (flock would only see one inode)."""
+    path or device node is used (flock would only see one inode). With dir_fd, name is
+    looked up there, not through a symbolic link; path is for messages."""
     with io_errors(path):
         try:
+            if dir_fd is not None and name is not None:
+                return os.open(name, os.O_RDWR | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=dir_fd)
             return os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
         except OSError as e:
             if e.errno == errno.EBUSY:

@@ -27,8 +27,6 @@ def _full_patch(tmp: Path) -> tuple[Path, bytes]:
     return patch, src.read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="apply removes a destination it created by path: with a "
-                   "folder on that path swapped for a symlink meanwhile, it removes another file")
 def test_a_failed_first_copy_removes_only_the_file_it_created(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A first copy into a folder another user controls (here: owns the parent of). That
@@ -62,8 +60,6 @@ def test_a_failed_first_copy_removes_only_the_file_it_created(tmp_path: Path,
     assert victim.read_bytes() == b"root's other image, must survive"
 
 
-@pytest.mark.xfail(strict=True, reason="a shrinking patch truncates away blocks it never checked: "
-                   "exit 0 and data lost on a destination that is not the patch's base")
 def test_a_shrink_does_not_cut_off_data_that_is_not_the_base(tmp_path: Path) -> None:
     """base: 2 MiB; target: its first 1 MiB (the patch has no records, only the sizes).
     The destination has the base's size and first half, but other data in the second half
@@ -179,8 +175,6 @@ def test_info_and_verify_read_a_split_patch(tmp_path: Path) -> None:
 
 
 @needs_root_and_setpriv
-@pytest.mark.xfail(strict=True, reason="a first copy writes root's image into an empty file another "
-                   "user planted under the destination's name: that user owns the result")
 def test_a_first_copy_does_not_fill_another_users_planted_empty_file(tmp_path: Path) -> None:
     """root makes the first copy of a private image (patch 0600) into a sticky folder.
     Another user has created the destination name first, as an empty 0644 file of their
@@ -202,8 +196,6 @@ def test_a_first_copy_does_not_fill_another_users_planted_empty_file(tmp_path: P
 
 
 @needs_root_and_setpriv
-@pytest.mark.xfail(strict=True, reason="a first copy follows another user's symlink planted under "
-                   "the destination's name into any empty file root owns")
 def test_a_first_copy_does_not_write_through_a_planted_symlink(tmp_path: Path) -> None:
     patch, _ = _full_patch(tmp_path)
     empty = tmp_path / "empty-but-important"  # say /etc/cron.allow, /var/log/..., a lock file
@@ -296,8 +288,6 @@ def _update(tmp: Path) -> tuple[Path, Path, bytes]:
     return base, tmp / "p", target.read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="--journal naming the destination: apply writes journal slots "
-                   "into the image, then removes it as its journal, and exits 0")
 def test_journal_option_naming_the_destination_is_refused(tmp_path: Path) -> None:
     dest, patch, _ = _update(tmp_path)
     before = dest.read_bytes()
@@ -306,16 +296,12 @@ def test_journal_option_naming_the_destination_is_refused(tmp_path: Path) -> Non
     assert r.returncode == 2 and dest.read_bytes() == before, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="--journal naming the patch file: apply removes the patch "
-                   "as its journal, and exits 0")
 def test_journal_option_naming_the_patch_is_refused(tmp_path: Path) -> None:
     dest, patch, _ = _update(tmp_path)
     r = run_cli("apply", "-q", str(patch), str(dest), "--journal", str(patch), check=False)
     assert patch.exists(), f"exit {r.returncode}: the patch was deleted"
 
 
-@pytest.mark.xfail(strict=True, reason="apply PATCH - writes a file named '-' (README: every file "
-                   "argument accepts - for stdin or stdout)")
 def test_apply_to_dash_is_refused(tmp_path: Path) -> None:
     src = make_sparse(tmp_path / "src.img", 64 * KiB, [(0, 64 * KiB)])
     api.diff(None, str(src), str(tmp_path / "p"), full=True)
@@ -323,8 +309,6 @@ def test_apply_to_dash_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 2 and not (tmp_path / "-").exists(), r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="an existing --journal FILE that is not a journal is taken as "
-                   "an empty one: overwritten with journal slots, then deleted")
 def test_journal_option_naming_an_unrelated_file_leaves_it_alone(tmp_path: Path) -> None:
     dest, patch, target = _update(tmp_path)
     notes = tmp_path / "notes.txt"  # a typo, a tab completion gone wrong: --journal ~/.bashrc
