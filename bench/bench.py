@@ -840,6 +840,37 @@ def parse_only(text: str) -> list[int]:
     return out
 
 
+def merge(paths: list[str]) -> int:
+    """The tables of several --json files, as one run."""
+    sizes = set()
+    b = Bench("", 0, {}, 0)
+    for path in paths:
+        with open(path) as fh:
+            d = json.load(fh)
+        sizes.add(d["block_size"])
+        b.bs = d["block_size"]
+        b.info.update(d["info"])
+        b.steps += [Step(**s) for s in d["steps"]]
+    if len(sizes) > 1:
+        log(f"--merge: the runs used different block sizes ({sorted(sizes)}): not comparable")
+        return 2
+    for w in ORDER:
+        if w in b.info and "notes" in b.info[w]:
+            i = b.info[w]
+            print(f"- {w}: {human(i['apparent'])} apparent, {human(i['data'])} data "
+                  f"(base allocates {human(i['base_allocated'])}); " + "; ".join(i["notes"]))
+    print()
+    print(steps_table(b) + "\n")
+    print(ratio_table(b) + "\n")
+    for ok, text in targets(b):
+        print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
+    if any(w in b.info for w in V2_NAMES):
+        print("\n" + v2_table(b) + "\n")
+    for ok, text in v2_targets(b):
+        print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -858,6 +889,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-peers", action="store_true", help="measure sparsepatch and the floor only")
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: print the tables and targets of runs saved with --json, as one "
+                        "(e.g. workloads run in separate processes)")
     for n, name in NAMES.items():
         if n in SIZELESS:
             continue
@@ -868,6 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="block size of the signatures, the floor and the changed-data comparison "
                         "(default: sparsepatch's default block size)")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge)
     try:
         import sparsepatch
         from sparsepatch.api import DEFAULT_BLOCK_SIZE
