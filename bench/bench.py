@@ -960,11 +960,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"  skipped: {e}")
                 continue
             os.sync()
+            built = round(time.monotonic() - t, 1)
             for pair in pairs:
                 info: dict[str, Any] = {
                     "apparent": pair.apparent, "data": pair.data, "notes": pair.notes,
                     "base_allocated": wl.allocated(pair.base), "target_allocated": wl.allocated(pair.target),
-                    "build_s": round(time.monotonic() - t, 1)}
+                    "build_s": built}
                 bench.info[pair.name] = info
                 log(f"  {pair.name}: built in {info['build_s']} s; " + "; ".join(pair.notes))
                 if n == 3:
