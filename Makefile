@@ -29,9 +29,10 @@ crashtest: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_main.py --cases 10000
 
-# The peers bench/bench.py compares against; installed when missing and running as root,
-# otherwise the benchmark skips the missing ones (and says so).
-BENCH_PEERS := rsync rdiff xdelta3
+# The peers bench/bench.py compares against, and debootstrap for its OS images (workloads 5
+# and 6); installed when missing and running as root, otherwise the benchmark skips what needs
+# them (and says so).
+BENCH_PEERS := rsync rdiff xdelta3 debootstrap
 
 bench: $(STAMP)
 	@missing=""; for p in $(BENCH_PEERS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \

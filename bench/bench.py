@@ -8,6 +8,20 @@ Workloads (bench/workloads.py; sizes are options, the ones used are printed):
   3 holes      a huge sparse file with a little data, against a dense file of the same data
                (signature only: holes must cost nothing)
   4 dense      a file with no holes, 1% rewritten
+  5 osimage    Debian in a 16 GiB sparse ext4 image (bench/osimage.py, debootstrap), changed by
+               apt-get inside it: install (os-install) and upgrade (os-upgrade), two rows
+  6 rebuilt    the same files copied into a freshly made ext4 (os-rebuilt)
+  7 moved      a dense file whose 4 KiB pages are swapped, rotated in 3-cycles and shifted by
+               one page, over each other, plus a little new data
+  8 memory     a fully allocated 8 GiB file, 1% rewritten: peak memory and speed at that size
+
+Workloads 5-7 are format v2's: each reports R (zstd -3 of the target's 16 KiB blocks that
+differ from the base at the same offset: what an aligned block patch has to send), xdelta3's
+patch and sparsepatch's, and v2's targets as this version meets them. The OS images take
+minutes and the network to build (root, loop devices, debootstrap); they are cached in
+--os-dir and reused, and skipped, with the reason, when they can be neither found nor built.
+On them xdelta3 only encodes (decoding writes 16 GiB) and is killed after --peer-timeout;
+rdiff and rsync are not run. Workload 8 needs twice its size free on disk.
 
 Every step runs as its own process, started from a small launcher that reports the wall
 time, CPU time (user + sys, its worker process included) and peak RSS (os.wait4).
@@ -24,8 +38,9 @@ comparison that finds the changed blocks ("zstd-3 of changed"). It is sparsepatc
 stay 64 KiB-aligned whatever the block size.
 
     python bench/bench.py                 # scaled-down sizes, 6-10 minutes on 2 cores
-    python bench/bench.py --quick         # small sizes, about a minute
+    python bench/bench.py --quick         # small sizes and no OS images, a few minutes
     python bench/bench.py --full          # 32G/2G, 64G/4G, 1T/64M, 4G: the peers take hours
+    python bench/bench.py --only 5,6,7,8 --os-dir /var/tmp/osimg   # format v2's workloads
     python bench/bench.py --only 2,3 --dir /var/tmp/b --json results.json
     python bench/bench.py --block-size 64K
 """
@@ -46,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import osimage  # noqa: E402
 import workloads as wl  # noqa: E402
 from ext4image import parse_size  # noqa: E402
 
@@ -53,19 +69,28 @@ KiB, MiB, GiB = wl.KiB, wl.MiB, wl.GiB
 SPARSEPATCH = [sys.executable, "-m", "sparsepatch"]
 PEERS = ("rdiff", "rsync", "xdelta3")
 NO_ROOM = "not run: no disk space for a dense result"
-NAMES = {1: "ext4", 2: "scattered", 3: "holes", 4: "dense"}
+NAMES = {1: "ext4", 2: "scattered", 3: "holes", 4: "dense", 5: "osimage", 6: "rebuilt", 7: "moved",
+         8: "memory"}
+DENSE = (4, 7, 8)  # workloads whose data is their size
+SIZELESS = (5, 6)  # the OS images: their size is osimage.py's
+OS_CACHE = "/var/tmp/sparsepatch-osimg"
+R_BLOCK = 16 * KiB  # the aligned block patch the format v2 targets compare with
 
 # (apparent size, data) per workload
-FULL = {1: ("32G", "2G"), 2: ("64G", "4G"), 3: ("1T", "64M"), 4: ("4G", "4G")}
-DEFAULT = {1: ("4G", "1G"), 2: ("8G", "512M"), 3: ("1T", "64M"), 4: ("1G", "1G")}
-QUICK = {1: ("512M", "96M"), 2: ("512M", "32M"), 3: ("1T", "16M"), 4: ("64M", "64M")}
+FULL = {1: ("32G", "2G"), 2: ("64G", "4G"), 3: ("1T", "64M"), 4: ("4G", "4G"), 7: ("1G", "1G"),
+        8: ("8G", "8G")}
+DEFAULT = {1: ("4G", "1G"), 2: ("8G", "512M"), 3: ("1T", "64M"), 4: ("1G", "1G"), 7: ("256M", "256M"),
+           8: ("8G", "8G")}
+QUICK = {1: ("512M", "96M"), 2: ("512M", "32M"), 3: ("1T", "16M"), 4: ("64M", "64M"), 7: ("64M", "64M"),
+         8: ("1G", "1G")}
 
 # The launcher: a fresh small interpreter forks and execs the command, so that the peak RSS
 # the kernel reports is that of the command (a child inherits its parent's peak at exec).
 _LAUNCHER = r"""
 import os, sys, time
 sample = sys.argv[1] == "--pss"
-argv = sys.argv[2:]
+limit = float(sys.argv[2])
+argv = sys.argv[3:]
 
 
 def tree_pss(root):
@@ -96,17 +121,24 @@ if pid == 0:
     finally:
         os._exit(127)
 peak = 0
-if sample:
+timed_out = 0
+if sample or limit:
     while True:
         got, status, ru = os.wait4(pid, os.WNOHANG)
         if got:
             break
-        peak = max(peak, tree_pss(pid))
-        time.sleep(0.005)
+        if sample:
+            peak = max(peak, tree_pss(pid))
+        if limit and time.monotonic() - t > limit:
+            timed_out = 1
+            os.kill(pid, 9)
+            _, status, ru = os.wait4(pid, 0)
+            break
+        time.sleep(0.005 if sample else 0.05)
 else:
     _, status, ru = os.wait4(pid, 0)
 print(time.monotonic() - t, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024,
-      os.waitstatus_to_exitcode(status), peak)
+      os.waitstatus_to_exitcode(status), peak, timed_out)
 """
 
 
@@ -136,16 +168,20 @@ class Step:
     alloc_ratio: float | None = None  # result's allocated bytes / source's
 
 
-def run(cmd: Sequence[str], pss: bool = False) -> Run:
+def run(cmd: Sequence[str], pss: bool = False, timeout: float = 0) -> Run:
     """One run through the launcher. pss=True also samples, every 5 ms, the sum of Pss
     over the process and its children (sparsepatch forks a worker): a run for memory
-    only, as the sampling takes CPU time from the run it measures."""
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, *(["--pss"] if pss else ["-"]),
-                        *cmd], capture_output=True, text=True)
+    only, as the sampling takes CPU time from the run it measures. timeout (seconds, 0 for
+    none): the launcher kills the command when it runs longer."""
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, "--pss" if pss else "-",
+                        str(timeout), *cmd], capture_output=True, text=True)
     try:
-        wall, cpu, rss, code, peak = r.stdout.split()
+        wall, cpu, rss, code, peak, timed_out = r.stdout.split()
     except ValueError:
         return Run(ok=False, error=f"launcher failed: {r.stderr.strip()[-300:]}")
+    if int(timed_out):
+        return Run(float(wall), float(cpu), int(rss), False,
+                   f"not run to the end: killed after {timeout:.0f} s (--peer-timeout)")
     err = r.stderr.strip().splitlines()
     return Run(float(wall), float(cpu), max(int(rss), int(peak)), int(code) == 0,
                "" if int(code) == 0 else f"exit {code}: {(err or [''])[-1][:200]}")
@@ -213,8 +249,10 @@ def human(n: float) -> str:
 # ---------------------------------------------------------------- measuring a pair
 
 class Bench:
-    def __init__(self, root: str, repeat: int, peers: dict[str, bool], block_size: int):
+    def __init__(self, root: str, repeat: int, peers: dict[str, bool], block_size: int,
+                 peer_timeout: float = 0):
         self.root = root
+        self.peer_timeout = peer_timeout
         self.bs = block_size
         self.repeat = repeat
         self.peers = peers
@@ -372,13 +410,15 @@ class Bench:
             if os.path.exists(f):
                 os.unlink(f)
 
-    def xdelta3(self, p: wl.Pair, work: str) -> None:
+    def xdelta3(self, p: wl.Pair, work: str, decode: bool = True) -> None:
         w = p.name
         delta, out = os.path.join(work, "xdelta3.delta"), os.path.join(work, "xdelta3.out")
         e = self.add(best_step(w, "xdelta3", "encode", [run(
-            ["xdelta3", "-e", "-f", "-s", p.base, p.target, delta])]))
+            ["xdelta3", "-e", "-f", "-s", p.base, p.target, delta], timeout=self.peer_timeout)]))
         e.patch_bytes = os.path.getsize(delta) if e.ok else None
-        if not self.room_for(p.apparent, work):
+        if not decode:
+            pass
+        elif not self.room_for(p.apparent, work):
             self.add(Step(w, "xdelta3", "decode", 0, 0, 0, False, NO_ROOM))
         elif e.ok:
             d = self.add(best_step(w, "xdelta3", "decode", [run(
@@ -395,13 +435,68 @@ class Bench:
             wl.warm(f)
         log(f"  read once to warm the cache ({time.monotonic() - t:.1f} s)")
         cd = wl.changed_data(p.base, p.target, self.bs)
-        self.info[p.name]["changed"] = asdict(cd)
+        info = self.info[p.name]
+        info["changed"] = asdict(cd)
         log(f"  changed {kib(self.bs)} blocks: {cd.blocks:,} ({human(cd.raw_bytes)}), "
             f"zstd -3: {human(cd.zstd_bytes)}")
+        if p.name in V2_NAMES:
+            r = cd if self.bs == R_BLOCK else wl.changed_data(p.base, p.target, R_BLOCK)
+            info["R"] = r.zstd_bytes
+            log(f"  R (zstd -3 of the changed {kib(R_BLOCK)} blocks): {human(r.zstd_bytes)}")
+        if p.name.startswith("os-"):
+            m = osimage.measure(p.base, p.target)
+            info["allows"] = m["allows"]
+            log(f"  the data allows {human(m['allows'])} ({m['novel_pages']:,} 4 KiB pages not in the base, "
+                "zstd -3 --long=27)")
+        for k, v in p.extra.items():
+            if v.isdigit():
+                info[k] = int(v)
         self.sparsepatch(p, work)
+        if p.name.startswith("os-"):
+            # The peers read every byte of the 16 GiB images and rdiff patch and xdelta3 -d
+            # write it all out: xdelta3's patch size is what the targets compare with.
+            if self.peers["xdelta3"]:
+                self.xdelta3(p, work, decode=False)
+            return
         for peer in PEERS:
             if self.peers[peer]:
                 getattr(self, peer)(p, work)
+
+    def memory(self, p: wl.Pair, work: str) -> None:
+        """Peak memory of signature, diff and apply on a large fully allocated file, and their
+        speed against the floor. Each file is read once per run and no more than twice each:
+        the file is larger than what the page cache here can hold for long."""
+        w = p.name
+        sig, patch = os.path.join(work, "base.sig"), os.path.join(work, "update.patch")
+        diff = [*SPARSEPATCH, "diff", sig, p.target, "-o", patch, "-q"]
+        runs: dict[str, list[Run]] = {k: [] for k in ("fb", "sig", "ft", "diff")}
+        for _ in range(min(self.repeat, 2)):
+            runs["fb"].append(run(self.floor_cmd(p.base)))
+            runs["sig"].append(run(self.sig_cmd(p.base, sig)))
+            runs["ft"].append(run(self.floor_cmd(p.target)))
+            runs["diff"].append(run(diff))
+        runs["sig"].append(run(self.sig_cmd(p.base, sig), pss=True))
+        runs["diff"].append(run(diff, pss=True))
+        self.add(best_step(w, "floor", "base", runs["fb"]))
+        self.add(best_step(w, "floor", "target", runs["ft"]))
+        # The Pss runs count for memory only: their sampling takes CPU time from the run.
+        for k, step in (("sig", "signature"), ("diff", "diff")):
+            s = best_step(w, "sparsepatch", step, runs[k][:-1])
+            s.rss = max(s.rss, runs[k][-1].rss)
+            if not runs[k][-1].ok:
+                s = best_step(w, "sparsepatch", step, runs[k][-1:])
+            self.add(s)
+        s, d = self.get(w, "sparsepatch", "signature"), self.get(w, "sparsepatch", "diff")
+        if s and s.ok:
+            s.sig_bytes = os.path.getsize(sig)
+            self.info[w]["sig_data_blocks"] = sig_data_blocks(sig)
+        if d and d.ok:
+            d.patch_bytes = os.path.getsize(patch)
+            # Once, onto the base itself (a copy would need another file of this size).
+            a = self.add(best_step(w, "sparsepatch", "apply",
+                                   [run([*SPARSEPATCH, "apply", patch, p.base, "-q"], pss=True)]))
+            if a.ok:
+                self.result_check(a, p.base, p.target)
 
     def holes(self, p: wl.Pair) -> None:
         dense = p.extra["dense"]
@@ -441,7 +536,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-ORDER = ["ext4", "scattered", "holes", "holes-dense", "dense"]
+OLD_ORDER = ["ext4", "scattered", "holes", "holes-dense", "dense"]
+V2_NAMES = ["os-install", "os-upgrade", "os-rebuilt", "moved"]
+ORDER = [*OLD_ORDER, *V2_NAMES, "memory"]
 
 
 def steps_table(b: Bench) -> str:
@@ -541,7 +638,7 @@ def targets(b: Bench) -> list[tuple[bool | None, str]]:
     def le(a: float | None, lim: float | None) -> bool | None:
         return None if a is None or lim is None else a <= lim
 
-    for w in ORDER:
+    for w in OLD_ORDER:
         if w not in b.info:
             continue
         r = ratio(wall(b, w, "sparsepatch", "signature"), wall(b, w, "floor", "base"))
@@ -578,7 +675,7 @@ def targets(b: Bench) -> list[tuple[bool | None, str]]:
                 r = ratio(tt[p], tt["sparsepatch"])
                 check(None if r is None else r >= 20, f"{w}: sig+diff+apply >= 20x faster than {p}: "
                                                        f"{fmt(r, '.1f', 'x')}")
-    for w in ORDER:
+    for w in OLD_ORDER:
         if w not in b.info:
             continue
         peak, lim = peak_sp(b, w), rss_limit(b, w)
@@ -595,24 +692,183 @@ def targets(b: Bench) -> list[tuple[bool | None, str]]:
     return out
 
 
+# ---------------------------------------------------------------- format v2's targets
+
+MEMORY_MIN = 8 * GiB  # the memory targets are stated for a fully allocated file this large
+
+
+def v2_limit(b: Bench, w: str) -> tuple[float | None, str]:
+    """The patch size format v2 must reach on w, and how it is stated."""
+    i = b.info.get(w, {})
+    r = i.get("R")
+    if w == "os-rebuilt":
+        return (None if r is None else 0.45 * r), "0.45 R"
+    if w == "os-install":
+        return (None if r is None else 0.85 * r), "0.85 R"
+    if w == "os-upgrade":
+        return (None if r is None else 0.68 * r), "0.68 R"
+    if w == "moved" and "moved_zstd" in i:
+        return 0.10 * i["moved_zstd"] + i["new_zstd"], "10% of moved zstd-3 + new data's zstd-3"
+    return None, ""
+
+
+def v2_table(b: Bench) -> str:
+    head = (f"| workload | R = zstd-3 of changed {kib(R_BLOCK)} blocks | the data allows | xdelta3 patch "
+            "| v1 patch | v1 ÷ R | v1 ÷ xdelta3 | v2 target | v1 ÷ target |")
+    rows = [head, "|---" + "|--:" * 6 + "|---|--:|"]
+    for w in V2_NAMES:
+        if w not in b.info:
+            continue
+        i, pb = b.info[w], patch_bytes(b, w)
+        sp, xd, r = pb["sparsepatch"], pb["xdelta3"], i.get("R")
+        x = b.get(w, "xdelta3", "encode")
+        xs = human(xd) if xd is not None else ("not run" if x is None else x.error.split(":")[0]
+                                                 if "killed" not in x.error else "killed (timeout)")
+        lim, how = v2_limit(b, w)
+        allows = i.get("allows")
+        if w == "moved":
+            allows = i["new_zstd"]
+        rows.append(f"| {w} | {human(r) if r is not None else '–'} "
+                    f"| {human(allows) if allows is not None else '–'} | {xs} "
+                    f"| {human(sp) if sp is not None else '–'} | {fmt(ratio(sp, r), '.2f')} "
+                    f"| {fmt(ratio(sp, xd), '.2f')} | {how} = {human(lim) if lim else '–'} "
+                    f"| {fmt(ratio(sp, lim), '.2f')} |")
+    return "\n".join(rows)
+
+
+def v2_targets(b: Bench) -> list[tuple[bool | None, str]]:
+    out: list[tuple[bool | None, str]] = []
+
+    def check(ok: bool | None, text: str) -> None:
+        out.append((ok, text))
+
+    def le(a: float | None, lim: float | None) -> bool | None:
+        return None if a is None or lim is None else a <= lim
+
+    def hm(n: float | None) -> str:
+        return "–" if n is None else human(n)
+
+    for w in V2_NAMES:
+        if w not in b.info:
+            continue
+        sp = patch_bytes(b, w)["sparsepatch"]
+        lim, how = v2_limit(b, w)
+        check(le(sp, lim), f"{w}: patch <= {how}: {hm(sp)} vs {hm(lim)} ({fmt(ratio(sp, lim), '.2f', 'x')})")
+        if w == "os-rebuilt":
+            xd = patch_bytes(b, w)["xdelta3"]
+            x = b.get(w, "xdelta3", "encode")
+            why = f" (xdelta3 {x.error})" if x and not x.ok else ""
+            check(le(sp, None if xd is None else 0.5 * xd),
+                  f"{w}: patch <= 0.5x xdelta3's: {fmt(ratio(sp, xd), '.2f', 'x')}{why}")
+    if "memory" in b.info:
+        i = b.info["memory"]
+        big = i["apparent"] >= MEMORY_MIN and i["base_allocated"] >= i["apparent"]
+        why = "" if big else f" (N/A: {human(i['apparent'])} is below the {human(MEMORY_MIN)} stated)"
+        n = i.get("sig_data_blocks")
+        diff_lim = None if n is None else 64 * MiB + 16 * n
+        for step, lim, how in (("signature", 64 * MiB, "64 MiB"),
+                               ("diff", diff_lim, "64 MiB + 16 B/signature block"),
+                               ("apply", 256 * MiB, "256 MiB")):
+            st = b.get("memory", "sparsepatch", step)
+            peak = st.rss if st and st.ok else None
+            check(le(peak, lim) if big else None,
+                  f"memory: {step} peak (Pss of its processes) <= {how}: {hm(peak)} vs {hm(lim)}{why}")
+    for w in [*V2_NAMES, "memory"]:
+        if w not in b.info:
+            continue
+        r = ratio(wall(b, w, "sparsepatch", "signature"), wall(b, w, "floor", "base"))
+        check(le(r, 1.0), f"{w}: signature <= 1.0x floor: {fmt(r, '.2f', 'x')}")
+        r = ratio(wall(b, w, "sparsepatch", "diff"), wall(b, w, "floor", "target"))
+        check(le(r, 1.3), f"{w}: diff <= 1.3x floor: {fmt(r, '.2f', 'x')}")
+    return out
+
+
 # ---------------------------------------------------------------- main
 
-def build(n: int, sizes: tuple[int, int], work: str) -> wl.Pair:
+class Skip(Exception):
+    """A workload that cannot run here, and why."""
+
+def os_pairs(n: int, cache: str) -> list[wl.Pair]:
+    names = ("install", "upgrade") if n == 5 else ("rebuilt",)
+    paths = {k: os.path.join(cache, f"{k}.img") for k in ("base", *names)}
+    if not all(os.path.exists(x) for x in paths.values()):
+        why = osimage.missing_tools()
+        if why:
+            raise Skip(f"the OS images are not in {cache} and cannot be built here: {why}")
+        log(f"  building the OS images in {cache} (minutes; needs the network)")
+        try:
+            osimage.ensure(cache, names=names)
+        except subprocess.CalledProcessError as e:
+            raise Skip(f"building the OS images failed: {e}") from e
+    pairs = []
+    for k in names:
+        note = {"install": f"base + apt-get install --no-install-recommends {' '.join(osimage.INSTALL)}",
+                "upgrade": f"base + apt-get upgrade from {osimage.SUITE}-security",
+                "rebuilt": "the base's files copied (cp -a) into a freshly made ext4"}[k]
+        pairs.append(wl.Pair(f"os-{k}", paths["base"], paths[k], os.path.getsize(paths[k]),
+                             wl.allocated(paths[k]),
+                             [f"Debian {osimage.SUITE} minbase (debootstrap) in a sparse ext4 image; {note}; "
+                              f"cached in {cache}"]))
+    return pairs
+
+
+def build(n: int, sizes: tuple[int, int], work: str, os_cache: str) -> list[wl.Pair]:
     apparent, data = sizes
     if n == 1:
-        return wl.ext4_pair(work, apparent, data)
+        return [wl.ext4_pair(work, apparent, data)]
     if n == 2:
-        return wl.scattered_pair(work, apparent, data)
+        return [wl.scattered_pair(work, apparent, data)]
     if n == 3:
-        return wl.holes_pair(work, apparent, data)
-    return wl.dense_pair(work, apparent)
+        return [wl.holes_pair(work, apparent, data)]
+    if n in SIZELESS:
+        return os_pairs(n, os_cache)
+    if n == 7:
+        return [wl.moved_pair(work, apparent)]
+    if n == 8:
+        st = os.statvfs(work)
+        free = st.f_bavail * st.f_frsize
+        if free < 2 * apparent + 2 * GiB:
+            raise Skip(f"needs {human(2 * apparent + 2 * GiB)} free in {work}, {human(free)} is")
+        return [wl.memory_pair(work, apparent)]
+    return [wl.dense_pair(work, apparent)]
 
 
 def parse_only(text: str) -> list[int]:
     out = sorted({int(x) for x in text.split(",") if x.strip()})
     if not out or any(n not in NAMES for n in out):
-        raise argparse.ArgumentTypeError("--only takes workload numbers 1-4, e.g. 2 or 1,3")
+        raise argparse.ArgumentTypeError(f"--only takes workload numbers 1-{len(NAMES)}, e.g. 2 or 1,3")
     return out
+
+
+def merge(paths: list[str]) -> int:
+    """The tables of several --json files, as one run."""
+    sizes = set()
+    b = Bench("", 0, {}, 0)
+    for path in paths:
+        with open(path) as fh:
+            d = json.load(fh)
+        sizes.add(d["block_size"])
+        b.bs = d["block_size"]
+        b.info.update(d["info"])
+        b.steps += [Step(**s) for s in d["steps"]]
+    if len(sizes) > 1:
+        log(f"--merge: the runs used different block sizes ({sorted(sizes)}): not comparable")
+        return 2
+    for w in ORDER:
+        if w in b.info and "notes" in b.info[w]:
+            i = b.info[w]
+            print(f"- {w}: {human(i['apparent'])} apparent, {human(i['data'])} data "
+                  f"(base allocates {human(i['base_allocated'])}); " + "; ".join(i["notes"]))
+    print()
+    print(steps_table(b) + "\n")
+    print(ratio_table(b) + "\n")
+    for ok, text in targets(b):
+        print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
+    if any(w in b.info for w in V2_NAMES):
+        print("\n" + v2_table(b) + "\n")
+    for ok, text in v2_targets(b):
+        print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -621,21 +877,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of about a minute")
     p.add_argument("--full", action="store_true",
                    help="the full sizes (32G/2G, 64G/4G, 1T/64M, 4G): peers take very long")
-    p.add_argument("--only", type=parse_only, default=list(NAMES), help="workloads to run, e.g. 2 or 1,3")
+    p.add_argument("--only", type=parse_only,
+                   help="workloads to run, e.g. 2 or 1,3 (default: all; with --quick all but 5 and 6)")
+    p.add_argument("--os-dir", default=OS_CACHE,
+                   help=f"where the OS images of workloads 5 and 6 are cached (default {OS_CACHE})")
+    p.add_argument("--peer-timeout", type=float, default=900,
+                   help="seconds a peer may take on workloads 5 and 6 before it is killed (default 900)")
     p.add_argument("--dir", help="where the files go (default: a new directory under /var/tmp)")
     p.add_argument("--repeat", type=int,
                    help="runs of every sparsepatch and floor step, fastest reported (5; 3 with --quick)")
     p.add_argument("--no-peers", action="store_true", help="measure sparsepatch and the floor only")
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: print the tables and targets of runs saved with --json, as one "
+                        "(e.g. workloads run in separate processes)")
     for n, name in NAMES.items():
+        if n in SIZELESS:
+            continue
         p.add_argument(f"--size{n}", type=parse_size, help=f"apparent size of workload {n} ({name})")
-        if n != 4:
+        if n not in DENSE:
             p.add_argument(f"--data{n}", type=parse_size, help=f"data in workload {n} ({name})")
     p.add_argument("--block-size", type=parse_size,
                    help="block size of the signatures, the floor and the changed-data comparison "
                         "(default: sparsepatch's default block size)")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge)
     try:
         import sparsepatch
         from sparsepatch.api import DEFAULT_BLOCK_SIZE
@@ -649,11 +917,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--block-size {bs}: must be a power of two from 4 KiB to {human(wl.CHUNK)}")
 
     preset = FULL if a.full else QUICK if a.quick else DEFAULT
+    if a.only is None:
+        a.only = [n for n in NAMES if not (a.quick and n in SIZELESS)]
     sizes = {}
     for n in a.only:
+        if n in SIZELESS:
+            sizes[n] = (0, 0)
+            continue
         ap, da = (parse_size(x) for x in preset[n])
         ap = getattr(a, f"size{n}") or ap
-        da = ap if n == 4 else (getattr(a, f"data{n}") or da)
+        da = ap if n in DENSE else (getattr(a, f"data{n}") or da)
         sizes[n] = (ap, da)
 
     peers = {}
@@ -664,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = a.dir or tempfile.mkdtemp(prefix="sparsepatch-bench-", dir="/var/tmp")
     os.makedirs(root, exist_ok=True)
     a.repeat = a.repeat or (3 if a.quick else 5)
-    bench = Bench(root, a.repeat, peers, bs)
+    bench = Bench(root, a.repeat, peers, bs, a.peer_timeout)
     t0 = time.monotonic()
     base_rss = run(["true"]).rss
     load0 = os.getloadavg()
@@ -677,20 +950,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
             os.makedirs(work)
             ap, da = sizes[n]
-            log(f"workload {n} ({name}): {human(ap)} apparent, {human(da)} data: building")
+            log(f"workload {n} ({name}): " + ("the cached OS images" if n in SIZELESS else
+                                                f"{human(ap)} apparent, {human(da)} data") + ": building")
             t = time.monotonic()
-            pair = build(n, sizes[n], work)
+            try:
+                pairs = build(n, sizes[n], work, a.os_dir)
+            except Skip as e:
+                bench.notes.append(f"workload {n} ({name}): skipped: {e}")
+                log(f"  skipped: {e}")
+                continue
             os.sync()
-            info: dict[str, Any] = {
-                "apparent": pair.apparent, "data": pair.data, "notes": pair.notes,
-                "base_allocated": wl.allocated(pair.base), "target_allocated": wl.allocated(pair.target),
-                "build_s": round(time.monotonic() - t, 1)}
-            bench.info[name] = info
-            log(f"  built in {info['build_s']} s; " + "; ".join(pair.notes))
-            if n == 3:
-                bench.holes(pair)
-            else:
-                bench.pair(pair, work)
+            built = round(time.monotonic() - t, 1)
+            for pair in pairs:
+                info: dict[str, Any] = {
+                    "apparent": pair.apparent, "data": pair.data, "notes": pair.notes,
+                    "base_allocated": wl.allocated(pair.base), "target_allocated": wl.allocated(pair.target),
+                    "build_s": built}
+                bench.info[pair.name] = info
+                log(f"  {pair.name}: built in {info['build_s']} s; " + "; ".join(pair.notes))
+                if n == 3:
+                    bench.holes(pair)
+                elif n == 8:
+                    bench.memory(pair, work)
+                else:
+                    bench.pair(pair, work)
             if not a.keep:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -705,9 +988,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Block size: {kib(bs)} (`sparsepatch signature -b {bs}`, the floor's BLAKE3 blocks and the "
           f"changed-data comparison); workload extents are {kib(wl.BLOCK)}-aligned.\n")
     print("Sizes used:")
-    for n in a.only:
-        i = bench.info[NAMES[n]]
-        print(f"- {n} {NAMES[n]}: {human(i['apparent'])} apparent, {human(i['data'])} data "
+    for w in ORDER:
+        if w not in bench.info or w == "holes-dense":
+            continue
+        i = bench.info[w]
+        n = next(k for k, v in NAMES.items() if v == w or (k == 5 and w in ("os-install", "os-upgrade"))
+                 or (k == 6 and w == "os-rebuilt"))
+        print(f"- {n} {w}: {human(i['apparent'])} apparent, {human(i['data'])} data "
               f"(base allocates {human(i['base_allocated'])}); " + "; ".join(i["notes"]))
     print(f"\nEvery sparsepatch and floor step run {a.repeat} times, interleaved (the fastest run is shown, "
           f"with the highest peak RSS of all runs); peers once (they take seconds to minutes). "
@@ -724,10 +1011,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = targets(bench)
     for ok, text in results:
         print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
+    v2 = v2_targets(bench)
+    if any(w in bench.info for w in [*V2_NAMES, "memory"]):
+        print(f"\nFormat v2's workloads. R: zstd -3, in one stream, of the target's {kib(R_BLOCK)} blocks "
+              "that differ from the base at the same offset (what an aligned block patch has to send). "
+              "The data allows: the target's 4 KiB pages found nowhere in the base, as one "
+              "zstd -3 --long=27 stream (for moved: the new data's zstd -3).\n")
+        if any(w in bench.info for w in V2_NAMES):
+            print(v2_table(bench) + "\n")
+        print("Format v2's targets, as this version meets them:")
+        for ok, text in v2:
+            print(f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '} {text}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"info": bench.info, "steps": [asdict(s) for s in bench.steps],
                        "targets": [{"pass": ok, "text": t} for ok, t in results],
+                       "v2_targets": [{"pass": ok, "text": t} for ok, t in v2],
                        "block_size": bs, "repeat": a.repeat, "launcher_rss": base_rss,
                        "seconds": elapsed}, fh, indent=2)
     bad = [s for s in bench.steps if not s.ok and not s.error.startswith("not run")]

@@ -153,6 +153,41 @@ def measure(base: str, target: str, bs: int = 16 << 10, page: int = 4 << 10) -> 
     return {"changed_blocks": len(changed), "R": r, "novel_pages": len(novel), "allows": allows}
 
 
+NAMES = ("base", "install", "upgrade", "rebuilt")
+
+
+def missing_tools() -> str | None:
+    """Why images cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (mount, chroot)"
+    for tool in ("debootstrap", "mkfs.ext4", "mount", "chroot", "losetup"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install debootstrap e2fsprogs mount)"
+    r = subprocess.run(["losetup", "-f"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"no free loop device: {r.stderr.strip()}"
+    return None
+
+
+def ensure(cache: str, size: int = 16 << 30, names: tuple[str, ...] = NAMES) -> dict[str, str]:
+    """The images' paths in cache, building those that are missing (and the base they need)."""
+    os.makedirs(cache, exist_ok=True)
+    img = {n: os.path.join(cache, f"{n}.img") for n in NAMES}
+    steps = {"base": lambda: build_base(img["base"], size),
+             "install": lambda: build_install(img["base"], img["install"]),
+             "upgrade": lambda: build_upgrade(img["base"], img["upgrade"]),
+             "rebuilt": lambda: build_rebuilt(img["base"], img["rebuilt"], size)}
+    for name in NAMES:
+        if name != "base" and name not in names:
+            continue
+        if os.path.exists(img[name]):
+            print(f"{name}: cached {img[name]}", file=sys.stderr)
+            continue
+        print(f"{name}: building", file=sys.stderr)
+        steps[name]()
+    return img
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", required=True)
@@ -160,18 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true", help="print R and what the data allows")
     a = p.parse_args(argv)
     size = int(a.size[:-1]) << {"G": 30, "M": 20}[a.size[-1].upper()]
-    os.makedirs(a.dir, exist_ok=True)
-    img = {n: os.path.join(a.dir, f"{n}.img") for n in ("base", "install", "upgrade", "rebuilt")}
-    steps = [("base", lambda: build_base(img["base"], size)),
-             ("install", lambda: build_install(img["base"], img["install"])),
-             ("upgrade", lambda: build_upgrade(img["base"], img["upgrade"])),
-             ("rebuilt", lambda: build_rebuilt(img["base"], img["rebuilt"], size))]
-    for name, fn in steps:
-        if os.path.exists(img[name]):
-            print(f"{name}: cached {img[name]}", file=sys.stderr)
-            continue
-        print(f"{name}: building", file=sys.stderr)
-        fn()
+    img = ensure(a.dir, size)
     if a.measure:
         for name in ("install", "upgrade", "rebuilt"):
             m = measure(img["base"], img[name])

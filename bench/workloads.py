@@ -331,3 +331,95 @@ def dense_pair(work: str, size: int, seed: int = 7, change: float = 0.01) -> Pai
     notes = [f"{runs} runs of 16..256 KiB rewritten ({done / MiB:.1f} MiB, "
              f"{done / size:.1%}) at 4 KiB-aligned offsets"]
     return Pair("dense", base, target, size, size, notes)
+
+
+def moved_pair(work: str, size: int, seed: int = 11, swapped: float = 0.01, cycled: float = 0.005,
+               shifted: float = 0.01, new: float = 0.0025) -> Pair:
+    """A dense base of distinct 4 KiB pages, and a target whose pages are moved over each
+    other: pairs swapped (swapped x pages pairs), 3-cycles rotated (cycled x pages triples),
+    then one run of shifted x pages moved one page up, each drawn independently of the others
+    so that they overlap; last, new x pages are overwritten with new data. What is moved is in
+    the base at another 4 KiB-aligned offset: format v2 sends it as references.
+    extra: the zstd -3 sizes (one stream each) of the moved pages and of the new pages."""
+    rng = random.Random(seed)
+    n = size // PAGE
+    base, target = os.path.join(work, "base.img"), os.path.join(work, "target.img")
+    old = content(f"{seed}/moved", n * PAGE)
+    with open(base, "wb") as f:
+        f.write(old)
+    perm: list[int] = list(range(n))
+    n_swap, n_cyc, n_shift, n_new = (max(1, round(f * n)) for f in (swapped, cycled, shifted, new))
+    picks = rng.sample(range(n), 2 * n_swap)
+    for a, b in zip(picks[::2], picks[1::2], strict=True):
+        perm[a], perm[b] = perm[b], perm[a]
+    picks = rng.sample(range(n), 3 * n_cyc)
+    for a, b, c in zip(picks[::3], picks[1::3], picks[2::3], strict=True):
+        perm[a], perm[b], perm[c] = perm[c], perm[a], perm[b]
+    s = rng.randrange(n - n_shift - 1)
+    perm[s + 1 : s + n_shift + 1] = perm[s : s + n_shift]
+    fresh = set(rng.sample(range(n), n_new))
+    out = bytearray()
+    moved, novel = bytearray(), bytearray()
+    for i, src in enumerate(perm):
+        if i in fresh:
+            page = content(f"{seed}/moved-new/{i}", PAGE)
+            novel += page
+        else:
+            page = old[src * PAGE : (src + 1) * PAGE]
+            if src != i:
+                moved += page
+        out += page
+    with open(target, "wb") as f:
+        f.write(out)
+    z = zstandard.ZstdCompressor(level=3)
+    notes = [f"{n:,} distinct 4 KiB pages; target: {n_swap:,} pairs swapped, {n_cyc:,} 3-cycles "
+             f"rotated, a run of {n_shift:,} pages shifted by one page, over each other: "
+             f"{len(moved) // PAGE:,} pages moved ({len(moved) / MiB:.1f} MiB); "
+             f"{n_new:,} pages of new data ({len(novel) / MiB:.1f} MiB)"]
+    extra = {"moved_pages": str(len(moved) // PAGE), "moved_zstd": str(len(z.compress(bytes(moved)))),
+             "new_pages": str(n_new), "new_zstd": str(len(z.compress(bytes(novel))))}
+    return Pair("moved", base, target, size, size, notes, extra)
+
+
+def fill_dense(path: str, size: int, seed: int = 13) -> None:
+    """A fully allocated file of size bytes, written fast: fallocate, then 4 MiB writes cut
+    from a 64 MiB pool of content() and stamped with the offset at every 4 KiB page, so that
+    every page of the file is distinct (a signature of it has no duplicate blocks)."""
+    pool = content(f"{seed}/pool", 16 * CHUNK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if _libc.fallocate(fd, 0, 0, size) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fallocate {path}: {os.strerror(err)}")
+        for k, off in enumerate(range(0, size, CHUNK)):
+            n = min(CHUNK, size - off)
+            start = (k % 16) * CHUNK
+            buf = bytearray(pool[start : start + n])
+            for p in range(0, n, PAGE):
+                buf[p : p + 8] = (off + p).to_bytes(8, "little")
+            os.pwrite(fd, buf, off)
+    finally:
+        os.close(fd)
+
+
+def memory_pair(work: str, size: int, seed: int = 13, change: float = 0.01) -> Pair:
+    """A fully allocated file (fill_dense) and a copy of it with change of its bytes
+    rewritten in runs of 16 KiB..256 KiB at 4 KiB-aligned offsets."""
+    rng = random.Random(seed)
+    base, target = os.path.join(work, "base.img"), os.path.join(work, "target.img")
+    fill_dense(base, size, seed)
+    subprocess.run(["cp", "--sparse=never", base, target], check=True)
+    fd = os.open(target, os.O_RDWR)
+    done = runs = 0
+    try:
+        while done < change * size:
+            n = rng.randint(4, 64) * PAGE
+            off = rng.randrange((size - n) // PAGE) * PAGE
+            os.pwrite(fd, content(f"{seed}/memory-new/{runs}", n), off)
+            done += n
+            runs += 1
+    finally:
+        os.close(fd)
+    notes = [f"fully allocated ({allocated(base) / GiB:.1f} GiB allocated), every 4 KiB page distinct; "
+             f"target: {runs} runs of 16..256 KiB rewritten ({done / MiB:.1f} MiB, {done / size:.1%})"]
+    return Pair("memory", base, target, size, size, notes)
