@@ -313,7 +313,7 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
     if size == h.base_size > h.target_size and not slot:
         _check_cut_off(h, fd, name)
     if h.target_size > size:
-        limit = sparse.file_size_limit(os.path.dirname(os.path.abspath(name)), h.target_size)
+        limit = sparse.file_size_limit(sparse.folder_of(fd, name), h.target_size)
         if limit:
             # Found only at the final truncate, it would leave a half-applied destination
             # and a journal that every rerun fails on.

@@ -216,6 +216,18 @@ def set_size(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+def folder_of(fd: int, path: str) -> str:
+    """The folder that holds the file open on fd: where a symbolic link at path leads, not
+    where the link sits (a size limit or a free-space check must look there)."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = ""
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        real = os.path.realpath(path)
+    return os.path.dirname(real)
+
+
 def file_size_limit(folder: str, size: int) -> tuple[int, str] | None:
     """None if a file in folder may grow to size bytes, as far as can be told; otherwise
     (the largest size allowed, what sets it). Probed on an anonymous file in folder, which

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,7 +120,11 @@ def test_qcow2_fuse_export_that_ignores_partial_cluster_punches(tmp_path: Path) 
 # -- a target larger than the filesystem holds
 
 
-def test_target_beyond_ext4_file_size_limit_is_refused_before_writing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("through_link", [False, True], ids=["direct", "through a link on tmpfs"])
+def test_target_beyond_ext4_file_size_limit_is_refused_before_writing(tmp_path: Path,
+                                                                      through_link: bool) -> None:
+    """Through a link in a folder of another filesystem (tmpfs holds any size), the probe
+    must still be made where the image itself lives."""
     if "ext4" not in fs_type(tmp_path) or "tmpfs" not in fs_type(Path("/dev/shm")):
         pytest.skip("needs the test folder on ext4 and /dev/shm on tmpfs")
     huge = 17 << 40  # ext4 with 4 KiB blocks holds 16 TiB in one file
@@ -132,11 +137,20 @@ def test_target_beyond_ext4_file_size_limit_is_refused_before_writing(tmp_path: 
         source.unlink(missing_ok=True)
     dest = tmp_path / "dest"
     shutil.copyfile(base, dest)
-    r = run_cli("apply", str(patch), str(dest), check=False)
-    line = error_line(r, 3)
-    assert str(huge) in line and "largest file" in line
-    assert dest.read_bytes() == base.read_bytes()
-    assert not os.path.exists(journal_path(str(dest)))
+    named = dest
+    if through_link:
+        links = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        named = links / "dest"
+        named.symlink_to(dest)
+    try:
+        r = run_cli("apply", str(patch), str(named), check=False)
+        line = error_line(r, 3)
+        assert str(huge) in line and "largest file" in line
+        assert dest.read_bytes() == base.read_bytes()
+        assert not os.path.exists(journal_path(str(named)))
+    finally:
+        if through_link:
+            shutil.rmtree(named.parent)
 
 
 def test_target_beyond_ulimit_is_refused_before_writing(tmp_path: Path) -> None:
