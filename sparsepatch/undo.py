@@ -17,10 +17,11 @@ import stat
 from collections.abc import Callable
 
 from . import sparse
-from .errors import FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
+from .errors import AuthenticationError, FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
 from .format import (
     CRC,
     FLAG_MAC,
+    MAC_LEN,
     MAX_RECORD_BLOCKS,
     PATCH_HEADER,
     REC_COPY,
@@ -122,8 +123,9 @@ class Undo:
         if not self.records and self._undo_done():
             self.complete = True
             return
-        if self.h.target_size < self.h.base_size and dest_size < self.h.base_size and not self.records:
+        if self.h.target_size < self.h.base_size and dest_size < self.h.base_size and not self.pos:
             # Already cut short: the tail a shrink removes is gone with no spool holding it.
+            # (A spool with a valid header was synced before the cut, records or none.)
             self._gone(blocks_for(self.h.target_size, self.shift))
         self._start = (self.needs, self.gone_at)
 
@@ -150,7 +152,19 @@ class Undo:
         good, tag = 0, b""
         if found is not None:
             with os.fdopen(os.dup(fd), "rb") as f:
-                good, tag = self._records(f.read)
+                try:
+                    good, tag = self._records(f.read)
+                except AuthenticationError:
+                    if self._whole_tag(fd, head_len):
+                        # A whole header Tag that this key does not make: the spool of the
+                        # same update signed with another key. Its base content may be the
+                        # only copy left: keep it.
+                        raise WrongBase(
+                            f"{self.spool_path}: an undo spool made with another key is in the "
+                            "way; finish that apply with its key, or remove the spool if its "
+                            "undo is not needed"
+                        ) from None
+                    good, tag = 0, b""  # its Tag torn while first written
         self.pos = good
         if good and self.key is not None:
             self.mac = MacChain(self.key)
@@ -164,9 +178,9 @@ class Undo:
         """Walk the spool's records; returns the byte length of its valid prefix and the
         MAC chain's last tag there."""
         try:
-            # A header Tag that does not match is torn, not another key's: the patch, checked
-            # with this key, is the one the spool's header names.
             reader = PatchReader(read, self.spool_path, self.key)
+        except AuthenticationError:
+            raise  # torn, or another key's: _read_spool tells which
         except SparsePatchError:
             return 0, b""
         good = reader.r.pos
@@ -183,6 +197,13 @@ class Undo:
         except SparsePatchError:
             pass
         return good, tag
+
+    @staticmethod
+    def _whole_tag(fd: int, at: int) -> bool:
+        """Whether the header's Tag is all there: not short and not the zeros a write that
+        never reached the disk leaves."""
+        tag = os.pread(fd, MAC_LEN, at)
+        return len(tag) == MAC_LEN and any(tag)
 
     def _count(self, rec: Record) -> None:
         self.records += 1
@@ -364,6 +385,10 @@ class Undo:
                     self._add(block, ZERO_HASH, hash_block(buf, 1 << self.shift), buf)
                     if self.unsynced >= SYNC_BATCH:
                         self._close()
+        if self.fd is None or self.pos == 0:
+            # Even with nothing to record, the spool must exist before the cut: a rerun after
+            # it finds the destination short and can tell "recorded" from "lost" only by it.
+            self._create()
 
     def finish(self) -> None:
         """Trailer, sync, rename to UNDO. When UNDO already was this patch's undo (a rerun

@@ -250,3 +250,55 @@ def test_spool_of_another_patch_is_refused_and_kept(tmp: Path) -> None:
     assert "another patch" in error_line(r, 5)
     assert same_bytes(tmp / "b.img", base_b)
     assert spool.read_bytes() == (tmp / "a.undo").read_bytes()
+
+
+def test_spool_of_the_same_update_under_another_key_is_refused_and_kept(tmp: Path) -> None:
+    """Two signed copies of one update: a spool the first left is the only copy of base
+    content it already overwrote; applying the second must not wipe it."""
+    base, target, _ = make_pair(tmp, "in-place")
+    k1, k2 = tmp / "k1", tmp / "k2"
+    k1.write_bytes(os.urandom(32))
+    k2.write_bytes(os.urandom(32))
+    p1, p2 = tmp / "p1", tmp / "p2"
+    run_cli("diff", str(tmp / "base.sig"), str(target), "-o", str(p1), "-k", str(k1))
+    run_cli("diff", str(tmp / "base.sig"), str(target), "-o", str(p2), "-k", str(k2))
+    done = tmp / "done.img"
+    clone(base, done)
+    run_cli("apply", str(p1), str(done), "-k", str(k1), "--undo", str(tmp / "u1"))
+    spool = tmp / ".u.sparsepatch-undo"
+    spool.write_bytes((tmp / "u1").read_bytes())  # as an interrupted apply of p1 leaves it
+    dest = tmp / "dest.img"
+    clone(base, dest)
+    r = run_cli("apply", str(p2), str(dest), "-k", str(k2), "--undo", str(tmp / "u"), check=False)
+    assert "another key" in error_line(r, 5)
+    assert spool.read_bytes() == (tmp / "u1").read_bytes()
+    assert same_bytes(dest, base)
+
+
+SHRINK_THEN_DIE = """
+import os, sys
+import sparsepatch, sparsepatch.undo as u
+u.Undo.finish = lambda self: os._exit(137)  # killed after the cut, before UNDO is written
+sparsepatch.apply(sys.argv[1], sys.argv[2], undo=sys.argv[3])
+"""
+
+
+def test_shrink_with_nothing_to_record_resumes_to_a_complete_undo(tmp: Path) -> None:
+    """The cut-off tail is all holes and the patch has no records: the spool holds nothing,
+    yet it must exist before the cut, or a rerun takes the short file for the target."""
+    base = make_sparse(tmp / "base.img", 8 * MiB, [(0, MiB)])
+    target = make_sparse(tmp / "target.img", 4 * MiB, [(0, base.read_bytes()[:MiB])])
+    run_cli("signature", str(base), "-o", str(tmp / "base.sig"))
+    patch = tmp / "p"
+    run_cli("diff", str(tmp / "base.sig"), str(target), "-o", str(patch))
+    dest, undo = tmp / "dest.img", tmp / "u"
+    clone(base, dest)
+    r = subprocess.run([*CLI[:1], "-c", SHRINK_THEN_DIE, str(patch), str(dest), str(undo)],
+                       capture_output=True)
+    assert r.returncode == 137, r.stderr
+    assert os.path.getsize(dest) == 4 * MiB  # cut, and no UNDO yet
+    assert not undo.exists()
+    run_cli("apply", str(patch), str(dest), "--undo", str(undo))
+    assert same_bytes(dest, target)
+    run_cli("apply", str(undo), str(dest), "--verify")
+    assert_is_base(dest, base)
