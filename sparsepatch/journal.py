@@ -100,7 +100,7 @@ class Journal:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise IOFailure(f"{self.path}: refusing the apply journal: {_why(e)}") from None
+            raise IOFailure(f"{self.path}: refusing the apply journal: {sparse.why_not_opened(e)}") from None
         try:
             self._check(fd)
             buf = os.pread(fd, 2 * JOURNAL_SLOT_SIZE + 1, 0)
@@ -201,11 +201,3 @@ def looks_like_journal(buf: bytes) -> bool:
         if not (slot.startswith(JOURNAL_MAGIC) or JOURNAL_MAGIC.startswith(slot.rstrip(b"\0"))):
             return False
     return True
-
-
-def _why(e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "it is a symbolic link"
-    if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
-        return "not a regular file"
-    return e.strerror or str(e)

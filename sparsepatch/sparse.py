@@ -444,6 +444,16 @@ def open_dir(path: str, nofollow: bool = False) -> int:
     return os.open(path or ".", flags)
 
 
+def why_not_opened(e: OSError) -> str:
+    """Why open_at refused a name, in words: its O_NOFOLLOW says ELOOP for a symbolic link,
+    O_NONBLOCK ENXIO for a FIFO with no writer."""
+    if e.errno == errno.ELOOP:
+        return "it is a symbolic link"
+    if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
+        return "not a regular file"
+    return e.strerror or str(e)
+
+
 def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
     """name inside dir_fd, never through a symbolic link (ELOOP) and never blocking on a
     FIFO: for files in places another user may write to."""

@@ -11,7 +11,6 @@ At the end the trailer is appended and the spool renamed to UNDO."""
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Callable
@@ -115,7 +114,8 @@ class Undo:
         except FileNotFoundError:
             fd = None
         except OSError as e:
-            raise IOFailure(f"{self.spool_path}: refusing the undo spool: {_why(e)}") from None
+            why = sparse.why_not_opened(e)
+            raise IOFailure(f"{self.spool_path}: refusing the undo spool: {why}") from None
         if fd is not None:
             self.fd = fd
             self._check(fd)
@@ -426,11 +426,3 @@ class Undo:
                 os.close(fd)
         self.fd = None
         self.dir_fd = -1
-
-
-def _why(e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "it is a symbolic link"
-    if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
-        return "not a regular file"
-    return e.strerror or str(e)
