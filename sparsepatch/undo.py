@@ -94,6 +94,7 @@ class Undo:
         # repeated): it holds the base content of every block the patch changes, so there
         # is nothing to record.
         self.complete = False
+        self.done = RangeSet()  # blocks UNDO holds, when complete
         self.needs = False  # a block whose base content this run records
         self.gone_at: int | None = None  # first block already written and in no spool
         self._start: tuple[bool, int | None] = (False, None)
@@ -128,8 +129,7 @@ class Undo:
         self._start = (self.needs, self.gone_at)
 
     def _check(self, fd: int) -> None:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        if not _own(fd):
             raise IOFailure(f"{self.spool_path}: refusing the undo spool: not a regular file of "
                             f"uid {os.geteuid()} with one link")
 
@@ -193,18 +193,25 @@ class Undo:
 
     def _undo_done(self) -> bool:
         """Whether UNDO exists and is a whole, valid undo of this patch (a run that was
-        stopped after renaming it, or an apply repeated)."""
+        stopped after renaming it, or an apply repeated). Its header is public (the patch
+        holds the sizes and identities), so one that another user put there, in a shared
+        folder, proves nothing: only a file of the user running apply counts, and see()
+        still requires it to hold every block the patch touches."""
         try:
             fd = sparse.open_at(self.dir_fd, self.name, os.O_RDONLY)
         except OSError:
             return False
         try:
             with os.fdopen(fd, "rb") as f:
+                if not _own(f.fileno()):
+                    return False
                 reader = PatchReader(f.read, self.path, self.key, unauthenticated_ok=self.key is None)
                 if reader.header != self.uh:
                     return False
-                for _ in reader.records():
-                    pass
+                done = RangeSet()
+                for rec in reader.records():
+                    done.add(rec.first_block, rec.first_block + rec.count)
+                self.done = done
                 return True
         except (OSError, SparsePatchError):
             return False
@@ -220,8 +227,16 @@ class Undo:
     def see(self, block: int, base: bytes, target: bytes, cur: bytes, buf: bytearray) -> None:
         """A block the apply touches, its patch hashes and its current content: record its
         base content if it is still the base; else it must be recorded already."""
-        if self.complete or block >= self.base_blocks or self.covered.meets(block, block + 1):
+        if block >= self.base_blocks or self.covered.meets(block, block + 1):
             return  # past the base's end (the undo truncates it) or already in the spool
+        if self.complete:
+            if self.done.meets(block, block + 1):
+                return
+            raise WrongBase(
+                f"{self.path}: is an undo of this patch but holds no base content for the "
+                f"block at byte {block << self.shift}, which the patch changes: it cannot "
+                "lead back to the base; remove it or name another UNDO"
+            )
         if cur != base:
             self._gone(block)
             return
@@ -401,6 +416,12 @@ class Undo:
                 os.close(fd)
         self.fd = None
         self.dir_fd = -1
+
+
+def _own(fd: int) -> bool:
+    """A regular file with one link, of the user running apply: nobody else made it."""
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
 
 
 def _why(e: OSError) -> str:

@@ -1,0 +1,56 @@
+"""apply --undo against an UNDO that is already there: only a whole undo of this patch that
+the user running apply made may stand for the one apply would write; any other lets apply
+overwrite the image with no way back, and then roll it back to something that is not the
+base."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import error_line, run_cli
+from test_resume import clone, same_bytes
+from test_undo import assert_is_base, make_pair
+
+from sparsepatch.format import PatchReader, PatchTrailer, encode_patch_header, encode_patch_trailer
+from sparsepatch.undo import undo_header
+
+
+def forge_empty_undo(patch: Path, out: Path) -> None:
+    """A valid patch from patch's target to its base that holds no record: its header is
+    public (sizes and identities are in the patch), so anyone can make it."""
+    with open(patch, "rb") as f:
+        h = PatchReader(f.read, str(patch), None, True).header
+    head = encode_patch_header(undo_header(h, False))
+    out.write_bytes(head + encode_patch_trailer(PatchTrailer(0, 0, 0, 0, 0, len(head))))
+
+
+@pytest.mark.parametrize("case", ["in-place", "shrink"])
+def test_undo_without_the_blocks_is_not_taken_for_this_patchs_undo(tmp: Path, case: str) -> None:
+    base, target, patch = make_pair(tmp, case)
+    dest, undo = tmp / "dest.img", tmp / "update.undo"
+    clone(base, dest)
+    forge_empty_undo(patch, undo)
+    r = run_cli("apply", str(patch), str(dest), "--undo", str(undo), check=False)
+    assert "holds no base content" in error_line(r, 5)
+    assert same_bytes(dest, base)  # refused before the first write
+
+
+def test_undo_planted_by_another_user_is_replaced_not_trusted(tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to plant a file of another user")
+    base, target, patch = make_pair(tmp, "in-place")
+    shared = tmp / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    dest, undo = tmp / "dest.img", shared / "update.undo"
+    clone(base, dest)
+    forge_empty_undo(patch, undo)
+    os.chown(undo, 65534, 65534)
+    run_cli("apply", str(patch), str(dest), "--undo", str(undo))
+    assert same_bytes(dest, target)
+    st = os.stat(undo)
+    assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o600)
+    run_cli("apply", str(undo), str(dest))
+    assert_is_base(dest, base)
