@@ -174,6 +174,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             journal_ = files.open_journal(dest, fd, journal, pieces)
             if undo is not None:
                 undo_ = Undo(undo, h, key, dest)
+                _refuse_undo_at_journal(undo_, journal_)
             stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,
                                 undo=undo_)
@@ -195,6 +196,17 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
+
+
+def _refuse_undo_at_journal(undo: Undo, journal: Journal) -> None:
+    """UNDO renamed over the journal would leave a file that every later apply refuses as
+    a journal; a spool at the journal's name would make the journal refuse itself midway."""
+    if journal.name not in (undo.name, undo.spool):
+        return
+    a, b = os.fstat(undo.dir_fd), os.fstat(journal.dir_fd)
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        raise UsageError(f"{undo.path}: the undo patch (or its spool {undo.spool}) would be the "
+                         f"journal {journal.path}; name another file")
 
 
 def check(path: str, shift: int, identity: bytes, size: int | None = None) -> None:

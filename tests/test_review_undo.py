@@ -54,3 +54,23 @@ def test_undo_planted_by_another_user_is_replaced_not_trusted(tmp: Path) -> None
     assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o600)
     run_cli("apply", str(undo), str(dest))
     assert_is_base(dest, base)
+
+
+@pytest.mark.parametrize("journal", [None, "undo", "spool"])
+def test_undo_may_not_share_a_name_with_the_journal(tmp: Path, journal: str | None) -> None:
+    """UNDO renamed over the journal leaves a file every later apply refuses as a journal,
+    and an undo that cannot be applied under that name; the spool at the journal's name
+    makes the journal refuse itself midway. Both are refused before anything is written."""
+    base, _, patch = make_pair(tmp, "in-place")
+    dest = tmp / "dest.img"
+    clone(base, dest)
+    if journal is None:
+        args = ["--undo", str(tmp / ".dest.img.sparsepatch-journal")]
+    elif journal == "undo":
+        args = ["--undo", str(tmp / "u"), "--journal", str(tmp / "u")]
+    else:
+        args = ["--undo", str(tmp / "u"), "--journal", str(tmp / ".u.sparsepatch-undo")]
+    r = run_cli("apply", str(patch), str(dest), *args, check=False)
+    assert "journal" in error_line(r, 2)
+    assert same_bytes(dest, base)
+    assert [n for n in os.listdir(tmp) if n.startswith(".") or n == "u"] == []
