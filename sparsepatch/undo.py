@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 
 from . import sparse
-from .errors import FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
+from .errors import FormatError, IOFailure, Locked, SparsePatchError, UsageError, WrongBase
 from .format import (
     CRC,
     FLAG_MAC,
@@ -119,6 +119,7 @@ class Undo:
         if fd is not None:
             self.fd = fd
             self._check(fd)
+            self._lock(fd)
             self._read_spool(fd)
         if not self.records and self._undo_done():
             self.complete = True
@@ -132,6 +133,17 @@ class Undo:
         if not _own(fd):
             raise IOFailure(f"{self.spool_path}: refusing the undo spool: not a regular file of "
                             f"uid {os.geteuid()} with one link")
+
+    def _lock(self, fd: int) -> None:
+        """Another apply writing the same UNDO (for another copy of the image) would cut
+        what this one has not synced yet and write its records over this one's."""
+        try:
+            taken = sparse.lock_whole(fd)
+        except OSError:
+            return  # no locks there (ENOLCK): the guard is against a mistake, not an attack
+        if not taken:
+            raise Locked(f"{self.spool_path}: another apply is writing this undo spool; "
+                         "wait for it, or name another UNDO")
 
     def _read_spool(self, fd: int) -> None:
         """Keep the longest valid prefix: header, then whole records, each checked (CRC, MAC,
@@ -338,6 +350,7 @@ class Undo:
                                 "to write the undo spool through it") from None
             except OSError as e:
                 raise IOFailure(f"{self.spool_path}: cannot create the undo spool: {e.strerror}") from None
+            self._lock(self.fd)
             try:
                 sparse.sync_dir(self.dir_fd)
             except OSError as e:

@@ -74,3 +74,22 @@ def test_undo_may_not_share_a_name_with_the_journal(tmp: Path, journal: str | No
     assert "journal" in error_line(r, 2)
     assert same_bytes(dest, base)
     assert [n for n in os.listdir(tmp) if n.startswith(".") or n == "u"] == []
+
+
+def test_spool_in_use_by_another_apply_is_refused(tmp: Path) -> None:
+    """Two applies writing one UNDO (two copies of an image updated at once, with the
+    same --undo): the second would load the first's spool, cut what it had not synced
+    yet and append its own records at the same offsets, leaving the first to rename a
+    spool with holes into UNDO and exit 0. A spool locked by another process is refused."""
+    import fcntl
+
+    base, _, patch = make_pair(tmp, "in-place")
+    dest, undo = tmp / "dest.img", tmp / "u"
+    clone(base, dest)
+    spool = tmp / ".u.sparsepatch-undo"
+    with open(spool, "wb") as held:
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_cli("apply", str(patch), str(dest), "--undo", str(undo), check=False)
+        assert "another apply" in error_line(r, 7)
+        assert same_bytes(dest, base)
+        assert spool.stat().st_size == 0
