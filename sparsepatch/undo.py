@@ -111,6 +111,13 @@ class Undo:
         """Open the spool an interrupted run left, keep its valid records and cut the rest;
         find out whether UNDO already is this patch's undo."""
         try:
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            # Found only at the final rename, it would fail an update already written.
+            raise UsageError(f"{self.path}: is a folder; --undo names the file to write")
+        try:
             fd = sparse.open_at(self.dir_fd, self.spool, os.O_RDWR)
         except FileNotFoundError:
             fd = None

@@ -93,3 +93,16 @@ def test_spool_in_use_by_another_apply_is_refused(tmp: Path) -> None:
         assert "another apply" in error_line(r, 7)
         assert same_bytes(dest, base)
         assert spool.stat().st_size == 0
+
+
+def test_undo_naming_a_folder_is_refused_before_writing(tmp: Path) -> None:
+    """The spool cannot be renamed over a folder: found at the end, it left the update
+    done and apply failing (exit 3) until the folder was moved away."""
+    base, _, patch = make_pair(tmp, "in-place")
+    dest, undo = tmp / "dest.img", tmp / "u"
+    clone(base, dest)
+    undo.mkdir()
+    r = run_cli("apply", str(patch), str(dest), "--undo", str(undo), check=False)
+    assert "folder" in error_line(r, 2)
+    assert same_bytes(dest, base)
+    assert [n for n in os.listdir(tmp) if "sparsepatch" in n] == []
