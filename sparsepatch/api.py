@@ -173,7 +173,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             files.claim_dest(fd, dest, allow_in_use)
             journal_ = files.open_journal(dest, fd, journal, pieces)
             if undo is not None:
-                undo_ = Undo(undo, h, key, dest)
+                undo_ = Undo(undo, h, key, dest, journal_.not_files)
                 _refuse_undo_at_journal(undo_, journal_)
             stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,

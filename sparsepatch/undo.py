@@ -65,12 +65,14 @@ class Undo:
 
     recording is False during the dry run: blocks are judged, nothing is written."""
 
-    def __init__(self, path: str, h: PatchHeader, key: bytes | None, dest_name: str):
+    def __init__(self, path: str, h: PatchHeader, key: bytes | None, dest_name: str,
+                 not_files: dict[tuple[int, int], str] | None = None):
         self.path = path
         folder, self.name = os.path.split(os.path.abspath(path))
         self.spool = spool_name(self.name)
         self.spool_path = os.path.join(folder, self.spool)
         self.dest_name = dest_name
+        self.not_files = not_files or {}  # (st_dev, st_ino) -> what the spool must not be
         self.h = h
         self.key = key
         self.uh = undo_header(h, key is not None)
@@ -137,6 +139,12 @@ class Undo:
         self._start = (self.needs, self.gone_at)
 
     def _check(self, fd: int) -> None:
+        st = os.fstat(fd)
+        what = self.not_files.get((st.st_dev, st.st_ino))
+        if what is not None:
+            # Its torn tail would be cut: a file with no valid prefix would be emptied.
+            raise UsageError(f"{self.spool_path}: is {what}; the undo spool must be another "
+                             "file: name another UNDO")
         if not _own(fd):
             raise IOFailure(f"{self.spool_path}: refusing the undo spool: not a regular file of "
                             f"uid {os.geteuid()} with one link")

@@ -106,3 +106,14 @@ def test_undo_naming_a_folder_is_refused_before_writing(tmp: Path) -> None:
     assert "folder" in error_line(r, 2)
     assert same_bytes(dest, base)
     assert [n for n in os.listdir(tmp) if "sparsepatch" in n] == []
+
+
+def test_destination_at_the_spools_name_is_refused_not_cut(tmp: Path) -> None:
+    """The spool's torn tail is cut to the longest valid prefix: a destination (or a patch)
+    at the spool's name has none, and was truncated to 0 bytes."""
+    base, _, patch = make_pair(tmp, "in-place")
+    dest = tmp / ".u.sparsepatch-undo"
+    clone(base, dest)
+    r = run_cli("apply", str(patch), str(dest), "--undo", str(tmp / "u"), check=False)
+    assert "the destination" in error_line(r, 2)
+    assert same_bytes(dest, base)
