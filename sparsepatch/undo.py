@@ -230,7 +230,7 @@ class Undo:
             return False
         try:
             with os.fdopen(fd, "rb") as f:
-                if not _own(f.fileno()):
+                if not _own(f.fileno(), one_link=False):  # only read: a backup link is fine
                     return False
                 reader = PatchReader(f.read, self.path, self.key, unauthenticated_ok=self.key is None)
                 if reader.header != self.uh:
@@ -446,10 +446,12 @@ class Undo:
         self.dir_fd = -1
 
 
-def _own(fd: int) -> bool:
-    """A regular file with one link, of the user running apply: nobody else made it."""
+def _own(fd: int, one_link: bool = True) -> bool:
+    """A regular file of the user running apply (with one link, for a file apply writes
+    to): nobody else made it."""
     st = os.fstat(fd)
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+    return (stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or not one_link)
+            and st.st_uid == os.geteuid())
 
 
 def _why(e: OSError) -> str:
