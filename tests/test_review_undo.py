@@ -117,3 +117,17 @@ def test_destination_at_the_spools_name_is_refused_not_cut(tmp: Path) -> None:
     r = run_cli("apply", str(patch), str(dest), "--undo", str(tmp / "u"), check=False)
     assert "the destination" in error_line(r, 2)
     assert same_bytes(dest, base)
+
+
+def test_key_at_the_spools_name_is_refused_not_cut(tmp: Path) -> None:
+    base, _, _ = make_pair(tmp, "in-place")
+    key = tmp / ".u.sparsepatch-undo"
+    key.write_bytes(bytes(range(32)))
+    patch = tmp / "signed.patch"
+    run_cli("diff", "-k", str(key), str(tmp / "base.sig"), str(tmp / "target.img"), "-o", str(patch))
+    dest = tmp / "dest.img"
+    clone(base, dest)
+    r = run_cli("apply", "-k", str(key), str(patch), str(dest), "--undo", str(tmp / "u"), check=False)
+    assert "key" in error_line(r, 2)
+    assert key.read_bytes() == bytes(range(32))
+    assert same_bytes(dest, base)
