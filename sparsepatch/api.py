@@ -70,6 +70,18 @@ def write_file(path: str, data: bytes) -> None:
         write(data)
 
 
+def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str | None]) -> None:
+    """--stats FILE is renamed into place at the end, like -o: naming one of the command's
+    inputs or outputs would replace it (an image, a patch, an undo) with its JSON."""
+    if stats is None or stats == "-":
+        return
+    for path in outs:
+        # An output may not exist yet: compare the names too.
+        if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):
+            raise UsageError(f"{stats}: the stats would replace the output {path}")
+    outputs.refuse_overwrite(stats, *outs, *ins)
+
+
 def load_signature(path: str) -> Signature:
     return _read_signature(path)[0]
 
