@@ -4,6 +4,7 @@ stats objects. The CLI is a thin layer over this module."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable
@@ -67,6 +68,18 @@ def write_file(path: str, data: bytes) -> None:
     renamed into place, and never through another user's symlink or FIFO."""
     with outputs.open_output(path) as write:
         write(data)
+
+
+def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str | None]) -> None:
+    """--stats FILE is renamed into place at the end, like -o: naming one of the command's
+    inputs or outputs would replace it (an image, a patch, an undo) with its JSON."""
+    if stats is None or stats == "-":
+        return
+    for path in outs:
+        # An output may not exist yet: compare the names too.
+        if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):
+            raise UsageError(f"{stats}: the stats would replace the output {path}")
+    outputs.refuse_overwrite(stats, *outs, *ins)
 
 
 def load_signature(path: str) -> Signature:
@@ -173,7 +186,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             files.claim_dest(fd, dest, allow_in_use)
             journal_ = files.open_journal(dest, fd, journal, pieces)
             if undo is not None:
-                undo_ = Undo(undo, h, key, dest)
+                undo_ = Undo(undo, h, key, dest, _not_spools(journal_, key_file))
+                _refuse_undo_at_journal(undo_, journal_)
             stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,
                                 undo=undo_)
@@ -195,6 +209,28 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
+
+
+def _not_spools(journal: Journal, key_file: str | None) -> dict[tuple[int, int], str]:
+    """Files an undo spool must not be (loading one cuts it to its valid prefix): the
+    destination and the patch, as for the journal, and the key."""
+    found = dict(journal.not_files)
+    if key_file:
+        with contextlib.suppress(OSError):
+            st = os.stat(key_file)
+            found.setdefault((st.st_dev, st.st_ino), f"the key {key_file}")
+    return found
+
+
+def _refuse_undo_at_journal(undo: Undo, journal: Journal) -> None:
+    """UNDO renamed over the journal would leave a file that every later apply refuses as
+    a journal; a spool at the journal's name would make the journal refuse itself midway."""
+    if journal.name not in (undo.name, undo.spool):
+        return
+    a, b = os.fstat(undo.dir_fd), os.fstat(journal.dir_fd)
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        raise UsageError(f"{undo.path}: the undo patch (or its spool {undo.spool}) would be the "
+                         f"journal {journal.path}; name another file")
 
 
 def check(path: str, shift: int, identity: bytes, size: int | None = None) -> None:

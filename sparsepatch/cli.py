@@ -315,6 +315,7 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
       sparsepatch signature /dev/vg0/vm | ssh src sparsepatch diff - vm.img > vm.patch
     """
     stats_to = _stats_target(as_json, stats, output in (None, "-"))
+    _run(api.refuse_stats_over, stats_to, [output], [dest])
     _refuse_tty(output)
     prog = _progress("signature", lambda: api.data_size(dest), progress, quiet)
     t = time.monotonic()
@@ -360,6 +361,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     if split is not None and split < 4096:
         raise click.UsageError("--split SIZE must be at least 4K")
     stats_to = _stats_target(as_json, stats, output in (None, "-"))
+    _run(api.refuse_stats_over, stats_to, [output], [*args, key_file])
     _refuse_tty(output)
     prog = _progress("diff", lambda: api.data_size(args[-1]), progress, quiet)
     t = time.monotonic()
@@ -412,6 +414,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
     patches, dest = list(args[:-1]), args[-1]
     stats_to = _stats_target(as_json, stats, False)
     pieces = _run(api.patch_pieces, patches)
+    _run(api.refuse_stats_over, stats_to, [undo, journal], [*pieces, dest, key_file])
     total = lambda: sum(api.input_size(p) or 0 for p in pieces) or None  # noqa: E731
     prog = _progress("apply", total, progress, quiet)
     t = time.monotonic()
@@ -448,6 +451,7 @@ def verify(args: tuple[str, ...], against: str | None, key_file: str | None, qui
     if not args or (against is not None and len(args) != 1):
         raise click.UsageError("expected PATCH..., or --against SIG_OR_PATCH FILE")
     stats_to = _stats_target(as_json, stats, False)
+    _run(api.refuse_stats_over, stats_to, [], [*args, against, key_file])
     t = time.monotonic()
     s = _run(api.verify, args[0] if against else list(args), against, key_file)
     if s is None:

@@ -349,6 +349,12 @@ def _try_write_lock(fd: int, start: int) -> tuple[int, int, int, int] | None:
     return _ofd(fd, _F_OFD_GETLK, fcntl.F_WRLCK, start)
 
 
+def lock_whole(fd: int) -> bool:
+    """An OFD write lock over all of fd (open for writing); False if another open file
+    holds a lock on it. Held until fd is closed or the process dies."""
+    return _try_write_lock(fd, 0) is None
+
+
 def _is_apply(lock: tuple[int, int, int, int]) -> bool:
     """The lock another apply takes: an OFD (pid -1) write lock from byte 0 or LOCK_MARK to
     the end. A write lock needs a descriptor open for writing, so a mere reader cannot

@@ -16,7 +16,15 @@ import stat
 from collections.abc import Callable
 
 from . import sparse
-from .errors import AuthenticationError, FormatError, IOFailure, SparsePatchError, UsageError, WrongBase
+from .errors import (
+    AuthenticationError,
+    FormatError,
+    IOFailure,
+    Locked,
+    SparsePatchError,
+    UsageError,
+    WrongBase,
+)
 from .format import (
     CRC,
     FLAG_MAC,
@@ -65,12 +73,14 @@ class Undo:
 
     recording is False during the dry run: blocks are judged, nothing is written."""
 
-    def __init__(self, path: str, h: PatchHeader, key: bytes | None, dest_name: str):
+    def __init__(self, path: str, h: PatchHeader, key: bytes | None, dest_name: str,
+                 not_files: dict[tuple[int, int], str] | None = None):
         self.path = path
         folder, self.name = os.path.split(os.path.abspath(path))
         self.spool = spool_name(self.name)
         self.spool_path = os.path.join(folder, self.spool)
         self.dest_name = dest_name
+        self.not_files = not_files or {}  # (st_dev, st_ino) -> what the spool must not be
         self.h = h
         self.key = key
         self.uh = undo_header(h, key is not None)
@@ -94,6 +104,7 @@ class Undo:
         # repeated): it holds the base content of every block the patch changes, so there
         # is nothing to record.
         self.complete = False
+        self.done = RangeSet()  # blocks UNDO holds, when complete
         self.needs = False  # a block whose base content this run records
         self.gone_at: int | None = None  # first block already written and in no spool
         self._start: tuple[bool, int | None] = (False, None)
@@ -110,6 +121,13 @@ class Undo:
         """Open the spool an interrupted run left, keep its valid records and cut the rest;
         find out whether UNDO already is this patch's undo."""
         try:
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            # Found only at the final rename, it would fail an update already written.
+            raise UsageError(f"{self.path}: is a folder; --undo names the file to write")
+        try:
             fd = sparse.open_at(self.dir_fd, self.spool, os.O_RDWR)
         except FileNotFoundError:
             fd = None
@@ -119,6 +137,7 @@ class Undo:
         if fd is not None:
             self.fd = fd
             self._check(fd)
+            self._lock(fd)
             self._read_spool(fd)
         if not self.records and self._undo_done():
             self.complete = True
@@ -131,9 +150,25 @@ class Undo:
 
     def _check(self, fd: int) -> None:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        what = self.not_files.get((st.st_dev, st.st_ino))
+        if what is not None:
+            # Its torn tail would be cut: a file with no valid prefix would be emptied.
+            raise UsageError(f"{self.spool_path}: is {what}; the undo spool must be another "
+                             "file: name another UNDO")
+        if not _own(fd):
             raise IOFailure(f"{self.spool_path}: refusing the undo spool: not a regular file of "
                             f"uid {os.geteuid()} with one link")
+
+    def _lock(self, fd: int) -> None:
+        """Another apply writing the same UNDO (for another copy of the image) would cut
+        what this one has not synced yet and write its records over this one's."""
+        try:
+            taken = sparse.lock_whole(fd)
+        except OSError:
+            return  # no locks there (ENOLCK): the guard is against a mistake, not an attack
+        if not taken:
+            raise Locked(f"{self.spool_path}: another apply is writing this undo spool; "
+                         "wait for it, or name another UNDO")
 
     def _read_spool(self, fd: int) -> None:
         """Keep the longest valid prefix: header, then whole records, each checked (CRC, MAC,
@@ -214,18 +249,25 @@ class Undo:
 
     def _undo_done(self) -> bool:
         """Whether UNDO exists and is a whole, valid undo of this patch (a run that was
-        stopped after renaming it, or an apply repeated)."""
+        stopped after renaming it, or an apply repeated). Its header is public (the patch
+        holds the sizes and identities), so one that another user put there, in a shared
+        folder, proves nothing: only a file of the user running apply counts, and see()
+        still requires it to hold every block the patch touches."""
         try:
             fd = sparse.open_at(self.dir_fd, self.name, os.O_RDONLY)
         except OSError:
             return False
         try:
             with os.fdopen(fd, "rb") as f:
+                if not _own(f.fileno(), one_link=False):  # only read: a backup link is fine
+                    return False
                 reader = PatchReader(f.read, self.path, self.key, unauthenticated_ok=self.key is None)
                 if reader.header != self.uh:
                     return False
-                for _ in reader.records():
-                    pass
+                done = RangeSet()
+                for rec in reader.records():
+                    done.add(rec.first_block, rec.first_block + rec.count)
+                self.done = done
                 return True
         except (OSError, SparsePatchError):
             return False
@@ -241,8 +283,16 @@ class Undo:
     def see(self, block: int, base: bytes, target: bytes, cur: bytes, buf: bytearray) -> None:
         """A block the apply touches, its patch hashes and its current content: record its
         base content if it is still the base; else it must be recorded already."""
-        if self.complete or block >= self.base_blocks or self.covered.meets(block, block + 1):
+        if block >= self.base_blocks or self.covered.meets(block, block + 1):
             return  # past the base's end (the undo truncates it) or already in the spool
+        if self.complete:
+            if self.done.meets(block, block + 1):
+                return
+            raise WrongBase(
+                f"{self.path}: is an undo of this patch but holds no base content for the "
+                f"block at byte {block << self.shift}, which the patch changes: it cannot "
+                "lead back to the base; remove it or name another UNDO"
+            )
         if cur != base:
             self._gone(block)
             return
@@ -344,6 +394,7 @@ class Undo:
                                 "to write the undo spool through it") from None
             except OSError as e:
                 raise IOFailure(f"{self.spool_path}: cannot create the undo spool: {e.strerror}") from None
+            self._lock(self.fd)
             try:
                 sparse.sync_dir(self.dir_fd)
             except OSError as e:
@@ -426,3 +477,11 @@ class Undo:
                 os.close(fd)
         self.fd = None
         self.dir_fd = -1
+
+
+def _own(fd: int, one_link: bool = True) -> bool:
+    """A regular file of the user running apply (with one link, for a file apply writes
+    to): nobody else made it."""
+    st = os.fstat(fd)
+    return (stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or not one_link)
+            and st.st_uid == os.geteuid())
