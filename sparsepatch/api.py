@@ -184,7 +184,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         undo_: Undo | None = None
         try:
             files.claim_dest(fd, dest, allow_in_use)
-            journal_ = files.open_journal(dest, fd, journal, pieces)
+            journal_ = files.open_journal(dest, fd, journal, pieces, key_file)
             if undo is not None:
                 undo_ = Undo(undo, h, key, dest, _not_spools(journal_, key_file))
                 _refuse_undo_at_journal(undo_, journal_)

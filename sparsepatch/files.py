@@ -102,12 +102,13 @@ def default_journal(dest: str) -> str:
     return journal_path(dest)
 
 
-def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequence[str] = ()) -> Journal:
+def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequence[str] = (),
+                 key_file: str | None = None) -> Journal:
     """The journal for the destination open on fd (not yet read): override, or beside a
     file, or in the private state directory for a block device. Only the destination's
     owner and we may own an existing journal beside it or at override; in the private
     directory, only we. The journal may be neither the destination nor one of inputs
-    (the patch's files)."""
+    (the patch's files) nor the key file (32 zero bytes would pass for a journal)."""
     st = os.fstat(fd)
     owners = frozenset({os.geteuid(), st.st_uid})
     not_files = {(st.st_dev, st.st_ino): f"the destination {dest}"}
@@ -116,6 +117,10 @@ def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequen
             with contextlib.suppress(OSError):
                 s = os.stat(path)
                 not_files.setdefault((s.st_dev, s.st_ino), f"the patch {path}")
+    if key_file:
+        with contextlib.suppress(OSError):
+            s = os.stat(key_file)
+            not_files.setdefault((s.st_dev, s.st_ino), f"the key file {key_file}")
     if override is None and stat.S_ISBLK(st.st_mode):
         folder = state_dir()
         name = device_journal_name(st.st_rdev, sparse.file_size(fd))

@@ -197,3 +197,18 @@ def test_a_first_copy_into_another_users_empty_file_names_the_owner(tmp_path: Pa
     line = error_line(r, 3)
     assert f"owned by uid {_nobody_uid()}" in line, line
     assert dest.stat().st_size == 0
+
+
+def test_journal_option_naming_the_key_file_is_refused(tmp_path: Path) -> None:
+    """32 zero bytes pass for a journal's two empty slots: a key file of zeros named as the
+    journal would be overwritten and then removed."""
+    base = make_sparse(tmp_path / "base", 1 * MiB, [(0, 64 * KiB)])
+    target = make_sparse(tmp_path / "target", 1 * MiB, [(0, 128 * KiB)])
+    key = tmp_path / "key"
+    key.write_bytes(bytes(32))
+    run_cli("signature", str(base), "-o", str(tmp_path / "sig"))
+    run_cli("diff", str(tmp_path / "sig"), str(target), "-o", str(tmp_path / "p"), "-k", str(key))
+    r = run_cli("apply", str(tmp_path / "p"), str(base), "-k", str(key), "--journal", str(key),
+                check=False)
+    assert "key file" in error_line(r, 2)
+    assert key.read_bytes() == bytes(32)
