@@ -70,11 +70,17 @@ def write_file(path: str, data: bytes) -> None:
         write(data)
 
 
-def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str | None]) -> None:
+def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str | None],
+                      split_of: str | None = None) -> None:
     """--stats FILE is renamed into place at the end, like -o: naming one of the command's
-    inputs or outputs would replace it (an image, a patch, an undo) with its JSON."""
+    inputs or outputs would replace it (an image, a patch, an undo) with its JSON. split_of:
+    the -o of a split patch, whose pieces are its outputs too."""
     if stats is None or stats == "-":
         return
+    if split_of and split_of != "-":
+        stem, piece = os.path.abspath(split_of) + ".", os.path.abspath(stats)
+        if piece.startswith(stem) and piece[len(stem):].isdigit():
+            raise UsageError(f"{stats}: the stats would replace a piece of the split patch {split_of}")
     for path in outs:
         # An output may not exist yet: compare the names too.
         if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):

@@ -361,7 +361,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     if split is not None and split < 4096:
         raise click.UsageError("--split SIZE must be at least 4K")
     stats_to = _stats_target(as_json, stats, output in (None, "-"))
-    _run(api.refuse_stats_over, stats_to, [output], [*args, key_file])
+    _run(api.refuse_stats_over, stats_to, [output], [*args, key_file], output if split else None)
     _refuse_tty(output)
     prog = _progress("diff", lambda: api.data_size(args[-1]), progress, quiet)
     t = time.monotonic()

@@ -51,3 +51,12 @@ def test_stats_naming_an_input_or_the_output_of_signature_and_diff(
     r = run_cli("signature", str(base), "-o", str(tmp / "new.sig"), "--stats", str(stats), check=False)
     error_line(r, 2)
     assert base.stat().st_size == 4 * MiB
+
+
+def test_stats_naming_a_piece_of_the_split_patch_is_refused(tmp: Path, pair: tuple[Path, ...]) -> None:
+    _, target, _, _ = pair
+    out = tmp / "split.patch"
+    r = run_cli("diff", str(tmp / "base.sig"), str(target), "-o", str(out), "--split", "64K",
+                "--stats", f"{out}.000", check=False)
+    assert "piece of the split patch" in error_line(r, 2)
+    assert not list(tmp.glob("split.patch*"))
