@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import Locked, io_errors
+from .errors import IOFailure, Locked, io_errors
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -465,6 +465,47 @@ def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
     FIFO: for files in places another user may write to."""
     return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode,
                    dir_fd=dir_fd)
+
+
+def open_side(dir_fd: int, name: str, path: str, what: str) -> int | None:
+    """A file apply keeps beside its work (the journal, the undo spool) that an earlier
+    run left: name in dir_fd, open for reading and writing; None if there is none. A
+    symbolic link or a FIFO put there is refused, not opened. path and what (the apply
+    journal, the undo spool) are for messages; the caller still checks what it opened."""
+    try:
+        return open_at(dir_fd, name, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise IOFailure(f"{path}: refusing the {what}: {why_not_opened(e)}") from None
+
+
+def create_side(dir_fd: int, name: str, path: str, what: str) -> int:
+    """Create such a file where open_side found none: a name that appeared meanwhile is
+    refused, not written through. Durable only after the caller syncs the folder."""
+    try:
+        return open_at(dir_fd, name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        raise IOFailure(f"{path}: appeared while apply was running; refusing to write the "
+                        f"{what} through it") from None
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot create the {what}: {e.strerror}") from None
+
+
+def remove_side(dir_fd: int, name: str, fd: int) -> None:
+    """Close fd, then unlink name in dir_fd and sync the folder if the name still is fd's
+    file: one put in its place meanwhile is not ours to remove. OSError as raised, except
+    that a name already gone is no error."""
+    mine = os.fstat(fd)
+    os.close(fd)
+    try:
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            return
+        unlink(name, dir_fd)
+        sync_dir(dir_fd)
+    except FileNotFoundError:
+        return
 
 
 def open_device_exclusive(path: str, *, dir_fd: int | None = None, name: str | None = None) -> int:

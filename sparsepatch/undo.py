@@ -127,13 +127,7 @@ class Undo:
         if st is not None and stat.S_ISDIR(st.st_mode):
             # Found only at the final rename, it would fail an update already written.
             raise UsageError(f"{self.path}: is a folder; --undo names the file to write")
-        try:
-            fd = sparse.open_at(self.dir_fd, self.spool, os.O_RDWR)
-        except FileNotFoundError:
-            fd = None
-        except OSError as e:
-            why = sparse.why_not_opened(e)
-            raise IOFailure(f"{self.spool_path}: refusing the undo spool: {why}") from None
+        fd = sparse.open_side(self.dir_fd, self.spool, self.spool_path, "undo spool")
         if fd is not None:
             self.fd = fd
             self._check(fd)
@@ -387,13 +381,7 @@ class Undo:
     def _create(self) -> None:
         """The spool with the undo's header, its name durable in the folder."""
         if self.fd is None:
-            try:
-                self.fd = sparse.open_at(self.dir_fd, self.spool, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                raise IOFailure(f"{self.spool_path}: appeared while apply was running; refusing "
-                                "to write the undo spool through it") from None
-            except OSError as e:
-                raise IOFailure(f"{self.spool_path}: cannot create the undo spool: {e.strerror}") from None
+            self.fd = sparse.create_side(self.dir_fd, self.spool, self.spool_path, "undo spool")
             self._lock(self.fd)
             try:
                 sparse.sync_dir(self.dir_fd)
@@ -463,11 +451,9 @@ class Undo:
     def _drop_spool(self) -> None:
         if self.fd is None:
             return
+        fd, self.fd = self.fd, None
         try:
-            sparse.unlink(self.spool, self.dir_fd)
-            sparse.sync_dir(self.dir_fd)
-        except FileNotFoundError:
-            pass
+            sparse.remove_side(self.dir_fd, self.spool, fd)
         except OSError as e:
             raise IOFailure(f"{self.spool_path}: cannot remove the undo spool: {e.strerror}") from None
 
