@@ -88,10 +88,6 @@ def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str |
     outputs.refuse_overwrite(stats, *outs, *ins)
 
 
-def load_signature(path: str) -> Signature:
-    return _read_signature(path)[0]
-
-
 def _read_signature(path: str) -> tuple[Signature, int]:
     """The signature at path, and the mode an output made from it may have (read_mode)."""
     with inputs.open_input(path) as f:
