@@ -108,10 +108,10 @@ def _looks_sparse(fd: int, size: int) -> bool:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         return False
-    return st.st_blocks * 512 + UNREPORTED_SLACK <= size or _fs_type(st.st_dev) in NO_HOLE_MAP
+    return st.st_blocks * 512 + UNREPORTED_SLACK <= size or fs_type(st.st_dev) in NO_HOLE_MAP
 
 
-def _fs_type(dev: int) -> str:
+def fs_type(dev: int) -> str:
     """The type of the filesystem mounted from device number dev ("" if unknown)."""
     want = f"{os.major(dev)}:{os.minor(dev)}"
     try:
