@@ -124,16 +124,9 @@ class Journal:
         what = self.not_files.get((st.st_dev, st.st_ino))
         if what is not None:
             raise UsageError(f"{self.path}: is {what}; the journal must be another file")
-        if not stat.S_ISREG(st.st_mode):
-            why = "not a regular file"
-        elif st.st_nlink != 1:
-            why = f"it has {st.st_nlink} hard links"
-        elif st.st_uid not in self.owners:
-            allowed = " or ".join(str(u) for u in sorted(self.owners))
-            why = f"owned by uid {st.st_uid}, not {allowed}"
-        else:
-            return
-        raise IOFailure(f"{self.path}: refusing the apply journal: {why}")
+        why = sparse.not_ours(fd, self.owners)
+        if why is not None:
+            raise IOFailure(f"{self.path}: refusing the apply journal: {why}")
 
     def write(self, base: bytes, target: bytes, start: int, end: int) -> None:
         if self.fd is None:

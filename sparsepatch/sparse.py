@@ -492,6 +492,21 @@ def create_side(dir_fd: int, name: str, path: str, what: str) -> int:
         raise IOFailure(f"{path}: cannot create the {what}: {e.strerror}") from None
 
 
+def not_ours(fd: int, owners: frozenset[int], one_link: bool = True) -> str | None:
+    """Why the file open on fd may not be trusted as one apply made (None if it may): it
+    must be a regular file owned by one of owners and, when apply writes to it, have no
+    other link (through which a write or a cut would reach another file)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if one_link and st.st_nlink != 1:
+        return f"it has {st.st_nlink} hard links"
+    if st.st_uid not in owners:
+        allowed = " or ".join(str(u) for u in sorted(owners))
+        return f"owned by uid {st.st_uid}, not {allowed}"
+    return None
+
+
 def remove_side(dir_fd: int, name: str, fd: int) -> None:
     """Close fd, then unlink name in dir_fd and sync the folder if the name still is fd's
     file: one put in its place meanwhile is not ours to remove. OSError as raised, except

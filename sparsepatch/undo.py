@@ -149,9 +149,9 @@ class Undo:
             # Its torn tail would be cut: a file with no valid prefix would be emptied.
             raise UsageError(f"{self.spool_path}: is {what}; the undo spool must be another "
                              "file: name another UNDO")
-        if not _own(fd):
-            raise IOFailure(f"{self.spool_path}: refusing the undo spool: not a regular file of "
-                            f"uid {os.geteuid()} with one link")
+        why = sparse.not_ours(fd, frozenset({os.geteuid()}))
+        if why is not None:
+            raise IOFailure(f"{self.spool_path}: refusing the undo spool: {why}")
 
     def _lock(self, fd: int) -> None:
         """Another apply writing the same UNDO (for another copy of the image) would cut
@@ -253,7 +253,8 @@ class Undo:
             return False
         try:
             with os.fdopen(fd, "rb") as f:
-                if not _own(f.fileno(), one_link=False):  # only read: a backup link is fine
+                if sparse.not_ours(f.fileno(), frozenset({os.geteuid()}), one_link=False) is not None:
+                    # Only read: a backup link is fine.
                     return False
                 reader = PatchReader(f.read, self.path, self.key, unauthenticated_ok=self.key is None)
                 if reader.header != self.uh:
@@ -464,10 +465,3 @@ class Undo:
         self.fd = None
         self.dir_fd = -1
 
-
-def _own(fd: int, one_link: bool = True) -> bool:
-    """A regular file of the user running apply (with one link, for a file apply writes
-    to): nobody else made it."""
-    st = os.fstat(fd)
-    return (stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or not one_link)
-            and st.st_uid == os.geteuid())
