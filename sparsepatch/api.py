@@ -4,7 +4,6 @@ stats objects. The CLI is a thin layer over this module."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from collections.abc import Callable
@@ -86,10 +85,6 @@ def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str |
         if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):
             raise UsageError(f"{stats}: the stats would replace the output {path}")
     outputs.refuse_overwrite(stats, *outs, *ins)
-
-
-def load_signature(path: str) -> Signature:
-    return _read_signature(path)[0]
 
 
 def _read_signature(path: str) -> tuple[Signature, int]:
@@ -192,7 +187,9 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             files.claim_dest(fd, dest, allow_in_use)
             journal_ = files.open_journal(dest, fd, journal, pieces, key_file)
             if undo is not None:
-                undo_ = Undo(undo, h, key, dest, _not_spools(journal_, key_file))
+                # Loading a spool cuts it to its valid prefix: it may be none of the files
+                # the journal may not be (the destination, the patch, the key).
+                undo_ = Undo(undo, h, key, dest, journal_.not_files)
                 _refuse_undo_at_journal(undo_, journal_)
             stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,
@@ -215,17 +212,6 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
-
-
-def _not_spools(journal: Journal, key_file: str | None) -> dict[tuple[int, int], str]:
-    """Files an undo spool must not be (loading one cuts it to its valid prefix): the
-    destination and the patch, as for the journal, and the key."""
-    found = dict(journal.not_files)
-    if key_file:
-        with contextlib.suppress(OSError):
-            st = os.stat(key_file)
-            found.setdefault((st.st_dev, st.st_ino), f"the key {key_file}")
-    return found
 
 
 def _refuse_undo_at_journal(undo: Undo, journal: Journal) -> None:

@@ -1,6 +1,6 @@
 """The input side of the verbs: a file or `-` (stdin) to read, the pieces of a split patch
 read as one (Chain, and StableChain for a patch apply reads twice), and what an input
-holds (sniff_input). Paths live here and in api; the layers below see open descriptors
+holds (sniff_read). Paths live here and in api; the layers below see open descriptors
 and read callables."""
 
 from __future__ import annotations
@@ -275,12 +275,6 @@ class StableChain(Chain):
         return self.names[-1]
 
 
-def sniff_input(f: IO[bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
-    """What f holds, from its magic, and a read callable that still starts at byte 0
-    (stdin cannot seek back)."""
-    return sniff_read(f.read, name)
-
-
 def counting(read: Callable[[int], bytes], progress: Callable[[int], None]) -> Callable[[int], bytes]:
     def counted(n: int) -> bytes:
         chunk = read(n)
@@ -382,7 +376,9 @@ def missing_patch_hint(path: str) -> str:
 
 
 def sniff_read(source: Callable[[int], bytes], name: str) -> tuple[str, Callable[[int], bytes]]:
-    """sniff_input over a read callable (a Chain's, for the pieces of a split patch)."""
+    """What source (a file's read, or a Chain's for the pieces of a split patch) holds,
+    from its magic, and a read callable that still starts at byte 0 (stdin cannot seek
+    back)."""
     head = b""
     while len(head) < 8:  # a Chain's read stops at the end of each piece
         chunk = source(8 - len(head))

@@ -95,12 +95,9 @@ class Journal:
 
     def load(self) -> JournalSlot | None:
         """Open an existing journal (kept open for the writes) and return its current slot."""
-        try:
-            fd = sparse.open_at(self.dir_fd, self.name, os.O_RDWR)
-        except FileNotFoundError:
+        fd = sparse.open_side(self.dir_fd, self.name, self.path, "apply journal")
+        if fd is None:
             return None
-        except OSError as e:
-            raise IOFailure(f"{self.path}: refusing the apply journal: {sparse.why_not_opened(e)}") from None
         try:
             self._check(fd)
             buf = os.pread(fd, 2 * JOURNAL_SLOT_SIZE + 1, 0)
@@ -127,28 +124,13 @@ class Journal:
         what = self.not_files.get((st.st_dev, st.st_ino))
         if what is not None:
             raise UsageError(f"{self.path}: is {what}; the journal must be another file")
-        if not stat.S_ISREG(st.st_mode):
-            why = "not a regular file"
-        elif st.st_nlink != 1:
-            why = f"it has {st.st_nlink} hard links"
-        elif st.st_uid not in self.owners:
-            allowed = " or ".join(str(u) for u in sorted(self.owners))
-            why = f"owned by uid {st.st_uid}, not {allowed}"
-        else:
-            return
-        raise IOFailure(f"{self.path}: refusing the apply journal: {why}")
+        why = sparse.not_ours(fd, self.owners)
+        if why is not None:
+            raise IOFailure(f"{self.path}: refusing the apply journal: {why}")
 
     def write(self, base: bytes, target: bytes, start: int, end: int) -> None:
         if self.fd is None:
-            try:
-                self.fd = sparse.open_at(self.dir_fd, self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                raise IOFailure(
-                    f"{self.path}: appeared while apply was running; refusing to write the "
-                    "apply journal through it"
-                ) from None
-            except OSError as e:
-                raise IOFailure(f"{self.path}: cannot create the apply journal: {e.strerror}") from None
+            self.fd = sparse.create_side(self.dir_fd, self.name, self.path, "apply journal")
             try:
                 sparse.sync_dir(self.dir_fd)  # a journal lost to power is no journal
             except OSError as e:
@@ -166,17 +148,9 @@ class Journal:
         (one put in its place meanwhile is left alone), and sync the folder."""
         if self.fd is None:
             return
-        mine = os.fstat(self.fd)
-        os.close(self.fd)
-        self.fd = None
+        fd, self.fd = self.fd, None
         try:
-            now = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
-            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
-                return
-            sparse.unlink(self.name, dir_fd=self.dir_fd)
-            sparse.sync_dir(self.dir_fd)
-        except FileNotFoundError:
-            return
+            sparse.remove_side(self.dir_fd, self.name, fd)
         except OSError as e:
             raise IOFailure(f"{self.path}: cannot remove the apply journal: {e.strerror}") from None
 

@@ -94,20 +94,9 @@ def _check_piece_size(dfd: int, folder: str, split: int) -> None:
                          "use --split fat32 (or 4095M)")
 
 
-def _fs_type(fd: int) -> str | None:
-    """The type of the filesystem fd is on, from /proc/self/mountinfo (None if unknown)."""
-    dev = os.fstat(fd).st_dev
-    want = f"{os.major(dev)}:{os.minor(dev)}"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 3 and fields[2] == want and " - " in line:
-            return line.split(" - ", 1)[1].split()[0]
-    return None
+def _fs_type(fd: int) -> str:
+    """The type of the filesystem fd is on ("" if unknown)."""
+    return sparse.fs_type(os.fstat(fd).st_dev)
 
 
 def _shared(st: os.stat_result) -> bool:

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import Locked, io_errors
+from .errors import IOFailure, Locked, io_errors
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -108,10 +108,10 @@ def _looks_sparse(fd: int, size: int) -> bool:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         return False
-    return st.st_blocks * 512 + UNREPORTED_SLACK <= size or _fs_type(st.st_dev) in NO_HOLE_MAP
+    return st.st_blocks * 512 + UNREPORTED_SLACK <= size or fs_type(st.st_dev) in NO_HOLE_MAP
 
 
-def _fs_type(dev: int) -> str:
+def fs_type(dev: int) -> str:
     """The type of the filesystem mounted from device number dev ("" if unknown)."""
     want = f"{os.major(dev)}:{os.minor(dev)}"
     try:
@@ -465,6 +465,62 @@ def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
     FIFO: for files in places another user may write to."""
     return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode,
                    dir_fd=dir_fd)
+
+
+def open_side(dir_fd: int, name: str, path: str, what: str) -> int | None:
+    """A file apply keeps beside its work (the journal, the undo spool) that an earlier
+    run left: name in dir_fd, open for reading and writing; None if there is none. A
+    symbolic link or a FIFO put there is refused, not opened. path and what (the apply
+    journal, the undo spool) are for messages; the caller still checks what it opened."""
+    try:
+        return open_at(dir_fd, name, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise IOFailure(f"{path}: refusing the {what}: {why_not_opened(e)}") from None
+
+
+def create_side(dir_fd: int, name: str, path: str, what: str) -> int:
+    """Create such a file where open_side found none: a name that appeared meanwhile is
+    refused, not written through. Durable only after the caller syncs the folder."""
+    try:
+        return open_at(dir_fd, name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        raise IOFailure(f"{path}: appeared while apply was running; refusing to write the "
+                        f"{what} through it") from None
+    except OSError as e:
+        raise IOFailure(f"{path}: cannot create the {what}: {e.strerror}") from None
+
+
+def not_ours(fd: int, owners: frozenset[int], one_link: bool = True) -> str | None:
+    """Why the file open on fd may not be trusted as one apply made (None if it may): it
+    must be a regular file owned by one of owners and, when apply writes to it, have no
+    other link (through which a write or a cut would reach another file)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if one_link and st.st_nlink != 1:
+        return f"it has {st.st_nlink} hard links"
+    if st.st_uid not in owners:
+        allowed = " or ".join(str(u) for u in sorted(owners))
+        return f"owned by uid {st.st_uid}, not {allowed}"
+    return None
+
+
+def remove_side(dir_fd: int, name: str, fd: int) -> None:
+    """Close fd, then unlink name in dir_fd and sync the folder if the name still is fd's
+    file: one put in its place meanwhile is not ours to remove. OSError as raised, except
+    that a name already gone is no error."""
+    mine = os.fstat(fd)
+    os.close(fd)
+    try:
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            return
+        unlink(name, dir_fd)
+        sync_dir(dir_fd)
+    except FileNotFoundError:
+        return
 
 
 def open_device_exclusive(path: str, *, dir_fd: int | None = None, name: str | None = None) -> int:

@@ -127,13 +127,7 @@ class Undo:
         if st is not None and stat.S_ISDIR(st.st_mode):
             # Found only at the final rename, it would fail an update already written.
             raise UsageError(f"{self.path}: is a folder; --undo names the file to write")
-        try:
-            fd = sparse.open_at(self.dir_fd, self.spool, os.O_RDWR)
-        except FileNotFoundError:
-            fd = None
-        except OSError as e:
-            why = sparse.why_not_opened(e)
-            raise IOFailure(f"{self.spool_path}: refusing the undo spool: {why}") from None
+        fd = sparse.open_side(self.dir_fd, self.spool, self.spool_path, "undo spool")
         if fd is not None:
             self.fd = fd
             self._check(fd)
@@ -155,9 +149,9 @@ class Undo:
             # Its torn tail would be cut: a file with no valid prefix would be emptied.
             raise UsageError(f"{self.spool_path}: is {what}; the undo spool must be another "
                              "file: name another UNDO")
-        if not _own(fd):
-            raise IOFailure(f"{self.spool_path}: refusing the undo spool: not a regular file of "
-                            f"uid {os.geteuid()} with one link")
+        why = sparse.not_ours(fd, frozenset({os.geteuid()}))
+        if why is not None:
+            raise IOFailure(f"{self.spool_path}: refusing the undo spool: {why}")
 
     def _lock(self, fd: int) -> None:
         """Another apply writing the same UNDO (for another copy of the image) would cut
@@ -259,7 +253,8 @@ class Undo:
             return False
         try:
             with os.fdopen(fd, "rb") as f:
-                if not _own(f.fileno(), one_link=False):  # only read: a backup link is fine
+                if sparse.not_ours(f.fileno(), frozenset({os.geteuid()}), one_link=False) is not None:
+                    # Only read: a backup link is fine.
                     return False
                 reader = PatchReader(f.read, self.path, self.key, unauthenticated_ok=self.key is None)
                 if reader.header != self.uh:
@@ -387,13 +382,7 @@ class Undo:
     def _create(self) -> None:
         """The spool with the undo's header, its name durable in the folder."""
         if self.fd is None:
-            try:
-                self.fd = sparse.open_at(self.dir_fd, self.spool, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                raise IOFailure(f"{self.spool_path}: appeared while apply was running; refusing "
-                                "to write the undo spool through it") from None
-            except OSError as e:
-                raise IOFailure(f"{self.spool_path}: cannot create the undo spool: {e.strerror}") from None
+            self.fd = sparse.create_side(self.dir_fd, self.spool, self.spool_path, "undo spool")
             self._lock(self.fd)
             try:
                 sparse.sync_dir(self.dir_fd)
@@ -463,11 +452,9 @@ class Undo:
     def _drop_spool(self) -> None:
         if self.fd is None:
             return
+        fd, self.fd = self.fd, None
         try:
-            sparse.unlink(self.spool, self.dir_fd)
-            sparse.sync_dir(self.dir_fd)
-        except FileNotFoundError:
-            pass
+            sparse.remove_side(self.dir_fd, self.spool, fd)
         except OSError as e:
             raise IOFailure(f"{self.spool_path}: cannot remove the undo spool: {e.strerror}") from None
 
@@ -478,10 +465,3 @@ class Undo:
         self.fd = None
         self.dir_fd = -1
 
-
-def _own(fd: int, one_link: bool = True) -> bool:
-    """A regular file of the user running apply (with one link, for a file apply writes
-    to): nobody else made it."""
-    st = os.fstat(fd)
-    return (stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or not one_link)
-            and st.st_uid == os.geteuid())

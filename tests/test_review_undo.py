@@ -13,8 +13,9 @@ from conftest import error_line, run_cli
 from test_resume import clone, same_bytes
 from test_undo import assert_is_base, make_pair
 
+from sparsepatch import api
 from sparsepatch.format import PatchReader, PatchTrailer, encode_patch_header, encode_patch_trailer
-from sparsepatch.undo import undo_header
+from sparsepatch.undo import Undo, undo_header
 
 
 def forge_empty_undo(patch: Path, out: Path) -> None:
@@ -131,3 +132,29 @@ def test_key_at_the_spools_name_is_refused_not_cut(tmp: Path) -> None:
     assert "key" in error_line(r, 2)
     assert key.read_bytes() == bytes(range(32))
     assert same_bytes(dest, base)
+
+
+def test_a_file_put_at_the_spools_name_is_not_removed_with_the_spool(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun after the rename finds UNDO complete and drops the empty spool it left; a
+    file renamed to the spool's name meanwhile is not that spool and stays."""
+    base, target, patch = make_pair(tmp, "in-place")
+    dest, undo = tmp / "dest.img", tmp / "u"
+    clone(base, dest)
+    run_cli("apply", str(patch), str(dest), "--undo", str(undo))
+    spool = tmp / ".u.sparsepatch-undo"
+    with open(patch, "rb") as f:
+        h = PatchReader(f.read, str(patch), None, True).header
+    spool.write_bytes(encode_patch_header(undo_header(h, False)))  # a run stopped at its start
+    other = tmp / "other"
+    other.write_bytes(b"keep")
+    real = Undo.finish
+
+    def swapped_first(self: Undo) -> None:
+        os.rename(other, spool)
+        real(self)
+
+    monkeypatch.setattr(Undo, "finish", swapped_first)
+    api.apply(str(patch), str(dest), undo=str(undo))
+    assert same_bytes(dest, target)
+    assert spool.read_bytes() == b"keep"
