@@ -171,10 +171,11 @@ def test_apply_killed_at_random_moments_then_resumed(big: Big, tmp: Path) -> Non
     for trial in range(12):
         clone(big.base, dest)
         for _ in range(1 + trial % 3):  # one to three kills before the run that finishes
-            delay = whole * rng.uniform(0.35, 1.0)
+            delay = whole * rng.uniform(0.2, 0.9)
             interrupted += _kill_after(["apply", str(big.patch), str(dest)], delay)
         if trial % 4 == 3:  # and once for sure while it writes
-            _kill_while_writing(["apply", str(big.patch), str(dest)], tmp, rng.uniform(0, 0.2 * whole))
+            interrupted += _kill_while_writing(["apply", str(big.patch), str(dest)], tmp,
+                                               rng.uniform(0, 0.2 * whole))
         stats = _finish(["apply", str(big.patch), str(dest)])
         resumed += bool(stats["resumed"])
         _check_result(big, dest)
@@ -196,10 +197,10 @@ def test_first_copy_killed_at_random_moments_then_resumed(big: Big, tmp: Path) -
     for trial in range(10):
         dest.unlink()
         for _ in range(1 + trial % 2):
-            delay = whole * rng.uniform(0.35, 1.0)
+            delay = whole * rng.uniform(0.2, 0.9)
             interrupted += _kill_after(["apply", str(big.full_patch), str(dest)], delay)
         if trial % 4 == 3:
-            _kill_while_writing(["apply", str(big.full_patch), str(dest)], tmp,
+            interrupted += _kill_while_writing(["apply", str(big.full_patch), str(dest)], tmp,
                                 rng.uniform(0, 0.2 * whole))
         stats = _finish(["apply", str(big.full_patch), str(dest)])
         resumed += bool(stats["resumed"])
