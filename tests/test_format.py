@@ -1152,3 +1152,15 @@ def test_journal_sequence_wraps() -> None:
     assert last is not None and last.seq == 0 and last.start_block == 1 << 32
     assert decode_journal(journal(0xFFFFFFFF)).seq == 0xFFFFFFFF  # type: ignore[union-attr]
     assert decode_journal(bytes(2 * JOURNAL_SLOT_SIZE)) is None
+
+
+def test_info_shows_the_page_size_and_page_hash_count() -> None:
+    path = mf.FIXTURES / "block-16k" / "base.sig"
+    sig = parse_sig(path.read_bytes())
+    info = api.info(str(path))
+    assert info["version"] == 2 and info["block_size"] == 16384 and info["page_size"] == 4096
+    assert info["page_hashes"] == 4 * info["data_blocks"] == len(sig.pages) // HASH_LEN > 0
+    r = subprocess.run([sys.executable, "-m", "sparsepatch", "info", str(path)], capture_output=True,
+                       text=True, check=True)
+    assert "page size: 4,096 (4.0 KiB)" in r.stdout.splitlines()
+    assert f"page hashes: {info['page_hashes']:,}" in r.stdout.splitlines()
