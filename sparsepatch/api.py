@@ -5,7 +5,6 @@ stats objects. The CLI is a thin layer over this module."""
 from __future__ import annotations
 
 import contextlib
-
 import io
 import os
 from collections.abc import Callable
