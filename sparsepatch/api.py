@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import files, inputs, outputs
+from . import since as since_
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
 from .errors import FormatError, UsageError, VerifyMismatch
@@ -120,7 +121,8 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
          block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
          key_file: str | None = None, split: int | None = None,
          progress: Callable[[int], None] | None = None, source_check: str = "mtime",
-         warn: Callable[[str], object] | None = None, next_signature: str | None = None) -> DiffStats:
+         warn: Callable[[str], object] | None = None, next_signature: str | None = None,
+         since: str | None = None) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file. A source that changes while it is read raises
     SourceChanged: source_check "mtime" compares its mtime, ctime and size before and
@@ -128,7 +130,9 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     and relies on the second reading of the blocks the patch carries, which are hashed
     again and compared with the first. next_signature names a file for the signature the
     destination will have after the patch (the target's, read at no extra cost): the next
-    diff can start from it without a signature from the destination."""
+    diff can start from it without a signature from the destination. since names a
+    copy-on-write snapshot (a reflink copy) of the state sig describes, on the source's
+    XFS or btrfs filesystem: only the ranges whose extents differ from it are read."""
     if full == (sig is not None):
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
@@ -142,8 +146,11 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         outputs.refuse_overwrite(next_signature, sig, source, key_file)
     key = load_key(key_file) if key_file else None
     signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)
+    if since is not None and (sig is None or source == "-"):
+        raise UsageError("--since needs a signature and a source file (not --full, not stdin)")
     with inputs.open_source(source) as fd:
         mode &= outputs.read_mode(None if source == "-" else fd)
+        changed = None if since is None else _since_ranges(since, fd, source, signature_.header.file_size)
         # The next signature is committed only after the patch is: never one without the other
         # (a signature of a target no patch leads to would make the next diff's patch useless).
         with contextlib.ExitStack() as outs:
@@ -152,7 +159,13 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
             write = outs.enter_context(outputs.open_output(output, split, mode))
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
                                progress=progress, source_check=source_check, warn=warn,
-                               next_signature=nxt)
+                               next_signature=nxt, since=changed)
+
+
+def _since_ranges(snapshot: str, fd: int, source: str, size: int) -> list[tuple[int, int]]:
+    """The byte ranges of source that differ from snapshot's extents (since.py)."""
+    with inputs.open_source(snapshot) as snap:
+        return since_.changed_ranges(snap, snapshot, fd, source, size)[0]
 
 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,

@@ -339,6 +339,9 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
 @click.option("--split", type=SplitSizeType(), metavar="SIZE",
               help="With -o: write FILE.000, FILE.001, ... of at most SIZE each "
                    "(fat32: 4 GiB - 1 byte, the largest file FAT32 holds).")
+@click.option("--since", metavar="SNAPSHOT",
+              help="A reflink copy of the state SIG describes (XFS, btrfs): read only what "
+                   "changed since, from the extent maps. You vouch that it matches SIG.")
 @click.option("--next-signature", "next_signature", metavar="FILE",
               help="Also write the signature the destination will have once the patch is "
                    "applied: the next diff starts from it, with nothing sent back.")
@@ -347,8 +350,8 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
                "as a FUSE export).")
 @_common
 def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
-         key_file: str | None, split: int | None, next_signature: str | None, source_check: str,
-         quiet: bool, progress: str, as_json: bool, stats: str | None) -> None:
+         key_file: str | None, split: int | None, since: str | None, next_signature: str | None,
+         source_check: str, quiet: bool, progress: str, as_json: bool, stats: str | None) -> None:
     """Write a patch that turns the file SIG describes into SOURCE ('-': stdin).
 
     \b
@@ -358,6 +361,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
       sparsepatch diff -k secret.key vm.sig vm.img -o vm.patch
       sparsepatch diff --source-check content vm.sig /mnt/fuse/vm.img -o vm.patch
       sparsepatch diff vm.sig vm.img -o vm.patch --next-signature vm.sig.next
+      sparsepatch diff --since vm.snap vm.sig vm.img -o vm.patch
     """
     want = 1 if full else 2
     if len(args) != want:
@@ -365,7 +369,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     if split is not None and split < 4096:
         raise click.UsageError("--split SIZE must be at least 4K")
     stats_to = _stats_target(as_json, stats, output in (None, "-"))
-    _run(api.refuse_stats_over, stats_to, [output, next_signature], [*args, key_file],
+    _run(api.refuse_stats_over, stats_to, [output, next_signature], [*args, key_file, since],
          output if split else None)
     _refuse_tty(output)
     prog = _progress("diff", lambda: api.data_size(args[-1]), progress, quiet)
@@ -373,7 +377,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     sig = None if full else args[0]
     s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
              key_file=key_file, split=split, progress=prog, source_check=source_check,
-             warn=_warn, next_signature=next_signature)
+             warn=_warn, next_signature=next_signature, since=since)
     changed = s.data_blocks + s.zero_blocks + s.copy_blocks
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "

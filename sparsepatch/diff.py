@@ -228,7 +228,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
                 full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
                 progress: Callable[[int], None] | None = None, source_check: str = "mtime",
                 warn: Callable[[str], object] | None = None,
-                next_signature: Callable[[bytes], object] | None = None) -> DiffStats:
+                next_signature: Callable[[bytes], object] | None = None,
+                since: list[tuple[int, int]] | None = None) -> DiffStats:
     shift = sig.header.block_shift
     bs = 1 << shift
     # A regular file that changes while diff runs changes its mtime, ctime or size: one
@@ -237,7 +238,9 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # source_check "content" (for a file whose mtime is always new) only the size is
     # compared, and the second reading's hashes are the check.
     stamp = Stamp(fd, source_check)
-    scan = Scanner(fd, shift, name, progress=progress, warn=warn)
+    # since: the byte ranges that may differ from the signature's state (diff --since); the
+    # other blocks are what the signature says, read from it and not from the source.
+    scan = Scanner(fd, shift, name, progress=progress, warn=warn, only=since, known=sig)
     spool = None if scan.seekable else _Spool(shift)
     # The target's canonical signature: its identity goes into the header, and with
     # next_signature its bytes are the signature the destination will have once the patch

@@ -4,6 +4,7 @@ real XFS and btrfs file systems (loop-mounted), and what they refuse to prove.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -138,3 +139,78 @@ def test_ext4_is_refused_with_the_reason(tmp_path: Path) -> None:
         shutil.copyfile(img, snap)
         with pytest.raises(UsageError, match="needs a reflink snapshot on XFS or btrfs; this is ext4"):
             _ranges(snap, img)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def _device_reads(mnt: Path) -> int:
+    """Bytes read so far from the block device mounted at mnt (/sys/block/*/stat)."""
+    dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    fields = Path(f"/sys/block/{os.path.basename(dev)}/stat").read_text().split()
+    return int(fields[2]) * 512
+
+
+def _drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError as e:
+        pytest.skip(f"cannot drop the page cache: {e}")
+
+
+def test_diff_since_reads_the_change_and_writes_the_same_patch(fs: Path) -> None:
+    from conftest import run_cli
+
+    img, snap = fs / "vm.img", fs / "vm.snap"
+    data = [(i * 4 * MiB, 2 * MiB) for i in range(128)]  # 256 MiB of data in a 512 MiB image
+    _image(img, 512 * MiB, data)
+    sig = fs.parent / f"{fs.name}.sig"
+    run_cli("signature", str(img), "-o", str(sig))
+    subprocess.run(["cp", "--reflink=always", str(img), str(snap)], check=True)
+    changed = 0
+    for k in range(10):  # 10 MiB rewritten, scattered; one write past the end (growth)
+        _write(img, k * 40 * MiB + 12345, MiB, seed=100 + k)
+        changed += MiB
+    _write(img, 512 * MiB + 4096, 8192, seed=7)
+    changed += 8192
+    full, fast = fs.parent / f"{fs.name}-full.patch", fs.parent / f"{fs.name}-since.patch"
+    run_cli("diff", str(sig), str(img), "-o", str(full))
+    _drop_caches()
+    before = _device_reads(fs)
+    r = run_cli("diff", "--since", str(snap), str(sig), str(img), "-o", str(fast), "--json")
+    read = _device_reads(fs) - before
+    assert fast.read_bytes() == full.read_bytes()
+    stats = json.loads(r.stdout)
+    assert stats["bytes_read"] <= 2 * changed + 16 * MiB, stats
+    assert read <= 3 * changed + 16 * MiB, (read, changed)
+    # And it applies: the snapshot (the state the signature describes) becomes the image.
+    run_cli("apply", str(fast), str(snap))
+    assert _same(snap, img)
+
+
+def test_diff_since_refuses_ext4_and_a_stream(tmp_path: Path) -> None:
+    from conftest import error_line, run_cli
+
+    with mounted("ext4", tmp_path, 64 * MiB) as mnt:
+        img, snap, sig = mnt / "e.img", mnt / "e.snap", mnt / "e.sig"
+        _image(img, 8 * MiB, [(0, MiB)])
+        shutil.copyfile(img, snap)
+        run_cli("signature", str(img), "-o", str(sig))
+        r = run_cli("diff", "--since", str(snap), str(sig), str(img), "-o", str(mnt / "p"), check=False)
+        assert "needs a reflink snapshot on XFS or btrfs; this is ext4" in error_line(r, 2)
+        r = run_cli("diff", "--since", str(snap), str(sig), "-", "-o", str(mnt / "p"), check=False,
+                    input=img.read_bytes())
+        assert "not stdin" in error_line(r, 2)
+        assert not (mnt / "p").exists()
+
+
+def _same(a: Path, b: Path) -> bool:
+    with open(a, "rb") as f, open(b, "rb") as g:
+        while True:
+            x, y = f.read(1 << 20), g.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
