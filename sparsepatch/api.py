@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import files, inputs, outputs
+from . import files, fork, inputs, outputs
 from . import since as since_
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
@@ -53,13 +53,15 @@ block_shift = shift_for_block_size
 
 def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
               progress: Callable[[int], None] | None = None, *, source_check: str = "mtime",
-              warn: Callable[[str], object] | None = None) -> SignatureStats:
+              warn: Callable[[str], object] | None = None, jobs: int | None = None) -> SignatureStats:
     """Write the signature of dest (a path or '-') to output (a path, '-' or None: stdout).
     A file that changes while it is read raises SourceChanged; source_check "content"
-    looks at its size only, for a file whose mtime is always new (see diff)."""
+    looks at its size only, for a file whose mtime is always new (see diff). jobs: the
+    processes that hash (default: one per CPU this process may use); the output is the
+    same for any number."""
     shift = block_shift(block_size)
     outputs.refuse_overwrite(output, dest)
-    with inputs.open_source(dest) as fd:
+    with fork.jobs(jobs), inputs.open_source(dest) as fd:
         mode = outputs.read_mode(None if dest == "-" else fd)
         with outputs.open_output(output, mode=mode) as write:
             return write_signature(fd, shift, dest, write, progress, None,
@@ -122,7 +124,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
          key_file: str | None = None, split: int | None = None,
          progress: Callable[[int], None] | None = None, source_check: str = "mtime",
          warn: Callable[[str], object] | None = None, next_signature: str | None = None,
-         since: str | None = None) -> DiffStats:
+         since: str | None = None, jobs: int | None = None) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file. A source that changes while it is read raises
     SourceChanged: source_check "mtime" compares its mtime, ctime and size before and
@@ -132,7 +134,8 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     destination will have after the patch (the target's, read at no extra cost): the next
     diff can start from it without a signature from the destination. since names a
     copy-on-write snapshot (a reflink copy) of the state sig describes, on the source's
-    XFS or btrfs filesystem: only the ranges whose extents differ from it are read."""
+    XFS or btrfs filesystem: only the ranges whose extents differ from it are read. jobs:
+    as for signature."""
     if full == (sig is not None):
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
@@ -148,7 +151,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)
     if since is not None and (sig is None or source == "-"):
         raise UsageError("--since needs a signature and a source file (not --full, not stdin)")
-    with inputs.open_source(source) as fd:
+    with fork.jobs(jobs), inputs.open_source(source) as fd:
         mode &= outputs.read_mode(None if source == "-" else fd)
         changed = None if since is None else _since_ranges(since, fd, source, signature_.header.file_size)
         # The next signature is committed only after the patch is: never one without the other
