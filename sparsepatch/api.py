@@ -16,6 +16,8 @@ from .errors import FormatError, UsageError, VerifyMismatch
 from .format import (
     CRC,
     MAC_LEN,
+    MAX_WINDOW_LOG,
+    MIN_WINDOW_LOG,
     PATCH_TRAILER,
     REC_DATA,
     REC_NAMES,
@@ -117,13 +119,16 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
          block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
          key_file: str | None = None, split: int | None = None,
          progress: Callable[[int], None] | None = None, source_check: str = "mtime",
-         warn: Callable[[str], object] | None = None) -> DiffStats:
+         warn: Callable[[str], object] | None = None, window_log: int = MAX_WINDOW_LOG) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file. A source that changes while it is read raises
     SourceChanged: source_check "mtime" compares its mtime, ctime and size before and
     after; "content" (a source whose mtime is always new, such as a FUSE export) its size,
     and relies on the second reading of the blocks the patch carries, which are hashed
-    again and compared with the first."""
+    again and compared with the first. window_log caps the compression window at
+    2^window_log bytes (10..27): the memory diff's compressor and apply's decoder take."""
+    if not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
+        raise UsageError(f"window log {window_log} is outside {MIN_WINDOW_LOG}..{MAX_WINDOW_LOG}")
     if full == (sig is not None):
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
@@ -135,7 +140,8 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
         mode &= outputs.read_mode(None if source == "-" else fd)
         with outputs.open_output(output, split, mode) as write:
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
-                               progress=progress, source_check=source_check, warn=warn)
+                               progress=progress, source_check=source_check, warn=warn,
+                               window_log=window_log)
 
 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,
@@ -298,7 +304,7 @@ def info(path: str | list[str]) -> dict[str, Any]:
             "block_size": h.block_size,
             "base_size": h.base_size, "target_size": h.target_size,
             "base_identity": h.base_identity.hex(), "target_identity": h.target_identity.hex(),
-            "records": records,
+            "records": records, "frames": reader.frames, "window_log": h.window_log,
             "blocks": {"data": t.data_blocks, "zero": t.zero_blocks, "copy": t.copy_blocks},
             "data_bytes": raw, "payload_bytes": t.payload_bytes,
             "patch_bytes": t.body_bytes + PATCH_TRAILER.size + CRC.size

@@ -334,6 +334,9 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
               show_default="16K", help="Block size for --full (otherwise the signature's).")
 @click.option("-l", "--level", type=click.IntRange(1, 19), default=3, show_default=True,
               help="zstd compression level.")
+@click.option("--window-log", type=click.IntRange(10, 27), default=27, show_default=True,
+              metavar="N", help="zstd window of at most 2^N bytes: the memory diff's compressor "
+              "(about 1.2 x 2^N) and apply's decoder (2^N) take. 27: 128 MiB.")
 @click.option("-k", "--key-file", metavar="KEY",
               help="Authenticate the patch with a keyed MAC derived from this file's bytes.")
 @click.option("--split", type=SplitSizeType(), metavar="SIZE",
@@ -344,8 +347,8 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
                "as a FUSE export).")
 @_common
 def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
-         key_file: str | None, split: int | None, source_check: str, quiet: bool, progress: str,
-         as_json: bool, stats: str | None) -> None:
+         window_log: int, key_file: str | None, split: int | None, source_check: str, quiet: bool,
+         progress: str, as_json: bool, stats: str | None) -> None:
     """Write a patch that turns the file SIG describes into SOURCE ('-': stdin).
 
     \b
@@ -368,7 +371,7 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     sig = None if full else args[0]
     s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
              key_file=key_file, split=split, progress=prog, source_check=source_check,
-             warn=_warn)
+             warn=_warn, window_log=window_log)
     changed = s.data_blocks + s.zero_blocks + s.copy_blocks
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
