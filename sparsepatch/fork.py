@@ -1,10 +1,11 @@
-"""Work shared with one forked process, for the CPU-bound loops of signature and diff.
+"""Work shared with one forked process, for the CPU-bound loop of signature and of diff's
+first phase: hashing the data extents of a file. (diff's second phase compresses one zstd
+stream, which cannot be shared out; zstd releases the GIL, so a thread reads ahead of it.)
 
-A second thread does not help there: BLAKE3 at 16 KiB per call, and the per-block Python
-around it, spend as much time handing the GIL over as hashing. So share_map() forks a
-worker process and hands it items as it becomes free, through a pipe, as bytes: this
-process alone walks the items (the data extents of a file, the planned records of a
-patch), so both always work on the same sequence. The worker sends each result back
+A second thread does not help with hashing: BLAKE3 at 16 KiB per call, and the per-block
+Python around it, spend as much time handing the GIL over as hashing. So share_map() forks
+a worker process and hands it items as it becomes free, through a pipe, as bytes: this
+process alone walks the items, so both always work on the same sequence. The worker sends each result back
 through a second pipe, and this process yields all results in order. Which process did
 an item never shows in the result. Where a worker cannot be had (one CPU, other threads
 running, no fork, fork or pipe failing), the same work runs here, one item after another.
