@@ -352,3 +352,23 @@ def test_undo_round_trips_with_a_frame_per_record(world: dict[str, Any]) -> None
     assert reader.header.window_log == 23  # the largest undo record: 8 MiB
     api.apply(str(t / "undo.patch"), str(dest))
     assert dest.read_bytes() == world["base"]
+
+
+def test_frames_are_cut_at_record_boundaries(world: dict[str, Any],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_FRAME_RAW of literal a frame (1 GiB; made small here): a new frame opens
+    at the record that would pass it, and each applies in turn."""
+    diff_module = sys.modules["sparsepatch.diff"]  # the package's diff is the api function
+    t = world["tmp"]
+    monkeypatch.setattr(diff_module, "MAX_FRAME_RAW", 5 * BS)
+    api.diff(str(t / "base.sig"), str(t / "target.img"), str(t / "f.patch"))
+    reader, records = parse((t / "f.patch").read_bytes())
+    data = [r for r in records if r.kind == REC_DATA]
+    assert [(r.count, r.flags) for r in data] == [
+        (3, FRAME_START), (2, FRAME_END), (6, FRAME_START | FRAME_END), (1, FRAME_START | FRAME_END)]
+    assert reader.frames == 3
+    assert reader.header.window_log == max(10, (6 * BS - 1).bit_length())
+    dest = t / "dest.img"
+    dest.write_bytes(world["base"])
+    api.apply(str(t / "f.patch"), str(dest))
+    assert dest.read_bytes() == world["target"]
