@@ -135,6 +135,10 @@ def test_no_literal_gives_window_log_0(tmp_path: Path) -> None:
 def test_patch_bytes_do_not_depend_on_the_cpus(world: dict[str, Any]) -> None:
     """The same patch with one CPU and with all of them (diff's reading thread, the
     scanner's worker process)."""
+    import shutil
+
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (Debian package util-linux) is not installed")
     t = world["tmp"]
     outs = []
     for cpus in ("0", ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))):
