@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from sparsepatch import api
-from sparsepatch.errors import ChecksumMismatch, FormatError, SparsePatchError, Truncated
+from sparsepatch.errors import ChecksumMismatch, FormatError, SparsePatchError
 from sparsepatch.format import (
     FRAME_END,
     FRAME_START,
@@ -160,7 +160,7 @@ def test_truncated_and_corrupt_pieces_are_refused(world: dict[str, Any]) -> None
     rec = records[k]
     # A piece cut short: the record no longer ends at a block boundary.
     cut = dataclasses.replace(rec, payload=rec.payload[:-1])
-    msg = refused(Truncated, assemble(h, [*records[:k], cut, *records[k + 1 :]]),
+    msg = refused(FormatError, assemble(h, [*records[:k], cut, *records[k + 1 :]]),
                   f"record {k} (data)", "payload ends inside the zstd block")
     assert "at byte" in msg
     # A flipped byte inside the piece: refused, by the decoder, the target hashes, or the

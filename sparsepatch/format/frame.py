@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ChecksumMismatch, FormatError, Truncated
+from ..errors import ChecksumMismatch, FormatError
 from .base import (
     FRAME_END,
     FRAME_START,
@@ -53,7 +53,8 @@ class FrameDecoder:
 
     def decode(self, rec: Record) -> bytes:
         """The record's literal bytes: exactly raw_length of them, or FormatError /
-        ChecksumMismatch / Truncated naming the record and the byte."""
+        ChecksumMismatch naming the record and the byte. (A payload that does not end at a
+        block boundary is corrupt, not truncated: the reader read all payload_len bytes.)"""
         raw = raw_length(self.h, rec.first_block, rec.count)
         if raw == 0:
             if rec.payload or rec.flags:
@@ -78,7 +79,7 @@ class FrameDecoder:
                 break
             at = base + pos
             if pos + 3 > len(p):
-                raise Truncated(f"{where}: payload ends inside a zstd block header at byte {at}")
+                raise FormatError(f"{where}: payload ends inside a zstd block header at byte {at}")
             head = int.from_bytes(p[pos : pos + 3], "little")
             last, kind, size = head & 1, (head >> 1) & 3, head >> 3
             if kind == _RESERVED:
@@ -88,7 +89,7 @@ class FrameDecoder:
                                   f"{ZSTD_BLOCK_MAX}")
             stop = pos + 3 + (1 if kind == _RLE else size)
             if stop > len(p):
-                raise Truncated(f"{where}: payload ends inside the zstd block at byte {at}")
+                raise FormatError(f"{where}: payload ends inside the zstd block at byte {at}")
             if last and not end:
                 raise FormatError(f"{where}: zstd block at byte {at} is the frame's last, but the "
                                   "record does not close the frame (no FRAME_END)")
