@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from . import sparse
 from .destination import Destination
 from .errors import FormatError, IOFailure, SparsePatchError, UsageError, VerifyMismatch, WrongBase
-from .format import REC_COPY, REC_DATA, REC_ZERO, PatchHeader, PatchReader, Record, decode_data
+from .format import (
+    REC_COPY,
+    REC_DATA,
+    REC_ZERO,
+    FrameDecoder,
+    PatchHeader,
+    PatchReader,
+    Record,
+    decode_data,
+)
 from .journal import Journal
 from .signature import write_signature
 from .undo import SYNC_BATCH, Undo
@@ -83,6 +92,7 @@ class Applier:
         self.journal = journal
         self.window = window
         self.shift = h.block_shift
+        self.frames = FrameDecoder(h)  # the literal stream of the reading in progress
         self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
         # (record, first block within it, count) written since the destination was last
         # synced: read back before the journal window moves past them.
@@ -91,7 +101,9 @@ class Applier:
     def decide(self, rec: Record) -> Decision:
         """Check rec whole and decide each of its blocks. Raises before any write if the
         payload is bad, a block is neither base nor target, or a copy source is wrong."""
-        data = decode_data(self.h, rec) if rec.kind == REC_DATA else None
+        # Every DATA record is decoded, even one whose blocks all hold the target already:
+        # the frame's later records need the decoder to have seen it.
+        data = decode_data(self.frames, rec) if rec.kind == REC_DATA else None
         runs: list[tuple[int, int]] = []
         for b in range(rec.count):
             block = rec.first_block + b
@@ -130,6 +142,7 @@ class Applier:
         hash, and every destination block a record would write, checked before the first
         write. A truncated, corrupt or wrong-base patch then leaves the destination as it
         was. The decisions also tell the journal window where the writes will be."""
+        self.frames = FrameDecoder(self.h)
         for rec in reader.records():
             d = self.decide(rec)
             if d.runs:
@@ -139,6 +152,7 @@ class Applier:
     def run(self, reader: PatchReader) -> int:
         """Apply every record; returns how many there were."""
         n = at = 0
+        self.frames = FrameDecoder(self.h)
         try:
             for rec in reader.records():
                 at = rec.first_block
