@@ -714,7 +714,7 @@ def v2_limit(b: Bench, w: str) -> tuple[float | None, str]:
 
 def v2_table(b: Bench) -> str:
     head = (f"| workload | R = zstd-3 of changed {kib(R_BLOCK)} blocks | the data allows | xdelta3 patch "
-            "| v1 patch | v1 ÷ R | v1 ÷ xdelta3 | v2 target | v1 ÷ target |")
+            "| patch | patch ÷ R | patch ÷ xdelta3 | v2 target | patch ÷ target |")
     rows = [head, "|---" + "|--:" * 6 + "|---|--:|"]
     for w in V2_NAMES:
         if w not in b.info:
