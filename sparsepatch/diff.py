@@ -27,22 +27,28 @@ from .format import (
     FLAG_MAC,
     HASH_LEN,
     MAX_RECORD_BLOCKS,
+    PAGE_SIZE,
+    PAGE_ZERO,
     REC_COPY,
     REC_DATA,
     REC_ZERO,
     RECORD,
     ZERO_HASH,
+    ZERO_PAGE,
     MacChain,
     PatchHeader,
     PatchTrailer,
     Record,
     Signature,
     blocks_for,
+    data_meta,
     data_record_max_blocks,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
     hash_block,
+    meta_length,
+    pages_per_block,
     raw_length,
 )
 
@@ -52,7 +58,6 @@ if TYPE_CHECKING:
 DEFAULT_LEVEL = 3
 BATCH_BYTES = 1 << 20  # data per batch of records (the unit shared with the worker process)
 MAX_BATCH = 800  # records per batch: its description (40 bytes a record) stays within fork.MAX_COMMAND
-_META = {REC_DATA: 2 * HASH_LEN, REC_ZERO: HASH_LEN, REC_COPY: 2 * HASH_LEN}  # hash bytes a block
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,25 @@ def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: in
             )
 
 
+def _literal_pages(raw: bytes | bytearray, m: int, per: int) -> tuple[list[bytes], bytes]:
+    """Page kinds of m blocks of target bytes (clipped at the target's end) and the literal
+    pages: whole pages, the last one zero-padded; zero pages are ZERO, not literal."""
+    whole = bytes(raw).ljust(m * per * PAGE_SIZE, b"\0")
+    kinds: list[bytes] = []
+    parts = []
+    for b in range(m):
+        k = bytearray(per)
+        for p in range(per):
+            at = (b * per + p) * PAGE_SIZE
+            page = whole[at : at + PAGE_SIZE]
+            if page == ZERO_PAGE:
+                k[p] = PAGE_ZERO
+            else:
+                parts.append(page)
+        kinds.append(bytes(k))
+    return kinds, b"".join(parts)
+
+
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
                 full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
                 progress: Callable[[int], None] | None = None, source_check: str = "mtime",
@@ -235,6 +259,7 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # hashed again too: a write through a shared mmap changes no timestamp. With
     # source_check "content" (for a file whose mtime is always new) only the size is
     # compared, and the second reading's hashes are the check.
+    per = pages_per_block(shift)
     stamp = Stamp(fd, source_check)
     scan = Scanner(fd, shift, name, progress=progress, warn=warn)
     spool = None if scan.seekable else _Spool(shift)
@@ -276,14 +301,16 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             base, target = changes.hashes(k + b)
             metas.append(base if kind == REC_ZERO else base + target)
         if kind != REC_DATA:
-            return Record(kind, first, m, b"".join(metas), src)
+            return Record(kind, first, m, b"".join(metas), src, pages=per)
         if spool:
             raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
         _recheck(raw, changes, k, m, shift, first, name)
-        payload = cctx.compress(raw)
-        return Record(kind, first, m, b"".join(metas), src, payload)
+        kinds, literal = _literal_pages(raw, m, per)
+        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], [])
+        payload = cctx.compress(literal) if literal else b""
+        return Record(kind, first, m, meta, 0, payload, pages=per)
 
     def build_batch(batch: Rows) -> bytes:
         """A batch's records, encoded: what the forked worker sends back."""
@@ -315,14 +342,16 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             view, pos = memoryview(payload), 0
             while pos < len(view):
                 # The encoded record's own header says what the stats need.
-                kind, first, count, payload_len, _ = RECORD.unpack_from(view, pos)
-                end = pos + RECORD.size + count * _META[kind] + CRC.size + payload_len
+                kind, first, count, payload_len, last = RECORD.unpack_from(view, pos)
+                meta_len = meta_length(kind, count, last, per)
+                end = pos + RECORD.size + meta_len + CRC.size + payload_len
+                if kind == REC_DATA:
+                    meta = bytes(view[pos + RECORD.size : pos + RECORD.size + meta_len])
+                    data_bytes += raw_length(header, Record(kind, first, count, meta, last, pages=per))
                 emit(bytes(view[pos:end]))
                 pos = end
                 counts[kind] += count
                 records += 1
-                if kind == REC_DATA:
-                    data_bytes += raw_length(header, first, count)
                 payload_bytes += payload_len
     stamp.verify(name, "diff")
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],

@@ -30,11 +30,16 @@ from .format import (
     FLAG_MAC,
     MAC_LEN,
     MAX_RECORD_BLOCKS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_ZERO,
     PATCH_HEADER,
     REC_COPY,
     REC_DATA,
+    REC_STAGE,
     REC_ZERO,
     ZERO_HASH,
+    ZERO_PAGE,
     MacChain,
     PatchHeader,
     PatchReader,
@@ -49,7 +54,7 @@ from .format import (
     encode_patch_trailer,
     encode_record,
     hash_block,
-    raw_length,
+    pages_per_block,
 )
 
 UNDO_LEVEL = 3  # zstd level: apply is not the place for slow compression
@@ -85,6 +90,7 @@ class Undo:
         self.key = key
         self.uh = undo_header(h, key is not None)
         self.shift = h.block_shift
+        self.per = pages_per_block(h.block_shift)
         self.base_blocks = blocks_for(h.base_size, h.block_shift)
         try:
             self.dir_fd = sparse.open_dir(folder)
@@ -216,8 +222,8 @@ class Undo:
         tag = reader.mac.tag if reader.mac else b""
         try:
             for rec in reader.records():
-                if rec.kind == REC_COPY:
-                    break
+                if rec.kind in (REC_COPY, REC_STAGE):
+                    break  # never in an undo: not one this apply wrote
                 if rec.kind == REC_DATA:
                     decode_data(self.uh, rec)
                 good = reader.r.pos
@@ -333,9 +339,18 @@ class Undo:
         if kind == REC_ZERO:
             self.meta.append(ubase)
         else:
-            self.meta.append(ubase + utarget)
-            self.data.append(bytes(buf))
-            self.unsynced += len(buf)
+            # The base content as literal pages, its zero pages (and so every page past the
+            # base's end) as ZERO pages.
+            kinds = bytearray(self.per)
+            view = memoryview(buf)
+            for p in range(self.per):
+                page = view[p << PAGE_SHIFT : (p + 1) << PAGE_SHIFT]
+                if page == ZERO_PAGE:
+                    kinds[p] = PAGE_ZERO
+                else:
+                    self.data.append(bytes(page))
+                    self.unsynced += PAGE_SIZE
+            self.meta.append(ubase + utarget + bytes(kinds))
 
     def _close(self) -> None:
         """Write the record being built to the spool."""
@@ -343,9 +358,9 @@ class Undo:
             return
         payload = b""
         if self.kind == REC_DATA:
-            raw = b"".join(self.data)[: raw_length(self.uh, self.first, self.count)]
-            payload = self._compress(raw)
-        rec = Record(self.kind, self.first, self.count, b"".join(self.meta), 0, payload)
+            payload = self._compress(b"".join(self.data))
+        rec = Record(self.kind, self.first, self.count, b"".join(self.meta), 0, payload,
+                     pages=self.per)
         self._emit(encode_record(rec))
         self._count(rec)
         self.count = 0

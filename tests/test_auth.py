@@ -23,6 +23,7 @@ from sparsepatch.format import (
     CRC,
     FLAG_MAC,
     MAC_LEN,
+    PAGE_LITERAL,
     PATCH_HEADER,
     PATCH_TRAILER,
     REC_COPY,
@@ -279,7 +280,7 @@ def _flip_payload(s: Signed, w: World) -> None:
 def _forge_record(s: Signed, w: World) -> None:
     """A record of the attacker's own, well formed to the last CRC: only the tag gives it away."""
     rec = s.records[3]
-    meta = rec.meta[:16] + block_hash(EVIL)
+    meta = rec.meta[:16] + block_hash(EVIL) + bytes([PAGE_LITERAL])
     payload = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(EVIL)
     s.raw[3] = encode_record(Record(REC_DATA, rec.first_block, 1, meta, payload=payload))
 

@@ -29,8 +29,16 @@ from .base import (
     MAX_SHIFT,
     MAX_SIG_DATA_RUN,
     MAX_SIG_HOLE_RUN,
+    MAX_STAGE_PAGES,
     MIN_KEY_FILE,
     MIN_SHIFT,
+    PAGE_KIND_NAMES,
+    PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_ZERO,
     PATCH_HEADER,
     PATCH_MAGIC,
     PATCH_TRAILER,
@@ -38,6 +46,7 @@ from .base import (
     REC_DATA,
     REC_END,
     REC_NAMES,
+    REC_STAGE,
     REC_ZERO,
     RECORD,
     SIG_DATA,
@@ -58,12 +67,14 @@ from .base import (
     data_record_max_blocks,
     hash_block,
     identity_hasher,
+    page_hash,
+    pages_per_block,
     payload_limit,
     shift_for_block_size,
     sniff,
     valid_shift,
 )
-from .frame import MAX_WINDOW, decode_data, decode_payload, rule_16_frame
+from .frame import MAX_WINDOW, ZERO_PAGE, assemble, decode_data, decode_payload, rule_16_frame
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (
@@ -71,10 +82,12 @@ from .patch import (
     PatchReader,
     PatchTrailer,
     Record,
+    data_meta,
     decode_patch_header,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    meta_length,
     raw_length,
 )
 from .rules import CopySources, PatchRules, RangeSet, SignatureRules
@@ -102,4 +115,7 @@ __all__ = [
     "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
     "encode_sig_header", "hash_block", "identity_hasher", "newer_slot", "payload_limit",
     "raw_length", "read_signature", "rule_16_frame", "shift_for_block_size", "sniff", "valid_shift",
+    "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME", "PAGE_SHIFT",
+    "PAGE_SIZE", "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "meta_length",
+    "page_hash", "pages_per_block",
 ]

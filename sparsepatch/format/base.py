@@ -18,6 +18,8 @@ JOURNAL_MAGIC = b"\x89SPJNL\r\n"
 
 HASH_LEN = 16
 ZERO_HASH = bytes(HASH_LEN)  # the hash of a hole or an all-zero block, by definition
+PAGE_SHIFT = 12  # moved content is found and copied in pages of 4 KiB, whatever the block size
+PAGE_SIZE = 1 << PAGE_SHIFT
 MIN_SHIFT = 12  # 4 KiB
 MAX_SHIFT = 24  # 16 MiB
 MAX_FILE_SIZE = 1 << 60  # 1 EiB: refuse absurd sizes before doing arithmetic with them
@@ -26,10 +28,14 @@ MAX_SIG_DATA_RUN = 4096  # hashes per signature DATA run (64 KiB of hashes)
 MAX_SIG_HOLE_RUN = 0xFFFFFFFF
 MAX_RECORD_DATA = 8 << 20  # uncompressed bytes a DATA record may cover (or one block if larger)
 MAX_RECORD_BLOCKS = 32768  # blocks a ZERO or COPY record may cover
+MAX_STAGE_PAGES = 16384  # pages a STAGE record may list (256 KiB of hashes)
 
 SIG_HOLE, SIG_DATA, SIG_END = 1, 2, 0xFF
-REC_DATA, REC_ZERO, REC_COPY, REC_END = 1, 2, 3, 0xFF
-REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy"}
+REC_DATA, REC_ZERO, REC_COPY, REC_STAGE, REC_END = 1, 2, 3, 4, 0xFF
+REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy", REC_STAGE: "stage"}
+# Page kinds of a DATA block (spec 5.2): where each 4 KiB page of the target block comes from.
+PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_MOVED = 0, 1, 2, 3
+PAGE_KIND_NAMES = ("literal", "zero", "same", "moved")
 
 FLAG_FULL = 0x0001  # made without a signature: the base is the empty file
 FLAG_MAC = 0x0002  # every element is followed by a keyed BLAKE3 tag chained over the patch
@@ -44,9 +50,9 @@ SIG_HEADER = struct.Struct("<8sHHBBHQ")  # magic version flags block_shift hash_
 SIG_RUN = struct.Struct("<B3xQI")  # kind first_block count
 SIG_TRAILER = struct.Struct("<B3xQQQ32s")  # kind block_count data_blocks mtime_ns identity
 PATCH_HEADER = struct.Struct("<8sHHBBHQQQ32s32s")  # ... base_size target_size base_mtime_ns ids
-RECORD = struct.Struct("<B3xQIIQ")  # kind first_block count payload_len source_block
+RECORD = struct.Struct("<B3xQIIQ")  # kind first_block count payload_len source_block/moved_pages
 PATCH_TRAILER = struct.Struct("<B3xQQQQQQ")  # kind records data zero copy payload_bytes body_bytes
-JOURNAL_SLOT = struct.Struct("<8sHHI32s32sQQ")  # magic version reserved seq base target start end
+JOURNAL_SLOT = struct.Struct("<8sHHI32s32sQQQ")  # ... seq base target start end scratch_pages
 CRC = struct.Struct("<I")
 JOURNAL_SLOT_SIZE = 128
 
@@ -86,6 +92,19 @@ def hash_block(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
         digest: bytes = h.digest(length=HASH_LEN)
         return digest
     return block_hash(block)
+
+
+def page_hash(page: bytes | bytearray | memoryview) -> bytes:
+    """The hash of one whole 4 KiB page (spec section 1): BLAKE3 truncated to 128 bits,
+    ZERO_HASH for zeros."""
+    if _zeros(PAGE_SIZE) == page:
+        return ZERO_HASH
+    digest: bytes = blake3.blake3(page).digest(length=HASH_LEN)
+    return digest
+
+
+def pages_per_block(shift: int) -> int:
+    return 1 << (shift - PAGE_SHIFT)
 
 
 def identity_hasher() -> blake3.blake3:

@@ -1,12 +1,16 @@
 """DATA payloads (spec section 5.2 and section 7 rule 16): the one zstd frame a DATA record
-carries, checked byte by byte before it is decompressed, and the decoded blocks checked
-against their target hashes."""
+carries, checked byte by byte before it is decompressed; and the target blocks assembled from
+its pages (literal, zero, same, moved) and checked against their target hashes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from ..errors import ChecksumMismatch, FormatError, Truncated
-from .base import hash_block
+from .base import PAGE_LITERAL, PAGE_MOVED, PAGE_SAME, PAGE_SHIFT, PAGE_SIZE, PAGE_ZERO, hash_block
 from .patch import PatchHeader, Record, raw_length
+
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_WINDOW = 1 << 24  # the largest block: no record needs a larger window to decode
@@ -66,7 +70,7 @@ def decode_payload(header: PatchHeader, rec: Record) -> bytes:
     size is not exactly the record's length, so output is bounded by the record."""
     import zstandard
 
-    raw = raw_length(header, rec.first_block, rec.count)
+    raw = raw_length(header, rec)
     rule_16_frame(rec, raw)
     try:
         out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
@@ -84,16 +88,61 @@ def decode_payload(header: PatchHeader, rec: Record) -> bytes:
     return out
 
 
+PageSource = Callable[[int, int], bytes | bytearray | memoryview]
+
+
+def assemble(header: PatchHeader, rec: Record, literal: bytes | memoryview,
+             fetch: PageSource | None, want: Callable[[int], bool] | None = None
+             ) -> Iterator[tuple[int, bytearray | None]]:
+    """A DATA record's target blocks from its pages, in order: (k, block k's bytes, a whole
+    block). fetch(kind, page) gives a PAGE_SAME page (page: its number in the target) or a
+    PAGE_MOVED one (page: its source in the base). Blocks for which want(k) is false, or
+    that need fetch when it is None, are (k, None): skipped, not read."""
+    lit = memoryview(literal)
+    pos = 0
+    moved = 0
+    sources = rec.sources
+    per = rec.pages
+    for k in range(rec.count):
+        kinds = rec.page_kinds(k)
+        literal_here = kinds.count(PAGE_LITERAL)
+        moved_here = kinds.count(PAGE_MOVED)
+        needs_fetch = literal_here + kinds.count(PAGE_ZERO) != per
+        if (want is not None and not want(k)) or (fetch is None and needs_fetch):
+            pos += literal_here << PAGE_SHIFT
+            moved += moved_here
+            yield k, None
+            continue
+        block = bytearray(per << PAGE_SHIFT)
+        page0 = (rec.first_block + k) * per
+        for p, kind in enumerate(kinds):
+            at = p << PAGE_SHIFT
+            if kind == PAGE_LITERAL:
+                block[at : at + PAGE_SIZE] = lit[pos : pos + PAGE_SIZE]
+                pos += PAGE_SIZE
+            elif kind == PAGE_ZERO:
+                continue
+            else:
+                assert fetch is not None
+                if kind == PAGE_SAME:
+                    page = fetch(PAGE_SAME, page0 + p)
+                else:
+                    page = fetch(PAGE_MOVED, sources[moved])
+                    moved += 1
+                block[at : at + PAGE_SIZE] = page
+        yield k, block
+
+
 def decode_data(header: PatchHeader, rec: Record) -> bytes:
-    """A DATA record's target bytes, each block checked against its target hash."""
+    """A DATA record's literal bytes, decompressed, and every block made of literal and
+    zero pages alone checked against its target hash (a block with same or moved pages
+    needs the base: apply checks it)."""
     data = decode_payload(header, rec)
-    shift = header.block_shift
-    bs = 1 << shift
-    view = memoryview(data)
-    for b in range(rec.count):
-        if hash_block(view[b << shift : (b + 1) << shift], bs) != rec.target_hash(b):
+    bs = header.block_size
+    for k, block in assemble(header, rec, data, None):
+        if block is not None and hash_block(block, bs) != rec.target_hash(k):
             raise ChecksumMismatch(
-                f"{rec.where()}: block {rec.first_block + b} does not match its target hash "
+                f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
                 "after decompression"
             )
     return data

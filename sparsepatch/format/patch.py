@@ -3,8 +3,11 @@ reads; the section 7 rules it applies on the way are in rules.py."""
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
+from functools import cached_property
 
 from ..errors import AuthenticationError, FormatError, KeyRequired
 from .base import (
@@ -15,6 +18,8 @@ from .base import (
     HASH_LEN,
     KNOWN_PATCH_FLAGS,
     MAC_LEN,
+    PAGE_LITERAL,
+    PAGE_SIZE,
     PATCH_HEADER,
     PATCH_MAGIC,
     PATCH_TRAILER,
@@ -22,6 +27,7 @@ from .base import (
     REC_DATA,
     REC_END,
     REC_NAMES,
+    REC_STAGE,
     REC_ZERO,
     RECORD,
     VERSION,
@@ -30,6 +36,7 @@ from .base import (
     blocks_for,
     check_crc,
     crc32c,
+    pages_per_block,
     with_crc,
 )
 from .mac import MacChain
@@ -39,7 +46,6 @@ from .rules import (
     rule_2_patch_fields,
     rule_3_patch_sizes,
 )
-from .rules import raw_length as _raw_length
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,11 @@ def decode_patch_header(buf: bytes) -> PatchHeader:
 
 @dataclass(frozen=True)
 class Record:
-    """One patch record. meta holds, per block: base hash (+ target hash for DATA and COPY)."""
+    """One patch record (spec 5.2). meta holds, per block: base hash, then target hash for
+    DATA and COPY, then for DATA the kinds of its pages; after the blocks, a DATA record's
+    moved-page sources (u64 each). A STAGE record's meta is one page hash per base page it
+    lists. last is the header's last u64: a COPY's source block, a DATA record's moved
+    pages. pages: pages per block (block_size / 4096)."""
 
     kind: int
     first_block: int
@@ -103,10 +113,18 @@ class Record:
     offset: int = 0  # byte offset of the record in the patch, for messages
     index: int = 0  # record number, for messages
     source: str = "patch"  # name of the patch it came from, for messages
+    pages: int = 1
 
     @property
     def meta_width(self) -> int:
-        return HASH_LEN if self.kind == REC_ZERO else 2 * HASH_LEN
+        """Meta bytes per block (per page for STAGE), the moved sources aside."""
+        if self.kind in (REC_ZERO, REC_STAGE):
+            return HASH_LEN
+        return 2 * HASH_LEN + (self.pages if self.kind == REC_DATA else 0)
+
+    @property
+    def moved_pages(self) -> int:
+        return self.source_block if self.kind == REC_DATA else 0
 
     def base_hash(self, k: int) -> bytes:
         w = self.meta_width
@@ -116,10 +134,56 @@ class Record:
         if self.kind == REC_ZERO:
             return ZERO_HASH
         w = self.meta_width
-        return self.meta[k * w + HASH_LEN : (k + 1) * w]
+        return self.meta[k * w + HASH_LEN : k * w + 2 * HASH_LEN]
+
+    def page_kinds(self, k: int) -> bytes:
+        """The page kinds of DATA block k (PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_MOVED)."""
+        w = self.meta_width
+        return self.meta[k * w + 2 * HASH_LEN : (k + 1) * w]
+
+    @cached_property
+    def kinds(self) -> bytes:
+        """Every page kind of a DATA record, block by block."""
+        if self.kind != REC_DATA:
+            return b""
+        w, c = self.meta_width, self.count
+        if self.pages == 1:
+            return self.meta[2 * HASH_LEN : c * w : w]
+        return b"".join(self.page_kinds(k) for k in range(c))
+
+    @cached_property
+    def sources(self) -> array:
+        """A DATA record's moved-page sources: base page numbers, one per MOVED page."""
+        out = array("Q")
+        out.frombytes(self.meta[self.count * self.meta_width :])
+        if sys.byteorder != "little":
+            out.byteswap()
+        return out
+
+    @property
+    def literal_pages(self) -> int:
+        return self.kinds.count(PAGE_LITERAL)
 
     def where(self) -> str:
         return f"{self.source} record {self.index} ({REC_NAMES.get(self.kind, '?')}) at byte {self.offset}"
+
+
+def meta_length(kind: int, count: int, last: int, pages: int) -> int:
+    """Meta bytes of a record from its header: what the reader reads after the header."""
+    if kind in (REC_ZERO, REC_STAGE):
+        return count * HASH_LEN
+    if kind == REC_COPY:
+        return count * 2 * HASH_LEN
+    return count * (2 * HASH_LEN + pages) + 8 * last
+
+
+def data_meta(blocks: list[tuple[bytes, bytes, bytes]], sources: list[int] | array) -> bytes:
+    """A DATA record's meta from (base hash, target hash, page kinds) per block and the
+    moved-page sources."""
+    src = array("Q", sources)
+    if sys.byteorder != "little":
+        src.byteswap()
+    return b"".join(b + t + k for b, t, k in blocks) + src.tobytes()
 
 
 def encode_record(rec: Record) -> bytes:
@@ -144,9 +208,9 @@ def encode_patch_trailer(t: PatchTrailer) -> bytes:
     )
 
 
-def raw_length(header: PatchHeader, first_block: int, count: int) -> int:
-    """Bytes of target a DATA record carries: its blocks clipped at the target size."""
-    return _raw_length(header.target_size, header.block_shift, first_block, count)
+def raw_length(header: PatchHeader, rec: Record) -> int:
+    """Literal bytes a DATA record's payload decodes to: 4096 per LITERAL page (spec 5.2)."""
+    return PAGE_SIZE * rec.literal_pages if rec.kind == REC_DATA else 0
 
 
 class PatchReader:
@@ -179,7 +243,7 @@ class PatchReader:
                 f"{name}: patch is not authenticated (no MAC flag at byte 10) but a key was given"
             )
         self.trailer: PatchTrailer | None = None
-        self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
+        self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0, REC_STAGE: 0}
         self.payload_bytes = 0
 
     def _tag(self, where: str, *element: bytes) -> None:
@@ -200,7 +264,8 @@ class PatchReader:
     def records(self) -> Iterator[Record]:
         h = self.header
         r = self.r
-        rules = PatchRules(h.block_shift, h.base_size, h.target_size)
+        rules = PatchRules(h.block_shift, h.base_size, h.target_size, h.full)
+        pages = pages_per_block(h.block_shift)
         n = 0
         while True:
             at = r.pos
@@ -212,17 +277,18 @@ class PatchReader:
             k, first, count, payload_len, source = RECORD.unpack(kind + rest)
             where = rules.record_header(f"{self.name} record {n}", at, k, rest[:3],
                                         first, count, payload_len, source)
-            meta = r.exact(count * (HASH_LEN if k == REC_ZERO else 2 * HASH_LEN),
-                           f"record {n} block hashes")
+            meta = r.exact(meta_length(k, count, source, pages), f"record {n} meta")
             crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
             check_crc(kind + rest + meta, crc, where, at)
-            rules.rule_14_meta(where, k, first, count, meta)
+            rec = Record(k, first, count, meta, source, b"", at, n, self.name, pages)
+            rules.rule_14_meta(where, rec)
+            rules.rule_11_literal(where, rec, payload_len)
             payload = r.exact(payload_len, f"record {n} payload") if payload_len else b""
             self._tag(where, kind, rest, meta, CRC.pack(crc), payload)
-            rules.accept(k, first, count, source)
+            rules.accept(rec)
             self.counts[k] += count
             self.payload_bytes += payload_len
-            yield Record(k, first, count, meta, source, payload, at, n, self.name)
+            yield replace(rec, payload=payload) if payload else rec
             n += 1
 
     def _finish(self, kind: bytes, at: int, n: int) -> None:
