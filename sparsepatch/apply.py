@@ -124,7 +124,7 @@ class Applier:
         # before such a block is overwritten, or a power cut could lose a written block
         # and the page it needs with it.
         self.pinned: set[int] = set()
-        self.per = pages_per_block(h.block_shift)
+        self.per = pages_per_block(1 << h.block_shift)
         self.start_size = dest.size()
         self.growth = 0  # bytes the writes will add past the destination's end (dry run)
         self.planning = False

@@ -259,7 +259,7 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # hashed again too: a write through a shared mmap changes no timestamp. With
     # source_check "content" (for a file whose mtime is always new) only the size is
     # compared, and the second reading's hashes are the check.
-    per = pages_per_block(shift)
+    per = pages_per_block(1 << shift)
     stamp = Stamp(fd, source_check)
     scan = Scanner(fd, shift, name, progress=progress, warn=warn)
     spool = None if scan.seekable else _Spool(shift)

@@ -90,7 +90,7 @@ class Undo:
         self.key = key
         self.uh = undo_header(h, key is not None)
         self.shift = h.block_shift
-        self.per = pages_per_block(h.block_shift)
+        self.per = pages_per_block(1 << h.block_shift)
         self.base_blocks = blocks_for(h.base_size, h.block_shift)
         try:
             self.dir_fd = sparse.open_dir(folder)

@@ -103,8 +103,8 @@ def page_hash(page: bytes | bytearray | memoryview) -> bytes:
     return digest
 
 
-def pages_per_block(shift: int) -> int:
-    return 1 << (shift - PAGE_SHIFT)
+def pages_per_block(block_size: int) -> int:
+    return block_size >> PAGE_SHIFT
 
 
 def identity_hasher() -> blake3.blake3:

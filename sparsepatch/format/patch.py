@@ -265,7 +265,7 @@ class PatchReader:
         h = self.header
         r = self.r
         rules = PatchRules(h.block_shift, h.base_size, h.target_size, h.full)
-        pages = pages_per_block(h.block_shift)
+        pages = pages_per_block(1 << h.block_shift)
         n = 0
         while True:
             at = r.pos

@@ -219,7 +219,7 @@ class PatchRules:
         self.full = full
         self.target_blocks = blocks_for(target_size, block_shift)
         self.base_blocks = blocks_for(base_size, block_shift)
-        self.pages = pages_per_block(block_shift)
+        self.pages = pages_per_block(1 << block_shift)
         self.base_pages = blocks_for(base_size, PAGE_SHIFT)
         self.target_pages = blocks_for(target_size, PAGE_SHIFT)
         self.max_data = data_record_max_blocks(block_shift)
