@@ -16,10 +16,12 @@ from .errors import FormatError, UsageError, VerifyMismatch
 from .format import (
     CRC,
     MAC_LEN,
+    PAGE_SIZE,
     PATCH_TRAILER,
     REC_DATA,
     REC_NAMES,
     REC_STAGE,
+    VERSION,
     PatchReader,
     SigHeader,
     Signature,
@@ -285,9 +287,11 @@ def info(path: str | list[str]) -> dict[str, Any]:
         if kind == "signature":
             s = read_signature(read, name)
             return {
-                "kind": "signature", "version": 1, "block_size": s.block_size,
-                "file_size": s.header.file_size, "blocks": s.header.block_count,
-                "data_blocks": len(s.data_index), "hole_blocks": s.hole_blocks, "runs": s.runs,
+                "kind": "signature", "version": VERSION, "block_size": s.block_size,
+                "page_size": PAGE_SIZE, "file_size": s.header.file_size,
+                "blocks": s.header.block_count, "data_blocks": len(s.data_index),
+                "hole_blocks": s.hole_blocks, "page_hashes": len(s.data_index) * s.pages_per_block,
+                "runs": s.runs,
                 "mtime_ns": s.mtime_ns, "identity": s.identity.hex(),
             }
         reader = PatchReader(read, name, None, unauthenticated_ok=True)
@@ -304,7 +308,7 @@ def info(path: str | list[str]) -> dict[str, Any]:
         assert reader.trailer is not None
         t = reader.trailer
         return {
-            "kind": "patch", "version": 1, "full": h.full, "authenticated": h.authenticated,
+            "kind": "patch", "version": VERSION, "full": h.full, "authenticated": h.authenticated,
             "block_size": h.block_size,
             "base_size": h.base_size, "target_size": h.target_size,
             "base_identity": h.base_identity.hex(), "target_identity": h.target_identity.hex(),

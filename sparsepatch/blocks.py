@@ -1,6 +1,6 @@
 """Block scanning shared by signature and diff: walk a file's data extents (or a stream)
-in large reads, skip blocks of zeros, and hash the rest; and the builder that turns those
-hashes into the canonical signature (written out, or only its identity).
+in large reads, skip blocks of zeros, and hash the pages of the rest; and the builder that
+turns those page hashes into the canonical signature (written out, or only its identity).
 
 A block is always seen full length: the last partial block is padded with zeros, which
 is what the format defines its hash over (spec/FORMAT.md, "Blocks")."""
@@ -21,10 +21,19 @@ import blake3
 from . import sparse
 from .errors import SourceChanged, UsageError, io_errors
 from .fork import Rows, pack_rows, share_map, unpack_rows
-from .format import HASH_LEN, ZERO_HASH, SigHeader, Signature, SignatureEncoder
+from .format import (
+    HASH_LEN,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ZERO_HASH,
+    SigHeader,
+    Signature,
+    SignatureEncoder,
+    tree_hash,
+)
 
 CHUNK = 4 << 20  # bytes per read: large enough to amortise syscalls, small enough to stay cached
-_COUNT = struct.Struct("<I")  # digests of one chunk, in a group's result
+_COUNT = struct.Struct("<I")  # data blocks of one chunk, in a group's result
 # Chunks go to the two processes (fork.share_map) in groups of about GROUP bytes (at most
 # MAX_GROUP chunks, which bounds a group's description): a file of many small extents is
 # then not one hand-over per extent.
@@ -89,8 +98,11 @@ def block_ranges(fd: int, size: int, shift: int,
         yield cur
 
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
 class Scanner:
-    """Yields (block, digest, view) for every block holding non-zero data, in order.
+    """Yields the page hashes of every block holding non-zero data, in order.
 
     view is valid only until the next item, and is None for a file (diff reads a file's
     changed blocks again). Blocks not yielded are holes or zeros. For a stream, size is
@@ -98,8 +110,8 @@ class Scanner:
 
     A file is hashed by two processes where two CPUs are available: this one walks the
     data extents and hands groups of chunks to a forked worker as it is free; each reads
-    and hashes its groups, and the worker sends its digests back through a pipe. Output is
-    the same whether or not a worker ran."""
+    and hashes its groups, and the worker sends its page hashes back through a pipe.
+    Output is the same whether or not a worker ran."""
 
     def __init__(self, fd: int, shift: int, name: str,
                  progress: Callable[[int], None] | None = None,
@@ -122,13 +134,16 @@ class Scanner:
         # Private: after the fork, the worker must get its own copy of every page it writes.
         self._buf = memoryview(mmap.mmap(-1, max(CHUNK, bs), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
         self._zero = bytes(bs)
+        self.pages_per_block = 1 << (shift - PAGE_SHIFT)
         self._own_fd = False
 
     def chunks(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
-        """(first block, numbers of its non-zero blocks, their digests, view) per read, in
-        order. view holds the chunk's bytes from block first (a stream's only; valid until
-        the next item), None for a file. Per chunk rather than per block: the callers'
-        per-block Python work was a tenth of the time at 16 KiB blocks."""
+        """(first block, numbers of its non-zero blocks, their page hashes, view) per read,
+        in order. The page hashes are pages_per_block * HASH_LEN bytes a block, block by
+        block (ZERO_HASH for a page of zeros). view holds the chunk's bytes from block first
+        (a stream's only; valid until the next item), None for a file. Per chunk rather
+        than per block: the callers' per-block Python work was a tenth of the time at
+        16 KiB blocks."""
         if self.seekable:
             return self._scan_file()
         return self._scan_stream()
@@ -163,7 +178,8 @@ class Scanner:
             yield group
 
     def _read_hash(self, b: int, n: int, want: int) -> tuple[array, bytes]:
-        """Read one chunk and hash its non-zero blocks: their numbers and digests."""
+        """Read one chunk and hash the pages of its non-zero blocks: their numbers and
+        page hashes."""
         buf, off = self._buf, b << self.shift
         with io_errors(f"{self.name}: read failed at byte {off}"):
             got = sparse.pread_full(self.fd, buf[:want], off)
@@ -172,24 +188,29 @@ class Scanner:
         return self._hash(b, n, want)
 
     def _hash(self, b: int, n: int, want: int) -> tuple[array, bytes]:
-        """Hash the non-zero blocks among the first n of the buffer (want bytes read; the
-        last block is padded with zeros, as the format defines)."""
-        buf, shift, zero = self._buf, self.shift, self._zero
+        """Hash the pages of the non-zero blocks among the first n of the buffer (want
+        bytes read; the last block is padded with zeros, as the format defines)."""
+        buf, shift = self._buf, self.shift
         full = n << shift
         if want < full:
-            buf[want:full] = zero[: full - want]
+            buf[want:full] = self._zero[: full - want]
+        zero, hasher = _ZERO_PAGE, blake3.blake3
+        # Every page of the chunk in one comprehension: the per-page cost on top of read and
+        # hash is then a slice, a memcmp and the hash call. This is format.hash_pages
+        # inlined (the last block is padded above).
+        hashes = [ZERO_HASH if zero.startswith(page) else hasher(page).digest(length=HASH_LEN)
+                  for page in (buf[p : p + PAGE_SIZE] for p in range(0, full, PAGE_SIZE))]
+        if ZERO_HASH not in hashes:  # the common case: every block holds data
+            return array("Q", range(b, b + n)), b"".join(hashes)
+        per = self.pages_per_block
         index = array("Q")
-        digests: list[bytes] = []
-        add, hasher, bs = digests.append, blake3.blake3, 1 << shift
-        # The loop body is the per-block cost on top of read+hash: keep it to a slice, a
-        # memcmp and the hash call. This is format.hash_block inlined (the last block is
-        # padded above): calling it per block hashed 9-12% slower at 4 KiB blocks.
-        for pos in range(0, full, bs):
-            blk = buf[pos : pos + bs]
-            if not zero.startswith(blk):
-                index.append(b + (pos >> shift))
-                add(hasher(blk).digest(length=HASH_LEN))
-        return index, b"".join(digests)
+        kept: list[bytes] = []
+        for k in range(n):
+            block = hashes[k * per : (k + 1) * per]
+            if block.count(ZERO_HASH) != per:
+                index.append(b + k)
+                kept += block
+        return index, b"".join(kept)
 
     def _scan_file(self) -> Generator[tuple[int, array, bytes, memoryview | None], None, None]:
         parent = os.getpid()
@@ -201,10 +222,11 @@ class Scanner:
                 self.fd, self._own_fd = sparse.reopen(self.fd), True
             out = []
             for b, n, want in group:
-                index, digests = self._read_hash(b, n, want)
-                out += [_COUNT.pack(len(index)), index.tobytes(), digests]
+                index, pages = self._read_hash(b, n, want)
+                out += [_COUNT.pack(len(index)), index.tobytes(), pages]
             return b"".join(out)
 
+        width = HASH_LEN * self.pages_per_block
         results = share_map(self._groups(), work, pack_rows, lambda d: unpack_rows(d, 3))
         with closing(results):
             for group, payload in results:
@@ -215,8 +237,8 @@ class Scanner:
                     index = array("Q")
                     index.frombytes(payload[pos : pos + 8 * k])
                     pos += 8 * k
-                    yield b, index, payload[pos : pos + HASH_LEN * k], None
-                    pos += HASH_LEN * k
+                    yield b, index, payload[pos : pos + width * k], None
+                    pos += width * k
                     self._account(want)
 
     def _account(self, n: int) -> None:
@@ -241,8 +263,8 @@ class Scanner:
                 return
             self.size += got
             n = (got + bs - 1) >> shift
-            index, digests = self._hash(block, n, got)
-            yield block, index, digests, mv
+            index, pages = self._hash(block, n, got)
+            yield block, index, pages, mv
             self._account(got)
             block += n
             if got < len(mv):
@@ -250,42 +272,47 @@ class Scanner:
 
 
 Chunk = tuple[int, array, bytes, memoryview | None]  # what Scanner.chunks yields
+# What differences yields: block, its hash in the signature, its hash in the file, its page
+# hashes in the file, its bytes or None.
+Difference = tuple[int, bytes | bytearray, bytes, bytes, memoryview | None]
 
 
-def differences(sig: Signature, chunks: Iterable[Chunk],
-                shift: int) -> Iterator[tuple[int, bytes | bytearray, bytes, memoryview | None]]:
+def differences(sig: Signature, chunks: Iterable[Chunk], shift: int) -> Iterator[Difference]:
     """The walk of a scan against a signature (diff's changes, verify's first difference):
     every block where the scanned file differs from sig, ascending, as (block, its hash in
-    sig, its hash in the file, its bytes or None). ZERO_HASH stands for a hole or zeros on
-    either side. The bytes come only from a stream scan, for a block the file holds data
+    sig, its hash in the file, its page hashes in the file, its bytes or None). ZERO_HASH
+    stands for a hole or zeros on either side (and the page hashes are then all
+    ZERO_HASH). The bytes come only from a stream scan, for a block the file holds data
     in, and are valid until the next item."""
-    di, dh = sig.data_index, sig.hashes
+    di, dh, dp = sig.data_index, sig.hashes, sig.pages
+    width = HASH_LEN << (shift - PAGE_SHIFT)
+    gone = bytes(width)
     nd = len(di)
     d = 0
-    for first, index, digests, view in chunks:
+    for first, index, pages, view in chunks:
         n = len(index)
         if not n:
             continue
-        # Most chunks are unchanged: the signature holds exactly these blocks and hashes.
+        # Most chunks are unchanged: the signature holds exactly these blocks and pages.
         e = bisect.bisect_right(di, index[n - 1], d)
-        if e - d == n and di[d:e] == index and dh[d * HASH_LEN : e * HASH_LEN] == digests:
+        if e - d == n and di[d:e] == index and dp[d * width : e * width] == pages:
             d = e
             continue
         for k, i in enumerate(index):
-            digest = digests[k * HASH_LEN : (k + 1) * HASH_LEN]
+            found = pages[k * width : (k + 1) * width]
             while d < nd and di[d] < i:
-                yield di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH, None
+                yield di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH, gone, None
                 d += 1
             base: bytes | bytearray = ZERO_HASH
             if d < nd and di[d] == i:
                 base = dh[d * HASH_LEN : (d + 1) * HASH_LEN]
                 d += 1
-                if base == digest:
+                if dp[(d - 1) * width : d * width] == found:
                     continue
             blk = None if view is None else view[(i - first) << shift : (i - first + 1) << shift]
-            yield i, base, digest, blk
+            yield i, base, tree_hash(found), found, blk
     while d < nd:
-        yield di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH, None
+        yield di[d], dh[d * HASH_LEN : (d + 1) * HASH_LEN], ZERO_HASH, gone, None
         d += 1
 
 
@@ -302,17 +329,18 @@ def read_blocks(fd: int, shift: int, size: int, first: int, count: int, name: st
 
 
 class SignatureBuilder:
-    """Feeds block hashes, in order, to the canonical encoder. When the size is known up
-    front the bytes stream out as blocks come; a stream's size is known only at its end
-    while the header comes first, so its hashes are kept compactly (24 bytes a data block)
-    and encoded once the size is known. write may be None: diff wants only the identity."""
+    """Feeds page hashes, in block order, to the canonical encoder. When the size is known
+    up front the bytes stream out as blocks come; a stream's size is known only at its end
+    while the header comes first, so its page hashes are kept compactly (8 bytes a data
+    block and 16 a page) and encoded once the size is known. write may be None: diff wants
+    only the identity."""
 
     def __init__(self, shift: int, size: int | None, write: Callable[[bytes], object] | None = None):
         self.shift = shift
         self.write = write
         self.written = 0
         self.enc: SignatureEncoder | None = None
-        self.index, self.hashes = array("Q"), bytearray()
+        self.index, self.pages = array("Q"), bytearray()
         if size is not None:
             self._start(size)
 
@@ -325,21 +353,21 @@ class SignatureBuilder:
             self.write(b)
             self.written += len(b)
 
-    def add_many(self, index: array, digests: bytes) -> None:
-        """One chunk's blocks (Scanner.chunks): their numbers, ascending, and digests."""
+    def add_many(self, index: array, pages: bytes) -> None:
+        """One chunk's blocks (Scanner.chunks): their numbers, ascending, and page hashes."""
         if self.enc is not None:
-            self._emit(self.enc.data_many(index, digests))
+            self._emit(self.enc.data_many(index, pages))
         else:
             self.index.extend(index)
-            self.hashes += digests
+            self.pages += pages
 
     def finish(self, size: int, mtime_ns: int = 0) -> bytes:
         """Returns the identity."""
         if self.enc is None:
             self._start(size)
             assert self.enc is not None
-            self._emit(self.enc.data_many(self.index, self.hashes))
-            self.index, self.hashes = array("Q"), bytearray()
+            self._emit(self.enc.data_many(self.index, self.pages))
+            self.index, self.pages = array("Q"), bytearray()
         tail, identity = self.enc.finish(mtime_ns)
         self._emit(tail)
         return identity

@@ -134,7 +134,7 @@ def _scan(sig: Signature, scan: Scanner, spool: _Spool | None, target: Signature
             yield chunk
 
     with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
-        for i, base, digest, blk in differences(sig, fed(chunks), scan.shift):
+        for i, base, digest, _, blk in differences(sig, fed(chunks), scan.shift):
             changes.add(i, base, digest)
             if spool and blk is not None:  # only a stream scan hands out block contents
                 spool.add(blk)

@@ -45,7 +45,7 @@ def against_signature(fd: int, name: str, sig: Signature) -> None:
     if scan.seekable and scan.size != sig.header.file_size:
         raise VerifyMismatch(f"{name}: {scan.size} bytes, the signature says {sig.header.file_size}")
     with closing(scan.chunks()) as chunks:  # closed at once when a difference is raised
-        for block, expected, found, _ in differences(sig, chunks, shift):
+        for block, expected, found, _, _ in differences(sig, chunks, shift):
             raise VerifyMismatch(
                 f"{name}: block at byte {block << shift} differs (expected {_describe(expected)}, "
                 f"found {_describe(found)})"

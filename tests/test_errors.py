@@ -218,7 +218,7 @@ def _with_version(data: bytes, struct_size: int, version: int) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFF])
 def test_unsupported_patch_version(case: Case, version: int) -> None:
     bad = case.tmp / "v.patch"
     bad.write_bytes(_with_version(case.patch.read_bytes(), PATCH_HEADER.size, version))
@@ -229,7 +229,7 @@ def test_unsupported_patch_version(case: Case, version: int) -> None:
     error_line(run_cli("info", str(bad), check=False), 4, warnings_ok=True)
 
 
-@pytest.mark.parametrize("version", [0, 2])
+@pytest.mark.parametrize("version", [0, 1, 3])
 def test_unsupported_signature_version(case: Case, version: int) -> None:
     bad = case.tmp / "v.sig"
     bad.write_bytes(_with_version(case.sig.read_bytes(), SIG_HEADER.size, version))

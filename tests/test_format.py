@@ -10,11 +10,15 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import tempfile
 import tracemalloc
+from array import array
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +44,7 @@ from sparsepatch.format import (
     MAC_LEN,
     MAX_RECORD_BLOCKS,
     MAX_SIG_DATA_RUN,
+    PAGE_SIZE,
     PATCH_HEADER,
     PATCH_TRAILER,
     REC_COPY,
@@ -74,10 +79,12 @@ from sparsepatch.format import (
     encode_record,
     encode_sig_header,
     hash_block,
+    hash_pages,
     identity_hasher,
     payload_limit,
     read_signature,
     shift_for_block_size,
+    tree_hash,
 )
 from sparsepatch.format import assemble as assemble_pages
 
@@ -278,7 +285,7 @@ def test_signature_reencodes_byte_identical(name: str, file: str) -> None:
     data = fixture(name, file)
     sig = parse_sig(data)
     enc = SignatureEncoder(sig.header)
-    out = enc.start() + enc.data_many(sig.data_index, sig.hashes)
+    out = enc.start() + enc.data_many(sig.data_index, sig.pages)
     tail, identity = enc.finish(sig.mtime_ns)
     assert out + tail == data
     assert identity == sig.identity
@@ -303,6 +310,12 @@ def test_signature_describes_its_file(name: str, file: str) -> None:
     states = [block_state(content, i, bs) for i in range(sig.header.block_count)]
     assert list(sig.data_index) == [i for i, h in enumerate(states) if h != ZERO_HASH]
     assert [sig.hash_at(k) for k in range(len(sig.data_index))] == [h for h in states if h != ZERO_HASH]
+    # What the signature stores: the page hashes of each data block, the block hash their tree hash.
+    for k, i in enumerate(sig.data_index):
+        blk = content[i * bs : (i + 1) * bs]
+        assert sig.pages_at(k) == hash_pages(blk, bs)
+        assert sig.hash_at(k) == tree_hash(sig.pages_at(k))
+    assert len(sig.pages) == len(sig.data_index) * (bs // PAGE_SIZE) * HASH_LEN
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -403,11 +416,50 @@ def test_user_gets_a_wrong_kind_error_from_the_api(tmp_path: Path) -> None:
     assert not (tmp_path / "p").exists()
 
 
-def test_version_2_is_refused() -> None:
-    patch = rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<H", 8, 2)
-    refuses(UnsupportedVersion, lambda: parse_patch(patch), "patch format version 2 at byte 8")
-    sig = rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<H", 8, 2)
-    refuses(UnsupportedVersion, lambda: parse_sig(sig), "signature format version 2 at byte 8")
+def test_version_1_is_refused_with_what_to_do() -> None:
+    patch = rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<H", 8, 1)
+    refuses(UnsupportedVersion, lambda: parse_patch(patch),
+            "patch: patch format version 1 is not supported (this sparsepatch reads version 2); "
+            "make the patch again from a new signature")
+    sig = rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<H", 8, 1)
+    refuses(UnsupportedVersion, lambda: parse_sig(sig),
+            "signature: signature format version 1 is not supported (this sparsepatch reads "
+            "version 2); make the signature again")
+
+
+def test_a_newer_version_is_refused() -> None:
+    patch = rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<H", 8, 3)
+    refuses(UnsupportedVersion, lambda: parse_patch(patch), "patch format version 3 is not supported",
+            "a newer sparsepatch made it")
+    sig = rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<H", 8, 3)
+    refuses(UnsupportedVersion, lambda: parse_sig(sig), "signature format version 3 is not supported",
+            "a newer sparsepatch made it")
+
+
+def test_version_1_files_are_refused_by_the_command_line(tmp_path: Path) -> None:
+    """What a user holding a version 1 signature or patch sees: one line naming the file
+    and what to do, exit 4, and the destination untouched."""
+    dest = mf.make_file(tmp_path / "dest", mf.CASES["data-record"]["base"])
+    before = dest.read_bytes()
+    sig = tmp_path / "base.sig"
+    sig.write_bytes(rewrite_header(fixture("data-record", "base.sig"), SIG_HEADER, "<H", 8, 1))
+    patch = tmp_path / "x.patch"
+    patch.write_bytes(rewrite_header(fixture("data-record", "patch.bin"), PATCH_HEADER, "<H", 8, 1))
+    cases = [
+        (["diff", str(sig), str(dest), "-o", str(tmp_path / "out")],
+         f"{sig}: signature format version 1 is not supported (this sparsepatch reads version 2); "
+         "make the signature again"),
+        (["apply", str(patch), str(dest)],
+         f"{patch}: patch format version 1 is not supported (this sparsepatch reads version 2); "
+         "make the patch again from a new signature"),
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "-m", "sparsepatch", *args], capture_output=True,
+                           text=True, check=False)
+        assert r.returncode == 4, r.stderr
+        assert r.stderr.strip().splitlines() == [f"sparsepatch: error: {message}"]
+    assert dest.read_bytes() == before
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_flag_bits_are_refused() -> None:
@@ -466,8 +518,11 @@ def test_other_header_fields() -> None:
     sig = fixture("data-record", "base.sig")
     refuses(FormatError, lambda: parse_sig(rewrite_header(sig, SIG_HEADER, "<B", 13, 20)),
             "byte 13", "hash length 20")
-    refuses(FormatError, lambda: parse_sig(rewrite_header(sig, SIG_HEADER, "<H", 14, 1)),
-            "byte 14", "reserved field is not zero")
+    for page_shift in (0, 11, 13, 255):
+        refuses(FormatError, lambda v=page_shift: parse_sig(rewrite_header(sig, SIG_HEADER, "<B", 14, v)),
+                "signature header at byte 14", f"page size 2^{page_shift}, expected 2^12")
+    refuses(FormatError, lambda: parse_sig(rewrite_header(sig, SIG_HEADER, "<B", 15, 1)),
+            "byte 15", "reserved byte is not zero")
 
 
 # ---------------------------------------------------------------- refusals: records and runs
@@ -623,7 +678,7 @@ def test_signature_runs() -> None:
         ([(SIG_DATA, 0, 1, h), (SIG_HOLE, 1, 0, b"")], 4, 1, f"run 1 at byte {at1}",
          "block count 0 is outside 1..3"),
         ([(SIG_DATA, 0, 2, h + ZERO_HASH), (SIG_HOLE, 2, 2, b"")], 4, 2, "run 0",
-         "block 1 has the zero hash in a data run"),
+         "block 1 has only zero page hashes in a data run"),
         ([(3, 0, 4, b"")], 4, 0, "run 0", "unknown run kind 3"),
         ([(SIG_DATA, 0, 1, h), (SIG_DATA, 1, 1, h), (SIG_HOLE, 2, 2, b"")], 4, 2,
          f"run 1 at byte {at1}", "data run follows a short data run (not canonical)"),
@@ -633,7 +688,52 @@ def test_signature_runs() -> None:
         refuses(FormatError, lambda s=sig: parse_sig(s), *fragments)
     n = MAX_SIG_DATA_RUN + 1
     big = make_sig(12, n * 4096, [(SIG_DATA, 0, n, b"")], n, n)  # refused before its hashes are read
-    refuses(FormatError, lambda: parse_sig(big), "run 0", f"{n} hashes exceed the limit of {n - 1}")
+    refuses(FormatError, lambda: parse_sig(big), "run 0",
+            f"{n} blocks exceed the data run limit of {n - 1}")
+
+
+@pytest.mark.parametrize(("shift", "limit"), [(12, 4096), (14, 1024), (20, 16), (24, 1)])
+def test_signature_data_runs_hold_at_most_64_kib_of_page_hashes(shift: int, limit: int) -> None:
+    """The run limit is in blocks of 2^(shift-12) page hashes each: max(1, 4096 // P)."""
+    per = 1 << (shift - 12)
+    page = b"\x01" * HASH_LEN
+    bs = 1 << shift
+    blocks = limit + 1
+    full = make_sig(shift, blocks * bs, [(SIG_DATA, 0, limit, page * per * limit),
+                                         (SIG_DATA, limit, 1, page * per)], blocks, blocks)
+    assert len(parse_sig(full).data_index) == blocks
+    assert len(parse_sig(full).pages) == blocks * per * HASH_LEN
+    over = make_sig(shift, blocks * bs, [(SIG_DATA, 0, blocks, b"")], blocks, blocks)
+    refuses(FormatError, lambda: parse_sig(over), "run 0",
+            f"{blocks} blocks exceed the data run limit of {limit}")
+    if limit > 1:  # a short data run followed by another is not canonical
+        short = make_sig(shift, blocks * bs, [(SIG_DATA, 0, 1, page * per),
+                                              (SIG_DATA, 1, limit, page * per * limit)], blocks, blocks)
+        refuses(FormatError, lambda: parse_sig(short), "run 1",
+                "data run follows a short data run (not canonical)")
+    # The encoder cuts where the reader expects.
+    enc = SignatureEncoder(SigHeader(shift, blocks * bs))
+    out = enc.start() + enc.data_many(array("Q", range(blocks)), page * per * blocks)
+    out += enc.finish(parse_sig(full).mtime_ns)[0]
+    assert out == full
+
+
+def test_a_data_block_needs_one_non_zero_page_hash() -> None:
+    """At 16 KiB blocks (4 pages): zero page hashes are fine within a block that has one
+    other page, and a block of only zero pages is a hole, so a data run may not hold it."""
+    h = b"\x01" * HASH_LEN
+    bs = 16384
+    some = ZERO_HASH + h + ZERO_HASH * 2
+    ok = make_sig(14, 2 * bs, [(SIG_DATA, 0, 2, some + h * 4)], 2, 2)
+    sig = parse_sig(ok)
+    assert sig.pages_at(0) == some and sig.hash_at(0) == tree_hash(some) != ZERO_HASH
+    # A zero page hash straddling two blocks is not a zero block either.
+    straddle = make_sig(14, 2 * bs, [(SIG_DATA, 0, 2, h * 2 + ZERO_HASH * 2 + ZERO_HASH * 2 + h * 2)],
+                        2, 2)
+    assert list(parse_sig(straddle).data_index) == [0, 1]
+    bad = make_sig(14, 2 * bs, [(SIG_DATA, 0, 2, h * 4 + ZERO_HASH * 4)], 2, 2)
+    refuses(FormatError, lambda: parse_sig(bad), "run 0",
+            "block 1 has only zero page hashes in a data run")
 
 
 # ---------------------------------------------------------------- truncation and trailing bytes
@@ -1009,6 +1109,27 @@ def test_hash_block_pads_the_last_block_and_knows_zeros() -> None:
     assert hash_block(b"x" * 100, 4096) != hash_block(b"x" * 100, bs)
 
 
+def _b3(data: bytes) -> bytes:
+    return blake3.blake3(data).digest(length=16)
+
+
+def test_block_hash_is_the_tree_hash_of_its_page_hashes() -> None:
+    """Spec section 1, computed here from BLAKE3 directly: page hash = BLAKE3-128 of the
+    page (ZERO_HASH for zeros); block hash = BLAKE3-128 of the page hashes in order."""
+    pages = [b"a" * 4096, bytes(4096), b"c" * 4000, bytes(4096)]  # the third padded below
+    block = b"".join(pages)[: 3 * 4096 - 96]  # a short last block of a file
+    expected_pages = _b3(pages[0]) + ZERO_HASH + _b3(pages[2] + bytes(96)) + ZERO_HASH
+    assert hash_pages(block, 16384) == expected_pages
+    assert hash_block(block, 16384) == _b3(expected_pages) == tree_hash(expected_pages)
+    # One page a block: the block hash is still the hash of the page hash, not of the page.
+    assert hash_pages(pages[0], 4096) == _b3(pages[0])
+    assert hash_block(pages[0], 4096) == _b3(_b3(pages[0])) != _b3(pages[0])
+    assert tree_hash(ZERO_HASH * 4) == ZERO_HASH == tree_hash(hash_pages(bytes(16384), 16384))
+    # Content that moves by one page inside a block changes the block hash.
+    assert hash_block(bytes(4096) + pages[0], 8192) != hash_block(pages[0] + bytes(4096), 8192)
+    assert len(hash_pages(b"", 1 << 24)) == 4096 * 16
+
+
 @pytest.mark.parametrize("size", [0, -4096, 2048, 4095, 4097, 12288, 1 << 25])
 def test_block_size_is_checked_in_one_place(size: int, tmp_path: Path) -> None:
     refuses(UsageError, lambda: shift_for_block_size(size), f"block size {size} must be a power of two")
@@ -1036,3 +1157,15 @@ def test_journal_sequence_wraps() -> None:
     assert last is not None and last.seq == 0 and last.start_block == 1 << 32
     assert decode_journal(journal(0xFFFFFFFF)).seq == 0xFFFFFFFF  # type: ignore[union-attr]
     assert decode_journal(bytes(2 * JOURNAL_SLOT_SIZE)) is None
+
+
+def test_info_shows_the_page_size_and_page_hash_count() -> None:
+    path = mf.FIXTURES / "block-16k" / "base.sig"
+    sig = parse_sig(path.read_bytes())
+    info = api.info(str(path))
+    assert info["version"] == 2 and info["block_size"] == 16384 and info["page_size"] == 4096
+    assert info["page_hashes"] == 4 * info["data_blocks"] == len(sig.pages) // HASH_LEN > 0
+    r = subprocess.run([sys.executable, "-m", "sparsepatch", "info", str(path)], capture_output=True,
+                       text=True, check=True)
+    assert "page size: 4,096 (4.0 KiB)" in r.stdout.splitlines()
+    assert f"page hashes: {info['page_hashes']:,}" in r.stdout.splitlines()

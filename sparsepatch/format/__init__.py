@@ -4,7 +4,8 @@ Encoders return bytes; decoders take bytes or a ``read(n)`` callable and check e
 length, count and offset against the limits in the spec before allocating anything.
 This package never opens a file. Its modules, by structure:
 
-- base: constants, Struct layouts, CRC-32C, block hash, magic, the counting reader
+- base: constants, Struct layouts, CRC-32C, page and block (tree) hashes, magic, the counting
+  reader
 - rules: spec section 7, rules 1-15, one function or method per rule
 - signature, patch, journal: one module per file format
 - mac: the patch MAC key and tag chain
@@ -66,12 +67,15 @@ from .base import (
     crc32c,
     data_record_max_blocks,
     hash_block,
+    hash_pages,
     identity_hasher,
     page_hash,
     pages_per_block,
     payload_limit,
     shift_for_block_size,
+    sig_run_limit,
     sniff,
+    tree_hash,
     valid_shift,
 )
 from .frame import MAX_WINDOW, ZERO_PAGE, assemble, decode_data, decode_payload, rule_16_frame
@@ -98,13 +102,15 @@ from .signature import (
     decode_sig_header,
     encode_sig_header,
     read_signature,
+    tree_hashes,
 )
 
 __all__ = [
     "COMP_ZSTD", "CRC", "FLAG_FULL", "FLAG_MAC", "HASH_LEN", "JOURNAL_MAGIC", "JOURNAL_SLOT",
     "JOURNAL_SLOT_SIZE", "KNOWN_PATCH_FLAGS", "MAC_CONTEXT", "MAC_LEN", "MAX_FILE_SIZE",
     "MAX_RECORD_BLOCKS", "MAX_RECORD_DATA", "MAX_SHIFT", "MAX_SIG_DATA_RUN", "MAX_SIG_HOLE_RUN",
-    "MAX_WINDOW", "MIN_KEY_FILE", "MIN_SHIFT", "PATCH_HEADER", "PATCH_MAGIC", "PATCH_TRAILER",
+    "MAX_WINDOW", "MIN_KEY_FILE", "MIN_SHIFT", "PAGE_SHIFT", "PAGE_SIZE", "PATCH_HEADER",
+    "PATCH_MAGIC", "PATCH_TRAILER",
     "REC_COPY", "REC_DATA", "REC_END", "REC_NAMES", "REC_ZERO", "RECORD", "SIG_DATA", "SIG_END",
     "SIG_HEADER", "SIG_HOLE", "SIG_MAGIC", "SIG_RUN", "SIG_TRAILER", "VERSION", "ZERO_HASH",
     "CopySources", "JournalSlot", "MacChain", "PatchHeader", "PatchReader", "PatchRules",
@@ -113,9 +119,10 @@ __all__ = [
     "data_record_max_blocks", "decode_data", "decode_journal", "decode_journal_slot",
     "decode_patch_header", "decode_payload", "decode_sig_header", "derive_mac_key",
     "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
-    "encode_sig_header", "hash_block", "identity_hasher", "newer_slot", "payload_limit",
-    "raw_length", "read_signature", "rule_16_frame", "shift_for_block_size", "sniff", "valid_shift",
-    "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME", "PAGE_SHIFT",
-    "PAGE_SIZE", "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "meta_length",
-    "page_hash", "pages_per_block",
+    "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot", "payload_limit",
+    "raw_length", "read_signature", "rule_16_frame", "shift_for_block_size", "sig_run_limit", "sniff",
+    "tree_hash", "tree_hashes", "valid_shift",
+    "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
+    "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "meta_length", "page_hash",
+    "pages_per_block",
 ]

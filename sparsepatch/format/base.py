@@ -11,20 +11,20 @@ import crcmod.predefined
 
 from ..errors import BadMagic, ChecksumMismatch, FormatError, Truncated, UsageError
 
-VERSION = 1
+VERSION = 2  # of the signature, the patch and the journal alike
 SIG_MAGIC = b"\x89SPSIG\r\n"
 PATCH_MAGIC = b"\x89SPPAT\r\n"
 JOURNAL_MAGIC = b"\x89SPJNL\r\n"
 
 HASH_LEN = 16
-ZERO_HASH = bytes(HASH_LEN)  # the hash of a hole or an all-zero block, by definition
-PAGE_SHIFT = 12  # moved content is found and copied in pages of 4 KiB, whatever the block size
-PAGE_SIZE = 1 << PAGE_SHIFT
+ZERO_HASH = bytes(HASH_LEN)  # the hash of a hole or an all-zero page or block, by definition
 MIN_SHIFT = 12  # 4 KiB
 MAX_SHIFT = 24  # 16 MiB
+PAGE_SHIFT = 12  # the unit of page hashes, whatever the block size
+PAGE_SIZE = 1 << PAGE_SHIFT
 MAX_FILE_SIZE = 1 << 60  # 1 EiB: refuse absurd sizes before doing arithmetic with them
 
-MAX_SIG_DATA_RUN = 4096  # hashes per signature DATA run (64 KiB of hashes)
+MAX_SIG_DATA_RUN = 4096  # page hashes per signature DATA run (64 KiB of hashes)
 MAX_SIG_HOLE_RUN = 0xFFFFFFFF
 MAX_RECORD_DATA = 8 << 20  # uncompressed bytes a DATA record may cover (or one block if larger)
 MAX_RECORD_BLOCKS = 32768  # blocks a ZERO or COPY record may cover
@@ -46,7 +46,8 @@ MIN_KEY_FILE = 16
 COMP_ZSTD = 1
 
 # Struct constants are named after the records in spec/FORMAT.md; the CRC is not in the struct.
-SIG_HEADER = struct.Struct("<8sHHBBHQ")  # magic version flags block_shift hash_len reserved file_size
+SIG_HEADER = struct.Struct("<8sHHBBBBQ")  # magic version flags block_shift hash_len page_shift
+#                                           reserved file_size
 SIG_RUN = struct.Struct("<B3xQI")  # kind first_block count
 SIG_TRAILER = struct.Struct("<B3xQQQ32s")  # kind block_count data_blocks mtime_ns identity
 PATCH_HEADER = struct.Struct("<8sHHBBHQQQ32s32s")  # ... base_size target_size base_mtime_ns ids
@@ -63,48 +64,67 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     return int(_crc32c(data, crc))
 
 
-def block_hash(block: bytes | bytearray | memoryview) -> bytes:
-    """BLAKE3 of a full (zero-padded) block, truncated to 128 bits. Callers use ZERO_HASH
-    instead for a block of zeros, which they detect before hashing; hash_block does both."""
-    digest: bytes = blake3.blake3(block).digest(length=HASH_LEN)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_HASHES = bytes(HASH_LEN << (MAX_SHIFT - PAGE_SHIFT))  # a 16 MiB block's page hashes
+
+
+def pages_per_block(block_size: int) -> int:
+    return block_size >> PAGE_SHIFT
+
+
+def sig_run_limit(block_shift: int) -> int:
+    """Blocks a signature DATA run may hold: at most MAX_SIG_DATA_RUN page hashes, and one
+    block whatever its size."""
+    return max(1, MAX_SIG_DATA_RUN >> (block_shift - PAGE_SHIFT))
+
+
+def hash_pages(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
+    """The page hashes of spec section 1, block_size // PAGE_SIZE of them: block (at most
+    block_size bytes; a short last block of a file) is padded with zeros to block_size,
+    and a page of zeros is ZERO_HASH."""
+    view = memoryview(block)
+    zero, hasher = _ZERO_PAGE, blake3.blake3
+    out = []
+    for pos in range(0, block_size, PAGE_SIZE):
+        page = view[pos : pos + PAGE_SIZE]
+        if zero.startswith(page):  # also a page wholly or partly past the end
+            out.append(ZERO_HASH)
+        elif len(page) < PAGE_SIZE:
+            h = hasher(page)
+            h.update(zero[len(page) :])
+            out.append(h.digest(length=HASH_LEN))
+        else:
+            out.append(hasher(page).digest(length=HASH_LEN))
+    return b"".join(out)
+
+
+def tree_hash(pages: bytes | bytearray | memoryview) -> bytes:
+    """The block hash from its page hashes: ZERO_HASH for a block of zero pages, else
+    BLAKE3 of the concatenated page hashes, truncated to 128 bits."""
+    if _ZERO_HASHES.startswith(pages):
+        return ZERO_HASH
+    digest: bytes = blake3.blake3(pages).digest(length=HASH_LEN)
     return digest
 
 
-_ZEROS: dict[int, bytes] = {}  # one buffer of zeros per block size met (13 at most)
-
-
-def _zeros(block_size: int) -> bytes:
-    zeros = _ZEROS.get(block_size)
-    if zeros is None:
-        zeros = _ZEROS[block_size] = bytes(block_size)
-    return zeros
-
-
 def hash_block(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
-    """The block hash of spec section 1: block (at most block_size bytes; a short last block
-    of a file) is padded with zeros to block_size, and a block of zeros is ZERO_HASH."""
-    zeros = _zeros(block_size)
-    if zeros.startswith(block):
-        return ZERO_HASH
-    if len(block) < block_size:
-        h = blake3.blake3(block)
-        h.update(zeros[: block_size - len(block)])
-        digest: bytes = h.digest(length=HASH_LEN)
-        return digest
-    return block_hash(block)
+    """The block hash of spec section 1 (the tree hash of its page hashes): block (at most
+    block_size bytes) is padded with zeros to block_size, and a block of zeros is ZERO_HASH."""
+    return tree_hash(hash_pages(block, block_size))
+
+
+def block_hash(block: bytes | bytearray | memoryview) -> bytes:
+    """hash_block of a full block (block_size = its length)."""
+    return hash_block(block, len(block))
 
 
 def page_hash(page: bytes | bytearray | memoryview) -> bytes:
     """The hash of one whole 4 KiB page (spec section 1): BLAKE3 truncated to 128 bits,
     ZERO_HASH for zeros."""
-    if _zeros(PAGE_SIZE) == page:
+    if _ZERO_PAGE == page:
         return ZERO_HASH
     digest: bytes = blake3.blake3(page).digest(length=HASH_LEN)
     return digest
-
-
-def pages_per_block(block_size: int) -> int:
-    return block_size >> PAGE_SHIFT
 
 
 def identity_hasher() -> blake3.blake3:

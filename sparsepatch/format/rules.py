@@ -16,7 +16,6 @@ from .base import (
     FLAG_FULL,
     HASH_LEN,
     MAX_RECORD_BLOCKS,
-    MAX_SIG_DATA_RUN,
     MAX_SIG_HOLE_RUN,
     MAX_STAGE_PAGES,
     PAGE_MOVED,
@@ -38,6 +37,7 @@ from .base import (
     data_record_max_blocks,
     pages_per_block,
     payload_limit,
+    sig_run_limit,
 )
 
 if TYPE_CHECKING:
@@ -51,19 +51,29 @@ def rule_1_magic_version_flags(magic: bytes, version: int, flags: int, known_fla
     """The header CRC, also rule 1, is checked right after this by the caller."""
     check_magic(magic, kind, kind)
     if version != VERSION:
+        if version < VERSION:
+            again = ("make the signature again" if kind == "signature"
+                     else "make the patch again from a new signature")
+        else:
+            again = "a newer sparsepatch made it"
         raise UnsupportedVersion(
-            f"{kind} format version {version} at byte 8 is not supported (this build reads {VERSION})"
+            f"{kind} format version {version} is not supported "
+            f"(this sparsepatch reads version {VERSION}); {again}"
         )
     if flags & ~known_flags:
         raise UnsupportedVersion(f"{kind} flags {flags:#06x} at byte 10 has unknown bits set")
 
 
-def rule_2_sig_fields(shift: int, hash_len: int, reserved: int) -> None:
+def rule_2_sig_fields(shift: int, hash_len: int, page_shift: int, reserved: int) -> None:
     check_shift(shift, "signature header at byte 12")
     if hash_len != HASH_LEN:
         raise FormatError(f"signature header at byte 13: hash length {hash_len}, expected {HASH_LEN}")
+    if page_shift != PAGE_SHIFT:
+        raise FormatError(
+            f"signature header at byte 14: page size 2^{page_shift}, expected 2^{PAGE_SHIFT} (4 KiB)"
+        )
     if reserved:
-        raise FormatError("signature header at byte 14: reserved field is not zero")
+        raise FormatError("signature header at byte 15: reserved byte is not zero")
 
 
 def rule_2_patch_fields(shift: int, compression: int, reserved: int) -> None:
@@ -91,8 +101,10 @@ def rule_3_patch_sizes(flags: int, base_size: int, target_size: int) -> None:
 class SignatureRules:
     """Rules 4-6 over the runs of one signature, in stream order."""
 
-    def __init__(self, block_count: int):
+    def __init__(self, block_count: int, block_shift: int):
         self.block_count = block_count
+        self.page_bytes = HASH_LEN << (block_shift - PAGE_SHIFT)  # page hashes of a block
+        self.max_data = sig_run_limit(block_shift)
         self.block = 0  # blocks the runs so far describe
         self.data_blocks = 0
         self.prev_kind = 0
@@ -107,8 +119,10 @@ class SignatureRules:
             raise FormatError(
                 f"{where}: block count {count} is outside 1..{self.block_count - self.block}"
             )
-        if kind == SIG_DATA and count > MAX_SIG_DATA_RUN:
-            raise FormatError(f"{where}: {count} hashes exceed the limit of {MAX_SIG_DATA_RUN}")
+        if kind == SIG_DATA and count > self.max_data:
+            raise FormatError(
+                f"{where}: {count} blocks exceed the data run limit of {self.max_data}"
+            )
 
     def rule_5_canonical(self, where: str, kind: int, reserved: bytes) -> None:
         """Reserved bytes, and section 4.4 rules 2 and 3: canonical runs are what make the
@@ -117,17 +131,21 @@ class SignatureRules:
             raise FormatError(f"{where}: reserved bytes are not zero")
         if kind == SIG_HOLE and self.prev_kind == SIG_HOLE and self.prev_count != MAX_SIG_HOLE_RUN:
             raise FormatError(f"{where}: hole run follows a short hole run (not canonical)")
-        if kind == SIG_DATA and self.prev_kind == SIG_DATA and self.prev_count != MAX_SIG_DATA_RUN:
+        if kind == SIG_DATA and self.prev_kind == SIG_DATA and self.prev_count != self.max_data:
             raise FormatError(f"{where}: data run follows a short data run (not canonical)")
 
-    def rule_5_hashes(self, where: str, first: int, hashes: bytes) -> None:
-        zero_at = hashes.find(ZERO_HASH)  # a search, not a Python loop per hash
+    def rule_5_hashes(self, where: str, first: int, pages: bytes) -> None:
+        """A data block has a page that is not zeros: a block of zero pages is a hole."""
+        width = self.page_bytes
+        zero = bytes(width)
+        zero_at = pages.find(zero)  # a search, not a Python loop per block
         while zero_at >= 0:
-            if zero_at % HASH_LEN == 0:
+            if zero_at % width == 0:
                 raise FormatError(
-                    f"{where}: block {first + zero_at // HASH_LEN} has the zero hash in a data run"
+                    f"{where}: block {first + zero_at // width} has only zero page hashes "
+                    f"in a data run"
                 )
-            zero_at = hashes.find(ZERO_HASH, zero_at + 1)
+            zero_at = pages.find(zero, (zero_at // width + 1) * width)
 
     def accept(self, kind: int, count: int) -> None:
         self.block += count

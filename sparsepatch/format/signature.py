@@ -1,4 +1,6 @@
-"""The signature (spec section 4): its header, the canonical encoder, and the reader."""
+"""The signature (spec section 4): its header, the canonical encoder, and the reader.
+A signature holds the page hashes of each data block; its block hashes (tree hashes) are
+derived from them when it is read."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from ..errors import FormatError
 from .base import (
     CRC,
     HASH_LEN,
-    MAX_SIG_DATA_RUN,
     MAX_SIG_HOLE_RUN,
+    PAGE_SHIFT,
     SIG_DATA,
     SIG_END,
     SIG_HEADER,
@@ -25,6 +27,8 @@ from .base import (
     check_crc,
     crc32c,
     identity_hasher,
+    sig_run_limit,
+    tree_hash,
     with_crc,
 )
 from .rules import (
@@ -48,27 +52,33 @@ class SigHeader:
     def block_count(self) -> int:
         return blocks_for(self.file_size, self.block_shift)
 
+    @property
+    def pages_per_block(self) -> int:
+        return 1 << (self.block_shift - PAGE_SHIFT)
+
 
 def encode_sig_header(h: SigHeader) -> bytes:
-    return with_crc(SIG_HEADER.pack(SIG_MAGIC, VERSION, 0, h.block_shift, HASH_LEN, 0, h.file_size))
+    return with_crc(SIG_HEADER.pack(SIG_MAGIC, VERSION, 0, h.block_shift, HASH_LEN, PAGE_SHIFT, 0,
+                                    h.file_size))
 
 
 def decode_sig_header(buf: bytes) -> SigHeader:
     body = buf[: SIG_HEADER.size]
-    magic, version, flags, shift, hash_len, reserved, size = SIG_HEADER.unpack(body)
+    magic, version, flags, shift, hash_len, page_shift, reserved, size = SIG_HEADER.unpack(body)
     rule_1_magic_version_flags(magic, version, flags, 0, "signature")
     check_crc(body, CRC.unpack_from(buf, SIG_HEADER.size)[0], "signature header", 0)
-    rule_2_sig_fields(shift, hash_len, reserved)
+    rule_2_sig_fields(shift, hash_len, page_shift, reserved)
     rule_3_sig_size(size)
     return SigHeader(shift, size)
 
 
 class SignatureEncoder:
-    """Builds the canonical signature byte stream block by block.
+    """Builds the canonical signature byte stream block by block, from page hashes.
 
-    Canonical means: maximal hole runs, data runs cut at MAX_SIG_DATA_RUN. The same
-    block states therefore always give the same bytes, which is what lets diff compute
-    the target identity without writing the target's signature.
+    Canonical means: maximal hole runs, data runs cut only at the run limit
+    (sig_run_limit: 64 KiB of page hashes). The same block states therefore always give
+    the same bytes, which is what lets diff compute the target identity without writing
+    the target's signature.
     """
 
     def __init__(self, header: SigHeader):
@@ -76,8 +86,10 @@ class SignatureEncoder:
         self.hasher = identity_hasher()
         self.block = 0
         self.data_blocks = 0
+        self.width = HASH_LEN * header.pages_per_block  # page hash bytes of one block
+        self.max_run = sig_run_limit(header.block_shift)
         self._hole = 0
-        self._hashes = bytearray()  # digests of the data run being built
+        self._pages = bytearray()  # page hashes of the data run being built
         self._count = 0  # blocks in it
 
     def start(self) -> bytes:
@@ -104,10 +116,10 @@ class SignatureEncoder:
         if not self._count:
             return b""
         n = self._count
-        out = self._emit(SIG_DATA, self.block, n, bytes(self._hashes))
+        out = self._emit(SIG_DATA, self.block, n, bytes(self._pages))
         self.block += n
         self.data_blocks += n
-        self._hashes = bytearray()
+        self._pages = bytearray()
         self._count = 0
         return out
 
@@ -121,13 +133,15 @@ class SignatureEncoder:
         """Number of blocks described so far."""
         return self.block + self._hole + self._count
 
-    def data_many(self, index: array, digests: bytes | bytearray) -> bytes:
+    def data_many(self, index: array, pages: bytes | bytearray) -> bytes:
         """Describe blocks index (ascending, past those described so far) as data with
-        digests (HASH_LEN bytes each, none ZERO_HASH); blocks skipped are holes.
-        Consecutive blocks are taken as one slice, without a Python call per block."""
+        their page hashes (pages_per_block hashes of HASH_LEN bytes a block, block by
+        block, not all ZERO_HASH in any block); blocks skipped are holes. Consecutive
+        blocks are taken as one slice, without a Python call per block."""
         n = len(index)
         if not n:
             return b""
+        width, max_run = self.width, self.max_run
         parts: list[bytes] = []
         k = 0
         while k < n:
@@ -140,14 +154,14 @@ class SignatureEncoder:
                 parts.append(self.hole(gap))
             if self._hole:
                 parts.append(self._flush_hole())
-            pos = k * HASH_LEN
+            pos = k * width
             while k < j:
-                take = min(j - k, MAX_SIG_DATA_RUN - self._count)
-                self._hashes += digests[pos : pos + take * HASH_LEN]
+                take = min(j - k, max_run - self._count)
+                self._pages += pages[pos : pos + take * width]
                 self._count += take
                 k += take
-                pos += take * HASH_LEN
-                if self._count == MAX_SIG_DATA_RUN:
+                pos += take * width
+                if self._count == max_run:
                     parts.append(self._flush_data())
         return b"".join(parts)
 
@@ -168,19 +182,25 @@ class SignatureEncoder:
 
 @dataclass
 class Signature:
-    """A decoded signature held compactly: one sorted array of data block numbers and their
-    hashes in one buffer, 24 bytes per data block, no object per block."""
+    """A decoded signature held compactly: one sorted array of data block numbers, their
+    block hashes in one buffer and their page hashes in another (16 + 16 * pages a block,
+    plus 8 for the index), no object per block."""
 
     header: SigHeader
     data_index: array  # array('Q') of block numbers holding data, ascending
-    hashes: bytearray  # HASH_LEN bytes per entry of data_index
+    hashes: bytearray  # HASH_LEN bytes (the block's tree hash) per entry of data_index
     identity: bytes
     runs: int
     mtime_ns: int = 0
+    pages: bytes = b""  # HASH_LEN * pages_per_block bytes per entry of data_index
 
     @property
     def block_size(self) -> int:
         return self.header.block_size
+
+    @property
+    def pages_per_block(self) -> int:
+        return self.header.pages_per_block
 
     @property
     def hole_blocks(self) -> int:
@@ -188,6 +208,17 @@ class Signature:
 
     def hash_at(self, k: int) -> bytes:
         return bytes(self.hashes[k * HASH_LEN : (k + 1) * HASH_LEN])
+
+    def pages_at(self, k: int) -> bytes:
+        """The page hashes of data block data_index[k]."""
+        width = HASH_LEN * self.pages_per_block
+        return self.pages[k * width : (k + 1) * width]
+
+
+def tree_hashes(pages: bytes | bytearray, width: int) -> bytes:
+    """The block hashes of consecutive blocks' page hashes (width bytes a block)."""
+    view = memoryview(pages)
+    return b"".join([tree_hash(view[p : p + width]) for p in range(0, len(view), width)])
 
 
 def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Signature:
@@ -198,9 +229,11 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
         header = decode_sig_header(head)
     except FormatError as e:
         raise type(e)(f"{name}: {e}") from None
-    rules = SignatureRules(header.block_count)
+    rules = SignatureRules(header.block_count, header.block_shift)
+    width = rules.page_bytes
     index = array("Q")
     hashes = bytearray()
+    pages: list[bytes] = []
     runs = 0
     while True:
         at = r.pos
@@ -216,18 +249,19 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
                                  data_blocks)
             if not r.at_eof():
                 raise FormatError(f"{name}: unexpected bytes after the trailer at byte {r.pos}")
-            return Signature(header, index, hashes, identity, runs, mtime_ns)
+            return Signature(header, index, hashes, identity, runs, mtime_ns, b"".join(pages))
         rest = r.exact(SIG_RUN.size - 1, f"run {runs} header")
         kind, first, count = SIG_RUN.unpack(kind_b + rest)
         where = f"{name} run {runs} at byte {at}"
         rules.rule_4_run_header(where, kind, first, count)
         rules.rule_5_canonical(where, kind, rest[:3])
-        payload = r.exact(count * HASH_LEN, f"run {runs} hashes") if kind == SIG_DATA else b""
+        payload = r.exact(count * width, f"run {runs} page hashes") if kind == SIG_DATA else b""
         crc = CRC.unpack(r.exact(CRC.size, f"run {runs} CRC"))[0]
         check_crc(kind_b + rest + payload, crc, where, at)
         if kind == SIG_DATA:
             rules.rule_5_hashes(where, first, payload)
             index.extend(range(first, first + count))
-            hashes += payload
+            pages.append(payload)
+            hashes += tree_hashes(payload, width)
         rules.accept(kind, count)
         runs += 1
