@@ -422,7 +422,8 @@ class Applier:
 
     def _apply(self, d: Decision) -> None:
         rec = d.rec
-        self.skipped += rec.count - d.blocks
+        if rec.kind != REC_STAGE:
+            self.skipped += rec.count - d.blocks
         if not d.runs:
             return
         if not self.scratch_ready:

@@ -15,7 +15,7 @@ import os
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .blocks import Chunk, Scanner, SignatureBuilder, Stamp, differences, read_blocks
@@ -27,14 +27,15 @@ from .format import (
     FLAG_MAC,
     HASH_LEN,
     MAX_RECORD_BLOCKS,
+    MAX_STAGE_PAGES,
+    PAGE_LITERAL,
     PAGE_SIZE,
-    PAGE_ZERO,
     REC_COPY,
     REC_DATA,
+    REC_STAGE,
     REC_ZERO,
     RECORD,
     ZERO_HASH,
-    ZERO_PAGE,
     MacChain,
     PatchHeader,
     PatchTrailer,
@@ -51,6 +52,7 @@ from .format import (
     pages_per_block,
     raw_length,
 )
+from .moves import PagePlan, classify, find_sources
 
 if TYPE_CHECKING:
     import zstandard
@@ -78,6 +80,8 @@ class DiffStats:
     target_identity: str
     full: bool
     holes_skipped: bool  # False: every byte was read (a stream, a device, no hole map)
+    moved_pages: int = 0  # pages of DATA blocks copied from elsewhere in the base
+    stage_pages: int = 0  # of their sources, the base pages apply stages before writing
 
 
 @dataclass
@@ -87,11 +91,17 @@ class Changes:
     index: array  # array('Q')
     base: bytearray  # HASH_LEN per entry
     target: bytearray  # HASH_LEN per entry; ZERO_HASH where the target block is zeros
+    pages: bytearray = field(default_factory=bytearray)  # the target's page hashes, P per entry
 
-    def add(self, i: int, base: bytes | bytearray, target: bytes) -> None:
+    def add(self, i: int, base: bytes | bytearray, target: bytes, pages: bytes = b"") -> None:
         self.index.append(i)
         self.base += base
         self.target += target
+        self.pages += pages
+
+    def changed(self, block: int) -> bool:
+        c = bisect.bisect_left(self.index, block)
+        return c < len(self.index) and self.index[c] == block
 
     def hashes(self, k: int) -> tuple[bytes, bytes]:
         a, b = k * HASH_LEN, (k + 1) * HASH_LEN
@@ -134,8 +144,8 @@ def _scan(sig: Signature, scan: Scanner, spool: _Spool | None, target: Signature
             yield chunk
 
     with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
-        for i, base, digest, _, blk in differences(sig, fed(chunks), scan.shift):
-            changes.add(i, base, digest)
+        for i, base, digest, pages, blk in differences(sig, fed(chunks), scan.shift):
+            changes.add(i, base, digest, pages)
             if spool and blk is not None:  # only a stream scan hands out block contents
                 spool.add(blk)
     return changes
@@ -173,11 +183,57 @@ def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[
     return {h: j for h, j in wanted.items() if j >= 0}
 
 
+def _page_plan(sig: Signature, changes: Changes, sources: dict[bytes, int],
+               target_blocks: int) -> PagePlan:
+    """Kinds of the pages of every DATA block, and their moved sources (moves.py)."""
+    shift = sig.header.block_shift
+    per = pages_per_block(1 << shift)
+    width = per * HASH_LEN
+    data = [k for k in range(len(changes.index))
+            if changes.index[k] < target_blocks and changes.target_hash(k) != ZERO_HASH
+            and changes.target_hash(k) not in sources]
+    di, dp = sig.data_index, bytes(sig.pages)
+    zero_pages = bytes(width)
+
+    def base_pages(block: int) -> bytes:
+        d = bisect.bisect_left(di, block)
+        return dp[d * width : (d + 1) * width] if d < len(di) and di[d] == block else zero_pages
+
+    wanted: set[bytes] = set()
+    for k in data:
+        same = base_pages(changes.index[k])
+        pages = changes.pages[k * width : (k + 1) * width]
+        for p in range(0, width, HASH_LEN):
+            h = bytes(pages[p : p + HASH_LEN])
+            if h != ZERO_HASH and h != same[p : p + HASH_LEN]:
+                wanted.add(h)
+
+    def changed(block: int) -> bool:
+        return block < target_blocks and changes.changed(block)
+
+    def every_base_page() -> Iterator[tuple[int, bytes]]:
+        for d, block in enumerate(di):
+            for p in range(per):
+                at = (d * per + p) * HASH_LEN
+                yield block * per + p, dp[at : at + HASH_LEN]
+
+    found = find_sources(wanted, every_base_page(), changed, shift) if wanted else {}
+    plan = PagePlan()
+    for k in data:
+        block = changes.index[k]
+        classify(plan, block, bytes(changes.pages[k * width : (k + 1) * width]), base_pages(block),
+                 found, changed, shift)
+    return plan
+
+
 def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
-          max_data: int) -> Iterator[tuple[int, int, int, int]]:
+          max_data: int, ahead: dict[int, set[int]] | None = None) -> Iterator[tuple[int, int, int, int]]:
     """Group changes into records: (kind, first change k, count, copy source block). A
     record goes on over the next block while that block is of the same kind (and, for a
-    COPY, its source is the next block of the destination), up to the kind's limit."""
+    COPY, its source is the next block of the destination), up to the kind's limit. ahead:
+    per DATA block, the blocks after it whose pages it reads in place; a DATA record stops
+    before such a block, which no record may change before (or while) it is read."""
+    ahead = ahead or {}
 
     def kind_of(k: int) -> tuple[int, int]:
         """The one place a change's record kind is decided: (kind, copy source block)."""
@@ -194,8 +250,11 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
         kind, src = kind_of(k)
         limit = max_data if kind == REC_DATA else MAX_RECORD_BLOCKS
         m = 1
+        read: set[int] = set(ahead.get(ci[k], ()))
         while (k + m < n and m < limit and ci[k + m] == ci[k] + m and ci[k + m] < target_blocks
-               and kind_of(k + m) == (kind, src + m if kind == REC_COPY else 0)):
+               and kind_of(k + m) == (kind, src + m if kind == REC_COPY else 0)
+               and ci[k + m] not in read):
+            read.update(ahead.get(ci[k + m], ()))
             m += 1
         yield kind, k, m, src
         k += m
@@ -229,23 +288,17 @@ def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: in
             )
 
 
-def _literal_pages(raw: bytes | bytearray, m: int, per: int) -> tuple[list[bytes], bytes]:
-    """Page kinds of m blocks of target bytes (clipped at the target's end) and the literal
-    pages: whole pages, the last one zero-padded; zero pages are ZERO, not literal."""
-    whole = bytes(raw).ljust(m * per * PAGE_SIZE, b"\0")
-    kinds: list[bytes] = []
+def _literal_pages(raw: bytes | bytearray, kinds: list[bytes]) -> bytes:
+    """The LITERAL pages of blocks of target bytes (clipped at the target's end): whole
+    pages, the last one zero-padded."""
     parts = []
-    for b in range(m):
-        k = bytearray(per)
-        for p in range(per):
-            at = (b * per + p) * PAGE_SIZE
-            page = whole[at : at + PAGE_SIZE]
-            if page == ZERO_PAGE:
-                k[p] = PAGE_ZERO
-            else:
-                parts.append(page)
-        kinds.append(bytes(k))
-    return kinds, b"".join(parts)
+    at = 0
+    for k in kinds:
+        for kind in k:
+            if kind == PAGE_LITERAL:
+                parts.append(bytes(raw[at : at + PAGE_SIZE]).ljust(PAGE_SIZE, b"\0"))
+            at += PAGE_SIZE
+    return b"".join(parts)
 
 
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
@@ -286,9 +339,14 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             write(tag)
             written += len(tag)
 
+    plan = _page_plan(sig, changes, sources, target_blocks)
     emit(encode_patch_header(header))
     counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
     records = payload_bytes = data_bytes = 0
+    # Before every other record: apply copies these pages aside before its first write.
+    for first, count, hashes in plan.stage_runs(MAX_STAGE_PAGES):
+        emit(encode_record(Record(REC_STAGE, first, count, hashes, pages=per)))
+        records += 1
     if spool:
         spool.finish()
 
@@ -307,10 +365,14 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
         _recheck(raw, changes, k, m, shift, first, name)
-        kinds, literal = _literal_pages(raw, m, per)
-        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], [])
+        kinds = [plan.kinds[first + b] for b in range(m)]
+        moved = array("Q")
+        for b in range(m):
+            moved.extend(plan.sources.get(first + b, ()))
+        literal = _literal_pages(raw, kinds)
+        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], moved)
         payload = cctx.compress(literal) if literal else b""
-        return Record(kind, first, m, meta, 0, payload, pages=per)
+        return Record(kind, first, m, meta, len(moved), payload, pages=per)
 
     def build_batch(batch: Rows) -> bytes:
         """A batch's records, encoded: what the forked worker sends back."""
@@ -322,7 +384,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         spooled = 0
         batch: Rows = []
         weight = 0
-        for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift)):
+        for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift),
+                                     plan.ahead):
             batch.append((kind, k, m, src, spooled))
             if kind != REC_ZERO:
                 spooled += m
@@ -359,4 +422,4 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
                      counts[REC_ZERO], counts[REC_COPY], records, scan.bytes_read, data_bytes,
                      payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full,
-                     scan.holes_skipped)
+                     scan.holes_skipped, plan.moved, len(plan.stage))

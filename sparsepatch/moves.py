@@ -28,6 +28,9 @@ class PagePlan:
     kinds: dict[int, bytes] = field(default_factory=dict)
     sources: dict[int, array] = field(default_factory=dict)
     stage: dict[int, bytes] = field(default_factory=dict)  # base page -> its hash
+    # Per block, the changed blocks after it whose pages it reads in place: no record may
+    # change them before the block is written (diff ends a DATA record before one).
+    ahead: dict[int, set[int]] = field(default_factory=dict)
     moved: int = 0
     same: int = 0
 
@@ -85,8 +88,11 @@ def classify(plan: PagePlan, block: int, target_pages: bytes, base_pages: bytes,
             kinds[p] = PAGE_MOVED
             src.append(s)
             plan.moved += 1
-            if s >> down <= block and changed(s >> down):
-                plan.stage[s] = h
+            if changed(s >> down):
+                if s >> down <= block:
+                    plan.stage[s] = h
+                else:
+                    plan.ahead.setdefault(block, set()).add(s >> down)
         else:
             kinds[p] = PAGE_LITERAL
     plan.kinds[block] = bytes(kinds)

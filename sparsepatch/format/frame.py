@@ -71,6 +71,8 @@ def decode_payload(header: PatchHeader, rec: Record) -> bytes:
     import zstandard
 
     raw = raw_length(header, rec)
+    if not raw:
+        return b""  # no literal page: no payload (rule 11)
     rule_16_frame(rec, raw)
     try:
         out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
