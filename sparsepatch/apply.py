@@ -352,6 +352,8 @@ class Applier:
             self.undo.finish()  # before the journal goes: a rerun must still find its way
         self.journal.remove()
         if self.scratch is not None:
+            if self.scratch.fd is None and len(self.staged):
+                self.scratch.remove_leftover()
             self.scratch.remove()  # after the journal: a journal without its scratch is stuck
         return n
 

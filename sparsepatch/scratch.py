@@ -181,6 +181,23 @@ class Scratch:
         except OSError as e:
             raise IOFailure(f"{self.path}: cannot remove the scratch: {e.strerror}") from None
 
+    def remove_leftover(self) -> None:
+        """Remove a scratch no journal names: left by a run stopped after removing its
+        journal (the destination is the target) or before writing its first slot. Only one
+        we would trust goes; anything else there is not ours to remove."""
+        try:
+            fd = sparse.open_side(self.dir_fd, self.name, self.path, "scratch")
+        except IOFailure:
+            return
+        if fd is None:
+            return
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in self.not_files or sparse.not_ours(fd, self.owners) is not None:
+            os.close(fd)
+            return
+        self.fd = fd
+        self.remove()
+
     def close(self) -> None:
         for fd in (self.fd, self.dir_fd):
             if fd is not None and fd >= 0:
