@@ -4,12 +4,14 @@ stats objects. The CLI is a thin layer over this module."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable
 from typing import Any
 
-from . import files, inputs, outputs
+from . import files, fork, inputs, outputs
+from . import since as since_
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
 from .errors import FormatError, UsageError, VerifyMismatch
@@ -53,13 +55,15 @@ block_shift = shift_for_block_size
 
 def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
               progress: Callable[[int], None] | None = None, *, source_check: str = "mtime",
-              warn: Callable[[str], object] | None = None) -> SignatureStats:
+              warn: Callable[[str], object] | None = None, jobs: int | None = None) -> SignatureStats:
     """Write the signature of dest (a path or '-') to output (a path, '-' or None: stdout).
     A file that changes while it is read raises SourceChanged; source_check "content"
-    looks at its size only, for a file whose mtime is always new (see diff)."""
+    looks at its size only, for a file whose mtime is always new (see diff). jobs: the
+    processes that hash (default: one per CPU this process may use); the output is the
+    same for any number."""
     shift = block_shift(block_size)
     outputs.refuse_overwrite(output, dest)
-    with inputs.open_source(dest) as fd:
+    with fork.jobs(jobs), inputs.open_source(dest) as fd:
         mode = outputs.read_mode(None if dest == "-" else fd)
         with outputs.open_output(output, mode=mode) as write:
             return write_signature(fd, shift, dest, write, progress, None,
@@ -121,25 +125,52 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
          block_size: int = DEFAULT_BLOCK_SIZE, level: int = DEFAULT_LEVEL,
          key_file: str | None = None, split: int | None = None,
          progress: Callable[[int], None] | None = None, source_check: str = "mtime",
-         warn: Callable[[str], object] | None = None) -> DiffStats:
+         warn: Callable[[str], object] | None = None, next_signature: str | None = None,
+         since: str | None = None, jobs: int | None = None) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file. A source that changes while it is read raises
     SourceChanged: source_check "mtime" compares its mtime, ctime and size before and
     after; "content" (a source whose mtime is always new, such as a FUSE export) its size,
     and relies on the second reading of the blocks the patch carries, which are hashed
-    again and compared with the first."""
+    again and compared with the first. next_signature names a file for the signature the
+    destination will have after the patch (the target's, read at no extra cost): the next
+    diff can start from it without a signature from the destination. since names a
+    copy-on-write snapshot (a reflink copy) of the state sig describes, on the source's
+    XFS or btrfs filesystem: only the ranges whose extents differ from it are read. jobs:
+    as for signature."""
     if full == (sig is not None):
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
         raise UsageError("signature and source cannot both be stdin")
     outputs.refuse_overwrite(output, sig, source, key_file)
+    if next_signature is not None:
+        if next_signature == "-" and output in (None, "-"):
+            raise UsageError("--next-signature - and the patch cannot both go to standard output")
+        if output not in (None, "-") and os.path.abspath(next_signature) == os.path.abspath(output):
+            raise UsageError(f"{next_signature}: --next-signature names the patch's own output")
+        outputs.refuse_overwrite(next_signature, sig, source, key_file)
     key = load_key(key_file) if key_file else None
     signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)
-    with inputs.open_source(source) as fd:
+    if since is not None and (sig is None or source == "-"):
+        raise UsageError("--since needs a signature and a source file (not --full, not stdin)")
+    with fork.jobs(jobs), inputs.open_source(source) as fd:
         mode &= outputs.read_mode(None if source == "-" else fd)
-        with outputs.open_output(output, split, mode) as write:
+        changed = None if since is None else _since_ranges(since, fd, source, signature_.header.file_size)
+        # The next signature is committed only after the patch is: never one without the other
+        # (a signature of a target no patch leads to would make the next diff's patch useless).
+        with contextlib.ExitStack() as outs:
+            nxt = (outs.enter_context(outputs.open_output(next_signature, None, mode))
+                   if next_signature is not None else None)
+            write = outs.enter_context(outputs.open_output(output, split, mode))
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
-                               progress=progress, source_check=source_check, warn=warn)
+                               progress=progress, source_check=source_check, warn=warn,
+                               next_signature=nxt, since=changed)
+
+
+def _since_ranges(snapshot: str, fd: int, source: str, size: int) -> list[tuple[int, int]]:
+    """The byte ranges of source that differ from snapshot's extents (since.py)."""
+    with inputs.open_source(snapshot) as snap:
+        return since_.changed_ranges(snap, snapshot, fd, source, size)[0]
 
 
 def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: str | None = None,

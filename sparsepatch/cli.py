@@ -284,6 +284,12 @@ _output = click.option("-o", "--output", metavar="FILE",
                        help="Write here (atomically: renamed when complete) instead of stdout.")
 
 
+_jobs = click.option("-j", "--jobs", type=click.IntRange(1, 4096), metavar="N",
+                     help="Processes that read and hash (default: one per CPU this process may "
+                          "use, its affinity and cgroup quota respected). The output is the "
+                          "same for any N.")
+
+
 def _source_check(content: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--source-check", type=click.Choice(["mtime", "content"]), default="mtime",
@@ -299,13 +305,15 @@ def _warn(message: str) -> None:
 @main.command(epilog=EXIT_CODES)
 @click.argument("dest", metavar="DEST")
 @_output
+@_jobs
 @click.option("-b", "--block-size", type=SizeType(), default=str(api.DEFAULT_BLOCK_SIZE),
               show_default="16K", help="Block size, a power of two from 4K to 16M.")
 @_source_check("compares only its size (for a file whose mtime is always new, such as a FUSE "
                "export; a change in place then goes unseen here, and apply refuses the "
                "blocks it touches that changed).")
 @_common
-def signature(dest: str, output: str | None, block_size: int, source_check: str, quiet: bool,
+def signature(dest: str, output: str | None, jobs: int | None, block_size: int, source_check: str,
+              quiet: bool,
               progress: str, as_json: bool, stats: str | None) -> None:
     """Write the signature (block hashes and hole map) of DEST ('-': stdin).
 
@@ -320,7 +328,7 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
     prog = _progress("signature", lambda: api.data_size(dest), progress, quiet)
     t = time.monotonic()
     s = _run(api.signature, dest, output, block_size, progress=prog, source_check=source_check,
-             warn=_warn)
+             warn=_warn, jobs=jobs)
     _finish("signature", s, time.monotonic() - t,
             f"signature: {human(s.file_size)} apparent, {human(s.bytes_read)} read, "
             f"{s.data_blocks:,} data blocks, signature {human(s.signature_bytes)}", quiet, stats_to)
@@ -328,6 +336,7 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("args", nargs=-1, metavar="SIG SOURCE | --full SOURCE")
+@_jobs
 @_output
 @click.option("--full", is_flag=True, help="No signature: a patch that creates the whole file.")
 @click.option("-b", "--block-size", type=SizeType(), default=str(api.DEFAULT_BLOCK_SIZE),
@@ -339,13 +348,19 @@ def signature(dest: str, output: str | None, block_size: int, source_check: str,
 @click.option("--split", type=SplitSizeType(), metavar="SIZE",
               help="With -o: write FILE.000, FILE.001, ... of at most SIZE each "
                    "(fat32: 4 GiB - 1 byte, the largest file FAT32 holds).")
+@click.option("--since", metavar="SNAPSHOT",
+              help="A reflink copy of the state SIG describes (XFS, btrfs): read only what "
+                   "changed since, from the extent maps. You vouch that it matches SIG.")
+@click.option("--next-signature", "next_signature", metavar="FILE",
+              help="Also write the signature the destination will have once the patch is "
+                   "applied: the next diff starts from it, with nothing sent back.")
 @_source_check("compares its size, and hashes the blocks the patch carries again in the second "
                "reading against the first (for a source whose mtime is always new, such "
                "as a FUSE export).")
 @_common
-def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int, level: int,
-         key_file: str | None, split: int | None, source_check: str, quiet: bool, progress: str,
-         as_json: bool, stats: str | None) -> None:
+def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool, block_size: int, level: int,
+         key_file: str | None, split: int | None, since: str | None, next_signature: str | None,
+         source_check: str, quiet: bool, progress: str, as_json: bool, stats: str | None) -> None:
     """Write a patch that turns the file SIG describes into SOURCE ('-': stdin).
 
     \b
@@ -354,6 +369,8 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
       sparsepatch diff --full vm.img -o /media/usb/vm.patch --split fat32
       sparsepatch diff -k secret.key vm.sig vm.img -o vm.patch
       sparsepatch diff --source-check content vm.sig /mnt/fuse/vm.img -o vm.patch
+      sparsepatch diff vm.sig vm.img -o vm.patch --next-signature vm.sig.next
+      sparsepatch diff --since vm.snap vm.sig vm.img -o vm.patch
     """
     want = 1 if full else 2
     if len(args) != want:
@@ -361,14 +378,15 @@ def diff(args: tuple[str, ...], output: str | None, full: bool, block_size: int,
     if split is not None and split < 4096:
         raise click.UsageError("--split SIZE must be at least 4K")
     stats_to = _stats_target(as_json, stats, output in (None, "-"))
-    _run(api.refuse_stats_over, stats_to, [output], [*args, key_file], output if split else None)
+    _run(api.refuse_stats_over, stats_to, [output, next_signature], [*args, key_file, since],
+         output if split else None)
     _refuse_tty(output)
     prog = _progress("diff", lambda: api.data_size(args[-1]), progress, quiet)
     t = time.monotonic()
     sig = None if full else args[0]
     s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
              key_file=key_file, split=split, progress=prog, source_check=source_check,
-             warn=_warn)
+             warn=_warn, next_signature=next_signature, since=since, jobs=jobs)
     changed = s.data_blocks + s.zero_blocks + s.copy_blocks
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "

@@ -304,7 +304,9 @@ def _literal_pages(raw: bytes | bytearray, kinds: list[bytes]) -> bytes:
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
                 full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
                 progress: Callable[[int], None] | None = None, source_check: str = "mtime",
-                warn: Callable[[str], object] | None = None) -> DiffStats:
+                warn: Callable[[str], object] | None = None,
+                next_signature: Callable[[bytes], object] | None = None,
+                since: list[tuple[int, int]] | None = None) -> DiffStats:
     shift = sig.header.block_shift
     bs = 1 << shift
     # A regular file that changes while diff runs changes its mtime, ctime or size: one
@@ -314,9 +316,14 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # compared, and the second reading's hashes are the check.
     per = pages_per_block(1 << shift)
     stamp = Stamp(fd, source_check)
-    scan = Scanner(fd, shift, name, progress=progress, warn=warn)
+    # since: the byte ranges that may differ from the signature's state (diff --since); the
+    # other blocks are what the signature says, read from it and not from the source.
+    scan = Scanner(fd, shift, name, progress=progress, warn=warn, only=since, known=sig)
     spool = None if scan.seekable else _Spool(shift)
-    target = SignatureBuilder(shift, scan.size if scan.seekable else None)
+    # The target's canonical signature: its identity goes into the header, and with
+    # next_signature its bytes are the signature the destination will have once the patch
+    # is applied (mtime unknown: 0), so the next diff needs nothing from the destination.
+    target = SignatureBuilder(shift, scan.size if scan.seekable else None, next_signature)
     changes = _scan(sig, scan, spool, target)
     size = scan.size
     target_blocks = blocks_for(size, shift)

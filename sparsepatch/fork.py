@@ -1,26 +1,28 @@
-"""Work shared with one forked process, for the CPU-bound loops of signature and diff.
+"""Work shared with forked processes, for the CPU-bound loops of signature and diff.
 
 A second thread does not help there: BLAKE3 at 16 KiB per call, and the per-block Python
-around it, spend as much time handing the GIL over as hashing. So share_map() forks a
-worker process and hands it items as it becomes free, through a pipe, as bytes: this
-process alone walks the items (the data extents of a file, the planned records of a
-patch), so both always work on the same sequence. The worker sends each result back
-through a second pipe, and this process yields all results in order. Which process did
+around it, spend as much time handing the GIL over as hashing. So share_map() forks up to
+--jobs - 1 worker processes (default: one per CPU this process may use) and hands each
+items as it becomes free, through a pipe, as bytes: this process alone walks the items
+(the data extents of a file, the planned records of a patch), so all work on the same
+sequence. Each worker sends its results back through a second pipe, and this process
+yields all results in order. Which process did
 an item never shows in the result. Where a worker cannot be had (one CPU, other threads
 running, no fork, fork or pipe failing), the same work runs here, one item after another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import errors
-from .errors import SparsePatchError
+from .errors import SparsePatchError, UsageError
 
 T = TypeVar("T")
 
@@ -32,15 +34,40 @@ _F_SETPIPE_SZ = 1031
 MAX_COMMAND = 32 << 10  # bytes of one item's description: well within the command pipe
 
 
+_jobs: int | None = None  # the running command's --jobs (jobs()); None: every CPU we may use
+
+
+@contextlib.contextmanager
+def jobs(n: int | None) -> Iterator[None]:
+    """Within the block, share work among n processes (this one included); None keeps the
+    default, every CPU this process may use."""
+    global _jobs
+    if n is not None and n < 1:
+        raise UsageError(f"--jobs {n}: at least 1 process is needed")
+    saved, _jobs = _jobs, n if n is not None else _jobs
+    try:
+        yield
+    finally:
+        _jobs = saved
+
+
 def worker_count() -> int:
-    """Processes to use: two where two CPUs are ours, and only while this process runs one
-    thread (a program that embeds the library may hold locks in other threads, which a
-    forked child would inherit locked)."""
+    """Processes to use (this one included): --jobs if given, else the CPUs this process
+    may use (its affinity mask and its cgroup's CPU quota); one while this process runs
+    other threads (a program that embeds the library may hold locks in them, which a
+    forked child would inherit locked) or cannot fork."""
     if not hasattr(os, "fork"):
         return 1
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
         return 1
+    if _jobs is not None:
+        return _jobs
+    return available_cpus()
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's quota."""
     try:
         cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -48,7 +75,7 @@ def worker_count() -> int:
     quota = cpu_quota()
     if quota is not None:
         cpus = min(cpus, quota)
-    return 2 if cpus >= 2 else 1
+    return max(1, int(cpus))
 
 
 def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
@@ -104,39 +131,44 @@ def share_map(items: Iterable[T], work: Callable[[T], bytes], encode: Callable[[
               hold: int = 6) -> Generator[tuple[T, bytes], None, None]:
     """(item, work(item)) for every item, in order.
 
-    With a worker, items go to it as encode(item) (at most MAX_COMMAND bytes), which it
-    turns back with decode() and works on; it is kept busy with up to `ahead` items while
-    this process does the others, holding at most `hold` results of its own while the
-    worker's oldest is not back. Errors come out in item order whichever process met
-    them: an error of the worker's is raised here as the same SparsePatchError class with
-    the same text. The worker never outlives the generator (close it on error)."""
+    workers counts this process: up to workers - 1 are forked, one more each time an item
+    finds every worker busy (none for a single item). Items go to a worker as
+    encode(item) (at most MAX_COMMAND bytes), which it turns back with decode() and works
+    on; each is kept busy with up to `ahead` items while this process does the others,
+    holding at most `hold` results of its own while the oldest worker result is not back.
+    Errors come out in item order whichever process met them: an error of a worker's is
+    raised here as the same SparsePatchError class with the same text. No worker outlives
+    the generator (close it on error)."""
     it = iter(items)
     workers = worker_count() if workers is None else workers
-    pending: deque[list[Any]] = deque()  # [item, result or None while the worker has it]
-    worker: _Worker | None = None
+    # [item, result or None while a worker has it, that worker]
+    pending: deque[list[Any]] = deque()
+    pool: list[_Worker] = []
     try:
         for n, item in enumerate(it):
-            if worker is None and workers > 1 and n:
-                worker = _Worker.start(work, decode)  # at the second item: none for one
-                if worker is None:
-                    workers = 1
-            if worker is not None and worker.inflight < ahead:
-                worker.assign(encode(item))
-                pending.append([item, None])
+            free = min(pool, key=lambda w: w.inflight, default=None)
+            if (free is None or free.inflight) and len(pool) < workers - 1 and n:
+                started = _Worker.start(work, decode, pool)
+                if started is None:
+                    workers = len(pool) + 1
+                else:
+                    pool.append(started)
+                    free = started
+            if free is not None and free.inflight < ahead:
+                free.assign(encode(item))
+                pending.append([item, None, free])
             else:
                 try:
-                    pending.append([item, work(item)])
+                    pending.append([item, work(item), None])
                 except SparsePatchError:
-                    if worker is not None:  # an earlier item's error comes first
-                        for entry in pending:
-                            if entry[1] is None:
-                                entry[1] = worker.result(block=True)
+                    for entry in pending:  # an earlier item's error comes first
+                        if entry[1] is None:
+                            entry[1] = entry[2].result(block=True)
                     raise
             while pending:
                 head = pending[0]
                 if head[1] is None:
-                    assert worker is not None
-                    head[1] = worker.result(block=len(pending) > hold)
+                    head[1] = head[2].result(block=len(pending) > hold)
                     if head[1] is None:
                         break
                 pending.popleft()
@@ -144,14 +176,13 @@ def share_map(items: Iterable[T], work: Callable[[T], bytes], encode: Callable[[
         while pending:
             head = pending.popleft()
             if head[1] is None:
-                assert worker is not None
-                head[1] = worker.result(block=True)
+                head[1] = head[2].result(block=True)
             yield head[0], head[1]
-        if worker is not None:
-            worker.finish()
+        for w in pool:
+            w.finish()
     finally:
-        if worker is not None:
-            worker.stop()
+        for w in pool:
+            w.stop()
 
 
 class _Worker:
@@ -164,8 +195,11 @@ class _Worker:
         self.inflight = 0
 
     @classmethod
-    def start(cls, work: Callable[[T], bytes], decode: Callable[[bytes], T]) -> _Worker | None:
-        """Fork the worker; None where that fails (the caller then works alone)."""
+    def start(cls, work: Callable[[T], bytes], decode: Callable[[bytes], T],
+              others: list[_Worker]) -> _Worker | None:
+        """Fork a worker; None where that fails (the caller then does without). others:
+        the workers already running, whose pipe ends the new one must not keep open (a
+        worker sees the end of its commands only when every copy of their pipe is shut)."""
         import signal
 
         fds: list[int] = []
@@ -198,6 +232,9 @@ class _Worker:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.close(cmd_w)
                 os.close(res_r)
+                for w in others:
+                    os.close(w.cmd)
+                    os.close(w.res)
                 _serve(work, decode, cmd_r, res_w)
             finally:
                 os._exit(1)

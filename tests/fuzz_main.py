@@ -204,9 +204,10 @@ def patch_units(data: bytes) -> list[Unit]:
 def signature_units(data: bytes) -> list[Unit]:
     units = [Unit(0, SIG_HEADER.size, SIG_HEADER.size + CRC.size)]
     pos = units[0].end
+    per = 1 << (data[12] - 12)  # page hashes of a block (block_shift at byte 12)
     while data[pos] != 0xFF:
         kind, _, count = SIG_RUN.unpack_from(data, pos)
-        crc_pos = pos + SIG_RUN.size + (16 * count if kind == 2 else 0)
+        crc_pos = pos + SIG_RUN.size + (16 * per * count if kind == 2 else 0)
         units.append(Unit(pos, crc_pos, crc_pos + CRC.size))
         pos = crc_pos + CRC.size
     units.append(Unit(pos, pos + SIG_TRAILER.size, pos + SIG_TRAILER.size + CRC.size))

@@ -394,3 +394,54 @@ def test_cpu_quota_of_a_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(fork, "cpu_quota", lambda: cpus)
     if cpus is not None and cpus < 2:
         assert fork.worker_count() == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["file", "stream"])
+def test_scan_chunks_carry_the_page_hashes_of_each_data_block(tmp_path: Path, stream: bool) -> None:
+    """What diff needs of the target: per data block its page hashes (zero pages inside a
+    block included, the padded last block too), and from differences() each changed
+    block's page hashes with their tree hash. Worker or not, file or stream, the same."""
+    from sparsepatch.format import ZERO_HASH, hash_pages, read_signature, tree_hash
+
+    f = make_sparse(tmp_path / "f", SIZE, EXTENTS)
+    content = f.read_bytes()
+    bs = 1 << 14
+    if not stream:
+        fd = os.open(f, os.O_RDONLY)
+    else:
+        r, w = os.pipe()
+        if os.fork() == 0:  # a writer child: the pipe holds less than the file
+            os.close(r)
+            with os.fdopen(w, "wb") as out:
+                out.write(content)
+            os._exit(0)
+        os.close(w)
+        fd = r
+    try:
+        seen: dict[int, bytes] = {}
+        for first, index, pages, _ in blocks.Scanner(fd, 14, str(f)).chunks():
+            assert len(pages) == len(index) * 4 * 16
+            for k, i in enumerate(index):
+                assert i >= first
+                seen[i] = pages[k * 64 : (k + 1) * 64]
+    finally:
+        os.close(fd)
+        if stream:
+            os.wait()
+    expected = {i: hash_pages(content[i * bs : (i + 1) * bs], bs)
+                for i in range((len(content) + bs - 1) // bs)}
+    assert seen == {i: p for i, p in expected.items() if p != ZERO_HASH * 4}
+    assert any(ZERO_HASH in (p[:16], p[16:32], p[32:48], p[48:]) for p in seen.values())
+    # differences() against the signature of an older file hands out the new page hashes.
+    old = make_sparse(tmp_path / "old", SIZE, EXTENTS[:2])
+    sparsepatch.signature(str(old), str(tmp_path / "old.sig"))
+    with open(tmp_path / "old.sig", "rb") as s:
+        sig = read_signature(s.read)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        changed = list(blocks.differences(sig, blocks.Scanner(fd, 14, str(f)).chunks(), 14))
+    finally:
+        os.close(fd)
+    assert changed and [c[0] for c in changed] == sorted(set(seen) - set(sig.data_index))
+    for i, _, target, pages, _ in changed:
+        assert pages == expected[i] and target == tree_hash(pages) != ZERO_HASH

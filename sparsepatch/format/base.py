@@ -68,10 +68,6 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_HASHES = bytes(HASH_LEN << (MAX_SHIFT - PAGE_SHIFT))  # a 16 MiB block's page hashes
 
 
-def pages_per_block(block_size: int) -> int:
-    return block_size >> PAGE_SHIFT
-
-
 def sig_run_limit(block_shift: int) -> int:
     """Blocks a signature DATA run may hold: at most MAX_SIG_DATA_RUN page hashes, and one
     block whatever its size."""

@@ -8,6 +8,8 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import blake3
+
 from ..errors import FormatError
 from .base import (
     CRC,
@@ -28,7 +30,6 @@ from .base import (
     crc32c,
     identity_hasher,
     sig_run_limit,
-    tree_hash,
     with_crc,
 )
 from .rules import (
@@ -192,7 +193,9 @@ class Signature:
     identity: bytes
     runs: int
     mtime_ns: int = 0
-    pages: bytes = b""  # HASH_LEN * pages_per_block bytes per entry of data_index
+    # HASH_LEN * pages_per_block bytes per entry of data_index. A bytearray grown run by run:
+    # joining a list of runs would hold the pages twice at the end.
+    pages: bytes | bytearray = b""
 
     @property
     def block_size(self) -> int:
@@ -212,13 +215,16 @@ class Signature:
     def pages_at(self, k: int) -> bytes:
         """The page hashes of data block data_index[k]."""
         width = HASH_LEN * self.pages_per_block
-        return self.pages[k * width : (k + 1) * width]
+        return bytes(self.pages[k * width : (k + 1) * width])
 
 
 def tree_hashes(pages: bytes | bytearray, width: int) -> bytes:
-    """The block hashes of consecutive blocks' page hashes (width bytes a block)."""
-    view = memoryview(pages)
-    return b"".join([tree_hash(view[p : p + width]) for p in range(0, len(view), width)])
+    """The block hashes of consecutive data blocks' page hashes (width bytes a block). A
+    data block has a page hash other than ZERO_HASH (rule 5, checked first), so its tree
+    hash is never ZERO_HASH: one BLAKE3 call a block, no zero test."""
+    view, hasher = memoryview(pages), blake3.blake3
+    return b"".join([hasher(view[p : p + width]).digest(length=HASH_LEN)
+                     for p in range(0, len(view), width)])
 
 
 def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Signature:
@@ -233,7 +239,7 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
     width = rules.page_bytes
     index = array("Q")
     hashes = bytearray()
-    pages: list[bytes] = []
+    pages = bytearray()
     runs = 0
     while True:
         at = r.pos
@@ -249,7 +255,7 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
                                  data_blocks)
             if not r.at_eof():
                 raise FormatError(f"{name}: unexpected bytes after the trailer at byte {r.pos}")
-            return Signature(header, index, hashes, identity, runs, mtime_ns, b"".join(pages))
+            return Signature(header, index, hashes, identity, runs, mtime_ns, pages)
         rest = r.exact(SIG_RUN.size - 1, f"run {runs} header")
         kind, first, count = SIG_RUN.unpack(kind_b + rest)
         where = f"{name} run {runs} at byte {at}"
@@ -261,7 +267,7 @@ def read_signature(read: Callable[[int], bytes], name: str = "signature") -> Sig
         if kind == SIG_DATA:
             rules.rule_5_hashes(where, first, payload)
             index.extend(range(first, first + count))
-            pages.append(payload)
+            pages += payload
             hashes += tree_hashes(payload, width)
         rules.accept(kind, count)
         runs += 1
