@@ -114,6 +114,10 @@ def block_hash(block: bytes | bytearray | memoryview) -> bytes:
     return hash_block(block, len(block))
 
 
+def pages_per_block(block_size: int) -> int:
+    return block_size >> PAGE_SHIFT
+
+
 def page_hash(page: bytes | bytearray | memoryview) -> bytes:
     """The hash of one whole 4 KiB page (spec section 1): BLAKE3 truncated to 128 bits,
     ZERO_HASH for zeros."""
