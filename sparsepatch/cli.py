@@ -391,7 +391,8 @@ def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
             f"{changed:,} blocks changed ({s.data_blocks:,} data, {s.zero_blocks:,} zero, "
-            f"{s.copy_blocks:,} copy), patch {human(s.patch_bytes)}", quiet, stats_to)
+            f"{s.copy_blocks:,} copy){f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}, "
+            f"patch {human(s.patch_bytes)}", quiet, stats_to)
 
 
 @main.command(epilog=EXIT_CODES)
@@ -447,7 +448,10 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
     _finish("apply", s, time.monotonic() - t,
             f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "
             f"{s.blocks_copied:,} copied, {s.blocks_skipped:,} already current, "
-            f"{human(s.bytes_written)} written{', resumed' if s.resumed else ''}"
+            f"{human(s.bytes_written)} written"
+            f"{f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}"
+            f"{f', {human(s.scratch_bytes)} staged' if s.scratch_bytes else ''}"
+            f"{', resumed' if s.resumed else ''}"
             f"{', verified' if verify else ''}", quiet, stats_to)
 
 
