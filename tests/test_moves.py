@@ -6,6 +6,7 @@ hostile patches are refused before the destination changes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -133,6 +134,10 @@ def test_moved_content_applies_byte_identical_and_sparse(name: str, tmp: Path) -
 def test_moved_content_from_a_stream(tmp: Path) -> None:
     base, target = build(tmp, *SCENARIOS["swap"][:3], [])
     patch, _ = diff(tmp, base, target)
+    # diff from a stream writes the same patch as from the file.
+    streamed = run_cli("diff", str(tmp / "base.sig"), "-", input=target.read_bytes()).stdout
+    assert streamed == patch.read_bytes()
+    run_cli("verify", str(patch))  # on its own: what it can check without the base
     dest = dest_of(tmp, base)
     run_cli("apply", "-", str(dest), "-q", input=patch.read_bytes())
     check_target(dest, target)
@@ -321,3 +326,28 @@ def test_undo_of_moves_restores_the_base(rotated: tuple[Path, Path, Path, Path])
     run_cli("apply", str(undo), str(dest), "-q")
     assert dest.read_bytes() == base.read_bytes()
     assert allocated_blocks(dest, BS) <= nonzero_blocks(base)
+
+
+def test_moves_onto_a_block_device_stage_in_the_private_state_dir(tmp: Path) -> None:
+    from test_blockdev import _why_no_loop, loop
+
+    from sparsepatch.scratch import device_scratch_name
+
+    why = _why_no_loop()
+    if why:
+        pytest.skip(why)
+    base, target = build(tmp, *SCENARIOS["rotate"][:3], [])
+    patch, _ = diff(tmp, base, target)
+    backing = dest_of(tmp, base)
+    with loop(backing) as dev:
+        st = os.stat(dev)
+        scratch = Path("/var/lib/sparsepatch") / device_scratch_name(st.st_rdev, backing.stat().st_size)
+        try:
+            killed(WRITES, 6 + 1 + 4, "before", "apply", str(patch), dev)
+            assert scratch.stat().st_size == 1536 * PAGE  # not in /dev, which is not durable
+            run_cli("apply", str(patch), dev, "-q")
+            assert not scratch.exists()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                scratch.unlink()
+    assert backing.read_bytes() == target.read_bytes()
