@@ -465,8 +465,9 @@ class Applier:
         """After a refusal (raised before its record wrote anything), every block written is
         whole, so the journal is not needed, unless an earlier interrupted run's window lies
         ahead, not yet repaired. Keeping it would block the right patch for no reason."""
-        if len(self.staged) and self.scratch_ready and self.window.current is not None:
-            # Staged pages may be in the scratch alone now: the journal keeps it for a rerun.
+        if self.journal.scratch_pages:
+            # Staged pages may be in the scratch alone now (this run's or an interrupted
+            # one's): the journal keeps it for a rerun.
             return
         if not self.window.may_release(at):
             return

@@ -238,6 +238,22 @@ def test_damaged_scratch_page_is_refused_naming_it(rotated: tuple[Path, Path, Pa
         f.write(b"\xff" * PAGE)  # the first staged page, still needed
     line = error_line(run_cli("apply", str(patch), str(dest), check=False), 5)
     assert str(scratch) in line and "damaged" in line
+    assert side_files(dest.parent) == [f".{dest.name}.sparsepatch-journal", scratch.name]
+
+
+def test_patch_stream_cut_short_then_whole_patch(rotated: tuple[Path, Path, Path, Path]) -> None:
+    """A stream refused midway keeps journal and scratch: the sources it overwrote are in the
+    scratch alone, and the whole patch then resumes from it."""
+    base, target, patch, dest = rotated
+    blob = patch.read_bytes()
+    records = list(PatchReader(io.BytesIO(blob).read).records())
+    assert [r.kind for r in records] == [REC_STAGE, REC_DATA, REC_DATA]
+    cut = blob[: records[2].offset + 40]  # the first DATA record whole: written
+    error_line(run_cli("apply", "-", str(dest), input=cut, check=False), 4)
+    assert dest.read_bytes() != base.read_bytes()
+    assert len(side_files(dest.parent)) == 2  # journal and scratch
+    run_cli("apply", "-", str(dest), "-q", input=blob)
+    check_target(dest, target)
 
 
 def _mount_small(where: Path, size: str) -> bool:
