@@ -18,6 +18,8 @@ from .errors import FormatError, UsageError, VerifyMismatch
 from .format import (
     CRC,
     MAC_LEN,
+    MAX_WINDOW_LOG,
+    MIN_WINDOW_LOG,
     PAGE_SIZE,
     PATCH_TRAILER,
     REC_DATA,
@@ -126,7 +128,8 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
          key_file: str | None = None, split: int | None = None,
          progress: Callable[[int], None] | None = None, source_check: str = "mtime",
          warn: Callable[[str], object] | None = None, next_signature: str | None = None,
-         since: str | None = None, jobs: int | None = None) -> DiffStats:
+         since: str | None = None, jobs: int | None = None,
+         window_log: int = MAX_WINDOW_LOG) -> DiffStats:
     """Write a patch turning the file sig describes into source. With full=True (and sig
     None) the patch creates the whole file. A source that changes while it is read raises
     SourceChanged: source_check "mtime" compares its mtime, ctime and size before and
@@ -137,7 +140,10 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     diff can start from it without a signature from the destination. since names a
     copy-on-write snapshot (a reflink copy) of the state sig describes, on the source's
     XFS or btrfs filesystem: only the ranges whose extents differ from it are read. jobs:
-    as for signature."""
+    as for signature. window_log caps the compression window at
+    2^window_log bytes (10..27): the memory diff's compressor and apply's decoder take."""
+    if not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
+        raise UsageError(f"window log {window_log} is outside {MIN_WINDOW_LOG}..{MAX_WINDOW_LOG}")
     if full == (sig is not None):
         raise UsageError("diff needs either a signature or --full, not both")
     if sig == "-" and source == "-":
@@ -164,7 +170,8 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
             write = outs.enter_context(outputs.open_output(output, split, mode))
             return write_patch(signature_, fd, source, write, full=full, level=level, key=key,
                                progress=progress, source_check=source_check, warn=warn,
-                               next_signature=nxt, since=changed)
+                               next_signature=nxt, since=changed,
+                               window_log=window_log)
 
 
 def _since_ranges(snapshot: str, fd: int, source: str, size: int) -> list[tuple[int, int]]:
@@ -343,7 +350,7 @@ def info(path: str | list[str]) -> dict[str, Any]:
             "block_size": h.block_size,
             "base_size": h.base_size, "target_size": h.target_size,
             "base_identity": h.base_identity.hex(), "target_identity": h.target_identity.hex(),
-            "records": records,
+            "records": records, "frames": reader.frames, "window_log": h.window_log,
             "blocks": {"data": t.data_blocks, "zero": t.zero_blocks, "copy": t.copy_blocks},
             "data_bytes": raw, "payload_bytes": t.payload_bytes,
             "stage_pages": stage_pages, "moved_pages": moved_pages,

@@ -43,11 +43,11 @@ from .format import (
     REC_STAGE,
     REC_ZERO,
     ZERO_PAGE,
+    FrameDecoder,
     PatchHeader,
     PatchReader,
     Record,
     assemble,
-    decode_payload,
     page_hash,
     pages_per_block,
 )
@@ -137,6 +137,7 @@ class Applier:
         self.journal = journal
         self.window = window
         self.shift = h.block_shift
+        self.frames = FrameDecoder(h)  # the literal stream of the reading in progress
         self.written = self.punched = self.copied = self.skipped = self.bytes_written = 0
         # (record, first block within it, count) written since the destination was last
         # synced: read back before the journal window moves past them.
@@ -165,7 +166,9 @@ class Applier:
                     return memoryview(current)[at : at + PAGE_SIZE]
                 return self._moved_page(page, rec)
 
-            blocks = assemble(self.h, rec, decode_payload(self.h, rec), fetch, lambda k: write)
+            # Every DATA record is decoded, even one whose blocks all hold the target already:
+            # the frame's later records need the decoder to have seen it.
+            blocks = assemble(self.h, rec, self.frames.decode(rec), fetch, lambda k: write)
         runs: list[tuple[int, int]] = []
         moved = 0
         for b in range(rec.count):
@@ -316,6 +319,7 @@ class Applier:
         write. A truncated, corrupt or wrong-base patch then leaves the destination as it
         was. The decisions also tell the journal window where the writes will be."""
         self.planning = True
+        self.frames = FrameDecoder(self.h)
         for rec in reader.records():
             d = self.decide(rec)
             if d.runs:
@@ -328,6 +332,7 @@ class Applier:
         self.planning = False
         self.staged = Staged()  # the dry run read the STAGE records once already
         self.stage_checked = False
+        self.frames = FrameDecoder(self.h)
         try:
             for rec in reader.records():
                 at = rec.first_block

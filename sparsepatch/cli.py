@@ -343,6 +343,9 @@ def signature(dest: str, output: str | None, jobs: int | None, block_size: int, 
               show_default="16K", help="Block size for --full (otherwise the signature's).")
 @click.option("-l", "--level", type=click.IntRange(1, 19), default=3, show_default=True,
               help="zstd compression level.")
+@click.option("--window-log", type=click.IntRange(10, 27), default=27, show_default=True,
+              metavar="N", help="zstd window of at most 2^N bytes: the memory diff's compressor "
+              "(about 1.2 x 2^N) and apply's decoder (2^N) take. 27: 128 MiB.")
 @click.option("-k", "--key-file", metavar="KEY",
               help="Authenticate the patch with a keyed MAC derived from this file's bytes.")
 @click.option("--split", type=SplitSizeType(), metavar="SIZE",
@@ -358,9 +361,10 @@ def signature(dest: str, output: str | None, jobs: int | None, block_size: int, 
                "reading against the first (for a source whose mtime is always new, such "
                "as a FUSE export).")
 @_common
-def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool, block_size: int, level: int,
-         key_file: str | None, split: int | None, since: str | None, next_signature: str | None,
-         source_check: str, quiet: bool, progress: str, as_json: bool, stats: str | None) -> None:
+def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool, block_size: int,
+         level: int, window_log: int, key_file: str | None, split: int | None, since: str | None,
+         next_signature: str | None, source_check: str, quiet: bool, progress: str, as_json: bool,
+         stats: str | None) -> None:
     """Write a patch that turns the file SIG describes into SOURCE ('-': stdin).
 
     \b
@@ -386,7 +390,8 @@ def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool
     sig = None if full else args[0]
     s = _run(api.diff, sig, args[-1], output, full=full, block_size=block_size, level=level,
              key_file=key_file, split=split, progress=prog, source_check=source_check,
-             warn=_warn, next_signature=next_signature, since=since, jobs=jobs)
+             warn=_warn, next_signature=next_signature, since=since, jobs=jobs,
+             window_log=window_log)
     changed = s.data_blocks + s.zero_blocks + s.copy_blocks
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "

@@ -6,7 +6,8 @@ destination blocks stay unchanged, and so which may serve as copy sources: a cop
 read a block the patch leaves alone, which keeps apply order-free and resumable. The second
 phase writes the header (which carries the target identity found in the first) and the
 records in offset order, reading the changed data again from the source (or from a spool
-when the source is a stream)."""
+when the source is a stream). The DATA records' literal is compressed as one zstd stream
+per frame of up to 1 GiB (spec section 5.2), in order, while a thread reads ahead."""
 
 from __future__ import annotations
 
@@ -15,26 +16,28 @@ import os
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .blocks import Chunk, Scanner, SignatureBuilder, Stamp, differences, read_blocks
 from .errors import SourceChanged, io_errors
-from .fork import Rows, pack_rows, share_map, unpack_rows
 from .format import (
-    CRC,
     FLAG_FULL,
     FLAG_MAC,
+    FRAME_END,
+    FRAME_START,
     HASH_LEN,
+    MAX_FRAME_RAW,
     MAX_RECORD_BLOCKS,
     MAX_STAGE_PAGES,
+    MAX_WINDOW_LOG,
+    MIN_WINDOW_LOG,
     PAGE_LITERAL,
     PAGE_SIZE,
     REC_COPY,
     REC_DATA,
     REC_STAGE,
     REC_ZERO,
-    RECORD,
     ZERO_HASH,
     MacChain,
     PatchHeader,
@@ -48,18 +51,13 @@ from .format import (
     encode_patch_trailer,
     encode_record,
     hash_block,
-    meta_length,
     pages_per_block,
-    raw_length,
 )
 from .moves import PagePlan, classify, find_sources
 
-if TYPE_CHECKING:
-    import zstandard
-
 DEFAULT_LEVEL = 3
-BATCH_BYTES = 1 << 20  # data per batch of records (the unit shared with the worker process)
-MAX_BATCH = 800  # records per batch: its description (40 bytes a record) stays within fork.MAX_COMMAND
+BATCH_BYTES = 1 << 20  # data per batch of records (the unit handed from the reading thread)
+MAX_BATCH = 800  # records per batch
 
 
 @dataclass(frozen=True)
@@ -80,6 +78,8 @@ class DiffStats:
     target_identity: str
     full: bool
     holes_skipped: bool  # False: every byte was read (a stream, a device, no hole map)
+    frames: int = 0  # zstd frames of the literal stream
+    window_log: int = 0  # the patch header's window_log
     moved_pages: int = 0  # pages of DATA blocks copied from elsewhere in the base
     stage_pages: int = 0  # of their sources, the base pages apply stages before writing
 
@@ -260,20 +260,68 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
         k += m
 
 
-class _Compressor:
-    """The zstd context of this process, made on first use (a signature never needs zstd)."""
+def frame_sizes(plan: Iterator[tuple[int, int, int, int]],
+                literal: Callable[[int, int], int]) -> list[int]:
+    """The raw literal of each frame of the literal stream: frames are cut at a record
+    boundary so that none passes MAX_FRAME_RAW (a record is far smaller)."""
+    sizes: list[int] = []
+    cur = 0
+    for kind, k, m, _ in plan:
+        if kind != REC_DATA:
+            continue
+        raw = literal(k, m)
+        if cur and cur + raw > MAX_FRAME_RAW:
+            sizes.append(cur)
+            cur = 0
+        cur += raw
+    if cur:
+        sizes.append(cur)
+    return sizes
 
-    def __init__(self, level: int):
+
+def window_log_for(raw: int, cap: int = MAX_WINDOW_LOG) -> int:
+    """The window of a frame of raw bytes: all of it (repeats in an OS image lie tens of
+    MiB apart), within zstd's smallest window and the cap (diff --window-log)."""
+    return min(cap, MAX_WINDOW_LOG, max(MIN_WINDOW_LOG, (raw - 1).bit_length()))
+
+
+class _LiteralStream:
+    """The writer of the literal stream: one zstd stream per frame, fed record by record
+    and flushed at each record's end (so every payload is whole blocks that decode, given
+    the frame's earlier records, to that record's bytes), finished at the frame's last
+    record. Single-threaded zstd: the bytes depend on the inputs, level and window only."""
+
+    def __init__(self, frames: list[int], level: int, cap: int):
+        self.frames = iter(frames)
         self.level = level
-        self.c: zstandard.ZstdCompressor | None = None
+        self.cap = cap
+        self.cobj: Any = None
+        self.left = 0  # raw bytes the open frame still takes
 
-    def compress(self, raw: bytes | bytearray) -> bytes:
-        if self.c is None:
-            import zstandard
+    def payload(self, raw: bytes) -> tuple[int, bytes]:
+        """Flags and payload of a DATA record carrying raw."""
+        if not raw:
+            return 0, b""
+        import zstandard  # imported where used: a signature never needs it
 
-            self.c = zstandard.ZstdCompressor(level=self.level, write_checksum=True,
-                                              write_content_size=True)
-        return self.c.compress(raw)
+        flags = 0
+        if self.cobj is None:
+            size = next(self.frames)
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self.level, source_size=size, window_log=window_log_for(size, self.cap),
+                enable_ldm=True, threads=0, write_checksum=1, write_content_size=1)
+            self.cobj = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
+            self.left = size
+            flags |= FRAME_START
+        self.left -= len(raw)
+        out = self.cobj.compress(raw)
+        if self.left:
+            out += self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        else:
+            out += self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+            flags |= FRAME_END
+            self.cobj = None
+        return flags, out
 
 
 def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: int, name: str) -> None:
@@ -306,7 +354,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
                 progress: Callable[[int], None] | None = None, source_check: str = "mtime",
                 warn: Callable[[str], object] | None = None,
                 next_signature: Callable[[bytes], object] | None = None,
-                since: list[tuple[int, int]] | None = None) -> DiffStats:
+                since: list[tuple[int, int]] | None = None,
+                window_log: int = MAX_WINDOW_LOG) -> DiffStats:
     shift = sig.header.block_shift
     bs = 1 << shift
     # A regular file that changes while diff runs changes its mtime, ctime or size: one
@@ -314,7 +363,6 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     # hashed again too: a write through a shared mmap changes no timestamp. With
     # source_check "content" (for a file whose mtime is always new) only the size is
     # compared, and the second reading's hashes are the check.
-    per = pages_per_block(1 << shift)
     stamp = Stamp(fd, source_check)
     # since: the byte ranges that may differ from the signature's state (diff --since); the
     # other blocks are what the signature says, read from it and not from the source.
@@ -332,6 +380,23 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
                          target.finish(size),
                          base_mtime_ns=sig.mtime_ns)
     sources = _copy_sources(sig, changes, target_blocks)
+    max_data = data_record_max_blocks(shift)
+
+    pages = _page_plan(sig, changes, sources, target_blocks)
+    per = pages_per_block(bs)
+
+    def plan() -> Iterator[tuple[int, int, int, int]]:
+        return _plan(changes, sources, target_blocks, max_data, pages.ahead)
+
+    def literal(k: int, m: int) -> int:
+        """Bytes of LITERAL pages of the DATA record of changes k..k+m-1."""
+        first = changes.index[k]
+        return PAGE_SIZE * sum(pages.kinds[first + b].count(PAGE_LITERAL) for b in range(m))
+
+    # The header names the window of the largest frame, so the frames are known first.
+    frames = frame_sizes(plan(), literal)
+    if frames:
+        header = replace(header, window_log=window_log_for(max(frames), window_log))
 
     written = 0
     mac = MacChain(key) if key is not None else None
@@ -346,54 +411,45 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
             write(tag)
             written += len(tag)
 
-    plan = _page_plan(sig, changes, sources, target_blocks)
     emit(encode_patch_header(header))
     counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
     records = payload_bytes = data_bytes = 0
     # Before every other record: apply copies these pages aside before its first write.
-    for first, count, hashes in plan.stage_runs(MAX_STAGE_PAGES):
+    for first, count, hashes in pages.stage_runs(MAX_STAGE_PAGES):
         emit(encode_record(Record(REC_STAGE, first, count, hashes, pages=per)))
         records += 1
     if spool:
         spool.finish()
 
-    def build(kind: int, k: int, m: int, src: int, spooled: int) -> Record:
-        """One record with its payload: read, re-check and compress. Each payload is its
-        own frame, so the bytes do not depend on which process made them."""
+    def read(kind: int, k: int, m: int, src: int, spooled: int) -> _Planned:
+        """One record without its payload, and the literal it carries: read and re-checked."""
         first = changes.index[k]
         metas = []
         for b in range(m):
             base, target = changes.hashes(k + b)
             metas.append(base if kind == REC_ZERO else base + target)
         if kind != REC_DATA:
-            return Record(kind, first, m, b"".join(metas), src, pages=per)
+            return kind, first, m, b"".join(metas), src, b""
         if spool:
             raw = spool.read(spooled, m)[: min(m << shift, size - (first << shift))]
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
         _recheck(raw, changes, k, m, shift, first, name)
-        kinds = [plan.kinds[first + b] for b in range(m)]
+        kinds = [pages.kinds[first + b] for b in range(m)]
         moved = array("Q")
         for b in range(m):
-            moved.extend(plan.sources.get(first + b, ()))
-        literal = _literal_pages(raw, kinds)
+            moved.extend(pages.sources.get(first + b, ()))
         meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], moved)
-        payload = cctx.compress(literal) if literal else b""
-        return Record(kind, first, m, meta, len(moved), payload, pages=per)
+        return kind, first, m, meta, len(moved), _literal_pages(raw, kinds)
 
-    def build_batch(batch: Rows) -> bytes:
-        """A batch's records, encoded: what the forked worker sends back."""
-        return b"".join(encode_record(build(*plan)) for plan in batch)
-
-    def batches() -> Iterator[Rows]:
-        """Records in groups of about BATCH_BYTES of data: a task per record made the
-        workers wait on the hand-off more than they compressed (2,000 records of 40 KiB)."""
+    def batches() -> Iterator[list[_Planned]]:
+        """Records in groups of about BATCH_BYTES of data: a hand-off per record would cost
+        more than a small record's work."""
         spooled = 0
-        batch: Rows = []
+        batch: list[_Planned] = []
         weight = 0
-        for kind, k, m, src in _plan(changes, sources, target_blocks, data_record_max_blocks(shift),
-                                     plan.ahead):
-            batch.append((kind, k, m, src, spooled))
+        for kind, k, m, src in plan():
+            batch.append(read(kind, k, m, src, spooled))
             if kind != REC_ZERO:
                 spooled += m
             # DATA weighs its data; ZERO and COPY their hashes (16 or 32 bytes a block).
@@ -404,29 +460,90 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         if batch:
             yield batch
 
-    # The records are built (read, re-checked, compressed) by this process and a forked
-    # worker, batches shared out as they come, and written here in order.
-    cctx = _Compressor(level)
-    with closing(share_map(batches(), build_batch, pack_rows, lambda d: unpack_rows(d, 5))) as built:
-        for _, payload in built:
-            view, pos = memoryview(payload), 0
-            while pos < len(view):
-                # The encoded record's own header says what the stats need.
-                kind, first, count, payload_len, last = RECORD.unpack_from(view, pos)
-                meta_len = meta_length(kind, count, last, per)
-                end = pos + RECORD.size + meta_len + CRC.size + payload_len
-                if kind == REC_DATA:
-                    meta = bytes(view[pos + RECORD.size : pos + RECORD.size + meta_len])
-                    data_bytes += raw_length(header, Record(kind, first, count, meta, last, pages=per))
-                emit(bytes(view[pos:end]))
-                pos = end
+    # The literal is one stream per frame, so it is compressed in order, here; a thread
+    # reads and re-checks the records ahead of it (zstd and the reads release the GIL).
+    stream = _LiteralStream(frames, level, window_log)
+    with _ReadAhead(batches()) as ahead:
+        for batch in ahead:
+            for kind, first, count, meta, src, raw in batch:
+                rflags, payload = stream.payload(raw) if kind == REC_DATA else (0, b"")
+                emit(encode_record(Record(kind, first, count, meta, src, payload, flags=rflags,
+                                          pages=per)))
                 counts[kind] += count
                 records += 1
-                payload_bytes += payload_len
+                data_bytes += len(raw)
+                payload_bytes += len(payload)
     stamp.verify(name, "diff")
     emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],
                                            counts[REC_COPY], payload_bytes, written)))
     return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
                      counts[REC_ZERO], counts[REC_COPY], records, scan.bytes_read, data_bytes,
                      payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full,
-                     scan.holes_skipped, plan.moved, len(plan.stage))
+                     scan.holes_skipped, len(frames), header.window_log, pages.moved,
+                     len(pages.stage))
+
+
+_Planned = tuple[int, int, int, bytes, int, bytes]  # kind first count meta source literal
+
+
+class _ReadAhead:
+    """Runs an iterator in a thread, up to AHEAD items ahead of the consumer; its errors
+    are raised to the consumer in order. Leaving the with block (an error of the
+    consumer's, Ctrl-C) stops the thread before returning."""
+
+    AHEAD = 3  # batches: a record is at most 8 MiB (16 at 16 MiB blocks)
+
+    def __init__(self, items: Iterator[list[_Planned]]):
+        import queue
+        import threading
+
+        self.items = items
+        self.queue: queue.Queue[tuple[int, Any]] = queue.Queue(self.AHEAD)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sparsepatch-read", daemon=True)
+
+    def _run(self) -> None:
+        import queue
+
+        try:
+            for item in self.items:
+                msg: tuple[int, Any] = (0, item)
+                while not self._put(msg, queue):
+                    if self.stop.is_set():
+                        return
+            msg = (1, None)
+        except BaseException as e:  # handed to the consumer, which raises it
+            msg = (2, e)
+        while not self._put(msg, queue) and not self.stop.is_set():
+            pass
+
+    def _put(self, msg: tuple[int, Any], queue: Any) -> bool:
+        try:
+            self.queue.put(msg, timeout=0.1)
+        except queue.Full:
+            return False
+        return True
+
+    def __enter__(self) -> Iterator[list[_Planned]]:
+        self.thread.start()
+        return self._get()
+
+    def _get(self) -> Iterator[list[_Planned]]:
+        while True:
+            kind, value = self.queue.get()
+            if kind == 1:
+                return
+            if kind == 2:
+                raise value
+            yield value
+
+    def __exit__(self, *exc: object) -> None:
+        import queue
+
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)  # make room: the thread may wait to put
+            except queue.Empty:
+                pass
+        self.thread.join()

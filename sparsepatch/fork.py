@@ -1,12 +1,13 @@
-"""Work shared with forked processes, for the CPU-bound loops of signature and diff.
+"""Work shared with forked processes, for the CPU-bound loop of signature and of diff's
+first phase: hashing the data extents of a file. (diff's second phase compresses one zstd
+stream, which cannot be shared out; zstd releases the GIL, so a thread reads ahead of it.)
 
-A second thread does not help there: BLAKE3 at 16 KiB per call, and the per-block Python
-around it, spend as much time handing the GIL over as hashing. So share_map() forks up to
---jobs - 1 worker processes (default: one per CPU this process may use) and hands each
-items as it becomes free, through a pipe, as bytes: this process alone walks the items
-(the data extents of a file, the planned records of a patch), so all work on the same
-sequence. Each worker sends its results back through a second pipe, and this process
-yields all results in order. Which process did
+A second thread does not help with hashing: BLAKE3 at 16 KiB per call, and the per-block
+Python around it, spend as much time handing the GIL over as hashing. So share_map() forks up
+to --jobs - 1 worker processes (default: one per CPU this process may use) and hands each
+items as it becomes free, through a pipe, as bytes: this process alone walks the items, so
+all work on the same sequence. Each worker sends its results back through a second pipe,
+and this process yields all results in order. Which process did
 an item never shows in the result. Where a worker cannot be had (one CPU, other threads
 running, no fork, fork or pipe failing), the same work runs here, one item after another.
 """

@@ -28,8 +28,12 @@ from .errors import (
 from .format import (
     CRC,
     FLAG_MAC,
+    FRAME_END,
+    FRAME_START,
     MAC_LEN,
     MAX_RECORD_BLOCKS,
+    MAX_WINDOW_LOG,
+    MIN_WINDOW_LOG,
     PAGE_SHIFT,
     PAGE_SIZE,
     PAGE_ZERO,
@@ -40,6 +44,7 @@ from .format import (
     REC_ZERO,
     ZERO_HASH,
     ZERO_PAGE,
+    FrameDecoder,
     MacChain,
     PatchHeader,
     PatchReader,
@@ -66,9 +71,13 @@ def spool_name(name: str) -> str:
 
 
 def undo_header(h: PatchHeader, authenticated: bool) -> PatchHeader:
-    """The header of the undo of the patch h: from h's target back to h's base."""
+    """The header of the undo of the patch h: from h's target back to h's base. It is
+    written before any record is known, so its window_log admits the largest record:
+    each DATA record of an undo is a frame of its own (FRAME_START and FRAME_END)."""
+    largest = data_record_max_blocks(h.block_shift) << h.block_shift
+    window_log = min(MAX_WINDOW_LOG, max(MIN_WINDOW_LOG, (largest - 1).bit_length()))
     return PatchHeader(FLAG_MAC if authenticated else 0, h.block_shift, h.target_size, h.base_size,
-                       h.target_identity, h.base_identity)
+                       h.target_identity, h.base_identity, window_log=window_log)
 
 
 class Undo:
@@ -220,12 +229,13 @@ class Undo:
             return 0, b""
         good = reader.r.pos
         tag = reader.mac.tag if reader.mac else b""
+        frames = FrameDecoder(self.uh)
         try:
             for rec in reader.records():
-                if rec.kind in (REC_COPY, REC_STAGE):
-                    break  # never in an undo: not one this apply wrote
+                if rec.kind in (REC_COPY, REC_STAGE) or rec.payload and rec.flags != FRAME_START | FRAME_END:
+                    break  # not what an undo writes: a frame across records would be cut apart
                 if rec.kind == REC_DATA:
-                    decode_data(self.uh, rec)
+                    decode_data(frames, rec)
                 good = reader.r.pos
                 tag = reader.mac.tag if reader.mac else b""
                 self._count(rec)
@@ -357,10 +367,16 @@ class Undo:
         if not self.count:
             return
         payload = b""
+        flags = 0
         if self.kind == REC_DATA:
-            payload = self._compress(b"".join(self.data))
+            raw = b"".join(self.data)
+            if raw:
+                # A frame per record: the spool's torn tail is cut at any record boundary,
+                # and what is left must still be whole frames.
+                payload = self._compress(raw)
+                flags = FRAME_START | FRAME_END
         rec = Record(self.kind, self.first, self.count, b"".join(self.meta), 0, payload,
-                     pages=self.per)
+                     flags=flags, pages=self.per)
         self._emit(encode_record(rec))
         self._count(rec)
         self.count = 0

@@ -11,6 +11,7 @@ from .errors import VerifyMismatch
 from .format import (
     REC_DATA,
     ZERO_HASH,
+    FrameDecoder,
     PatchReader,
     Signature,
     decode_data,
@@ -27,9 +28,10 @@ class VerifyStats:
 def verify_patch(reader: PatchReader) -> VerifyStats:
     """Decode every record, decompress every payload and check every block hash."""
     n = raw = 0
+    frames = FrameDecoder(reader.header)
     for rec in reader.records():
         if rec.kind == REC_DATA:
-            raw += len(decode_data(reader.header, rec))
+            raw += len(decode_data(frames, rec))
         n += 1
     return VerifyStats(n, raw, reader.mac is not None)
 

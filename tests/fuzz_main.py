@@ -66,6 +66,7 @@ from sparsepatch.format import (
     SIG_RUN,
     SIG_TRAILER,
     ZERO_HASH,
+    FrameDecoder,
     MacChain,
     PatchHeader,
     PatchReader,
@@ -621,9 +622,10 @@ def run_case(corpus: Corpus, target: str, item: Item, ops: list[Op], timeout: fl
             elif target == "patch":
                 key = derive_mac_key(pair.key.read_bytes()) if pair and pair.key else None
                 reader = PatchReader(io.BytesIO(data).read, "patch", key, unauthenticated_ok=key is None)
+                frames = FrameDecoder(reader.header)
                 for rec in reader.records():
                     if rec.kind == REC_DATA:
-                        decode_data(reader.header, rec)
+                        decode_data(frames, rec)
             elif target == "apply-file":
                 (work / "patch.bin").write_bytes(data)
                 api.apply(str(work / "patch.bin"), str(dest), key_file=key_file)

@@ -202,11 +202,13 @@ def zstd_independent(data: bytes, key: bytes | None) -> list[bytes]:
         PATCH_TRAILER,
         REC_DATA,
         RECORD,
+        FrameDecoder,
         PatchReader,
         decode_data,
     )
 
     reader = PatchReader(io.BytesIO(data).read, "patch", key)
+    frames = FrameDecoder(reader.header)
     records = list(reader.records())
     h = PATCH_HEADER.size + CRC.size + (MAC_LEN if reader.header.authenticated else 0)
     parts = [data[:h]]
@@ -214,7 +216,7 @@ def zstd_independent(data: bytes, key: bytes | None) -> list[bytes]:
         at = r.offset
         parts += [data[at : at + 16], data[at + 20 : at + RECORD.size], r.meta]
         if r.kind == REC_DATA:
-            parts.append(decode_data(reader.header, r))
+            parts.append(decode_data(frames, r))
     at = reader.trailer.body_bytes if reader.trailer else -1
     parts.append(data[at : at + PATCH_TRAILER.size - 16])
     return parts

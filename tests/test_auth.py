@@ -22,6 +22,8 @@ from conftest import allocated, error_line, make_sparse, pattern, run_cli
 from sparsepatch.format import (
     CRC,
     FLAG_MAC,
+    FRAME_END,
+    FRAME_START,
     MAC_LEN,
     PAGE_LITERAL,
     PATCH_HEADER,
@@ -95,8 +97,8 @@ class Signed:
 
 def _decode(raw: bytes) -> Record:
     """Record fields back from its bytes (enough for counting)."""
-    kind, first, count, plen, src = RECORD.unpack_from(raw)
-    return Record(kind, first, count, b"", src, raw[len(raw) - plen :] if plen else b"")
+    kind, flags, first, count, plen, src = RECORD.unpack_from(raw)
+    return Record(kind, first, count, b"", src, raw[len(raw) - plen :] if plen else b"", flags=flags)
 
 
 @dataclass
@@ -278,11 +280,26 @@ def _flip_payload(s: Signed, w: World) -> None:
 
 
 def _forge_record(s: Signed, w: World) -> None:
-    """A record of the attacker's own, well formed to the last CRC: only the tag gives it away."""
-    rec = s.records[3]
-    meta = rec.meta[:16] + block_hash(EVIL) + bytes([PAGE_LITERAL])
-    payload = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(EVIL)
-    s.raw[3] = encode_record(Record(REC_DATA, rec.first_block, 1, meta, payload=payload))
+    """A record of the attacker's own, well formed to the last CRC: only the tag gives it away.
+    Its literal shares a frame with the other DATA records, so the attacker compresses the
+    whole literal stream again, as diff cuts it (one frame here)."""
+    data = [i for i, r in enumerate(s.records) if r.kind == REC_DATA]
+    literal = {i: EVIL if i == 3 else w.target[s.records[i].first_block * BS :
+                                                (s.records[i].first_block + s.records[i].count) * BS]
+               for i in data}
+    cobj = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compressobj(
+        size=sum(len(v) for v in literal.values()))
+    for i in data:
+        rec = s.records[i]
+        meta = s.raw[i][RECORD.size : RECORD.size + rec.meta_width * rec.count]
+        if i == 3:
+            meta = meta[:16] + block_hash(EVIL) + bytes([PAGE_LITERAL])
+        last = i == data[-1]
+        payload = cobj.compress(literal[i]) + cobj.flush(
+            zstandard.COMPRESSOBJ_FLUSH_FINISH if last else zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        flags = (FRAME_START if i == data[0] else 0) | (FRAME_END if last else 0)
+        s.raw[i] = encode_record(Record(REC_DATA, rec.first_block, rec.count, meta, payload=payload,
+                                        flags=flags))
 
 
 def _swap(s: Signed, w: World) -> None:

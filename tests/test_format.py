@@ -38,6 +38,8 @@ from sparsepatch.errors import (
 )
 from sparsepatch.format import (
     CRC,
+    FRAME_END,
+    FRAME_START,
     HASH_LEN,
     JOURNAL_SLOT_SIZE,
     KNOWN_PATCH_FLAGS,
@@ -59,6 +61,7 @@ from sparsepatch.format import (
     SIG_RUN,
     SIG_TRAILER,
     ZERO_HASH,
+    FrameDecoder,
     JournalSlot,
     MacChain,
     PatchReader,
@@ -71,7 +74,6 @@ from sparsepatch.format import (
     data_record_max_blocks,
     decode_data,
     decode_journal,
-    decode_payload,
     derive_mac_key,
     encode_journal_slot,
     encode_patch_header,
@@ -162,9 +164,25 @@ def parse_sig(data: bytes) -> Any:
 def decode_all(data: bytes) -> None:
     """Read a patch to its trailer and decompress every DATA payload."""
     reader, records = parse_patch(data)
+    frames = FrameDecoder(reader.header)
     for rec in records:
         if rec.kind == REC_DATA:
-            decode_payload(reader.header, rec)
+            frames.decode(rec)
+
+
+def decode_payload(header: Any, rec: Record, before: list[Record] | None = None) -> bytes:
+    """rec's literal, decoded after the records before it in its patch (their frames)."""
+    frames = FrameDecoder(header)
+    for r in before or []:
+        if r.kind == REC_DATA:
+            frames.decode(r)
+    return frames.decode(rec)
+
+
+def decode_stream(header: Any, records: list[Record]) -> list[bytes]:
+    """Every DATA record's target bytes, in order, through one frame decoder."""
+    frames = FrameDecoder(header)
+    return [decode_data(frames, r) for r in records if r.kind == REC_DATA]
 
 
 def refuses(cls: type[SparsePatchError], fn: Any, *fragments: str) -> SparsePatchError:
@@ -194,7 +212,7 @@ def rewrite_header(data: bytes, header: struct.Struct, fmt: str, offset: int, va
 
 def rewrite_record(data: bytes, rec: Record, **fields: int) -> bytes:
     """Change fields of a record's fixed part and recompute its CRC over the original hashes."""
-    names = ("kind", "first_block", "count", "payload_len", "source_block")
+    names = ("kind", "flags", "first_block", "count", "payload_len", "source_block")
     values = dict(zip(names, RECORD.unpack_from(data, rec.offset), strict=True))
     values.update(fields)
     head = RECORD.pack(*(values[n] for n in names))
@@ -345,6 +363,7 @@ def test_patch_holds_the_expected_records(name: str) -> None:
     assert t is not None and t.records == len(records)
     assert (t.data_blocks, t.zero_blocks, t.copy_blocks) == tuple(
         sum(r.count for r in records if r.kind == k) for k in (REC_DATA, REC_ZERO, REC_COPY))
+    frames = FrameDecoder(reader.header)
     for rec in records:
         for k in range(rec.count):
             block = rec.first_block + k
@@ -354,7 +373,7 @@ def test_patch_holds_the_expected_records(name: str) -> None:
                 assert rec.target_hash(k) == block_state(base, rec.source_block + k, bs)
         if rec.kind == REC_DATA:
             start = rec.first_block * bs
-            literal = decode_data(reader.header, rec)
+            literal = decode_data(frames, rec)
             made = b"".join(b or b"" for _, b in assemble_pages(reader.header, rec, literal, None))
             assert made == target[start : start + rec.count * bs].ljust(rec.count * bs, b"\0")
 
@@ -510,8 +529,12 @@ def test_other_header_fields() -> None:
     patch = fixture("data-record", "patch.bin")
     refuses(UnsupportedVersion, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<B", 13, 2)),
             "byte 13", "unknown compression 2")
-    refuses(FormatError, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<H", 14, 1)),
-            "byte 14", "reserved field is not zero")
+    refuses(FormatError, lambda: parse_patch(rewrite_header(patch, PATCH_HEADER, "<B", 15, 1)),
+            "byte 15", "reserved field is not zero")
+    for window_log in (1, 9, 28, 255):
+        refuses(FormatError,
+                lambda w=window_log: parse_patch(rewrite_header(patch, PATCH_HEADER, "<B", 14, w)),
+                "byte 14", f"window_log {window_log} is outside 0 or 10..27")
     full = fixture("full-patch", "patch.bin")
     refuses(FormatError, lambda: parse_patch(rewrite_header(full, PATCH_HEADER, "<Q", 16, 4096)),
             "byte 16", "full patch must have base size 0")
@@ -567,7 +590,7 @@ def test_record_fields() -> None:
     patch = fixture("data-record", "patch.bin")
     rec = parse_patch(patch)[1][0]
     where = f"record 0 (data) at byte {rec.offset}"
-    limit = payload_limit(2 * 4096)
+    limit = payload_limit(2 * 4096, frame_start=True)
     for n in (0, limit + 1, (1 << 32) - 1):
         # Over the most any record of 2 blocks may carry: refused on the header alone.
         lo = 1 if n == 0 else 0
@@ -579,6 +602,11 @@ def test_record_fields() -> None:
             f"record 0 at byte {rec.offset}", "unknown record kind 7")
     refuses(FormatError, lambda: parse_patch(flip(patch, rec.offset + 2, 0x01)), where,
             "reserved bytes are not zero")
+    refuses(FormatError, lambda: parse_patch(flip(patch, rec.offset + 3, 0x80)), where,
+            "reserved bytes are not zero")
+    for bit in range(2, 8):
+        refuses(FormatError, lambda b=bit: parse_patch(rewrite_record(patch, rec, flags=rec.flags | 1 << b)),
+                where, "has unknown bits set")
     h, recs = parse_patch(patch)
     zero_target = dataclasses.replace(recs[0], meta=recs[0].meta[:HASH_LEN] + ZERO_HASH
                                       + recs[0].meta[2 * HASH_LEN :])
@@ -804,15 +832,23 @@ def test_every_flip_outside_payloads_is_refused_by_the_reader(name: str) -> None
 
 @pytest.mark.parametrize("name", ["mixed", "unaligned-size", "grows"])
 def test_every_flip_inside_a_payload_is_refused_or_harmless(name: str) -> None:
+    """Decoded without the block hashes, through the end of the stream: the frame's
+    content checksum covers every record of the frame."""
     reader, records = parse_patch(fixture(name, "patch.bin"))
-    for rec in records:
-        if rec.kind != REC_DATA:
-            continue
-        good = decode_payload(reader.header, rec)
+    data = [r for r in records if r.kind == REC_DATA]
+    if name != "unaligned-size":
+        assert any(not r.flags & FRAME_END for r in data), "expected a frame across records"
+
+    def literal(stream: list[Record]) -> list[bytes]:
+        frames = FrameDecoder(reader.header)
+        return [frames.decode(r) for r in stream]
+
+    good = literal(data)
+    for i, rec in enumerate(data):
         for pos in range(len(rec.payload)):
             damaged = dataclasses.replace(rec, payload=flip(rec.payload, pos))
             try:
-                out = decode_payload(reader.header, damaged)
+                out = literal(data[:i] + [damaged] + data[i + 1 :])
             except SparsePatchError:
                 continue
             assert out == good, f"{name} record {rec.index}: flip at payload byte {pos} went unnoticed"
@@ -844,7 +880,7 @@ def test_payload_declaring_a_huge_size_is_refused_without_allocating(declared: i
     tracemalloc.start()
     try:
         refuses(FormatError, lambda: decode_payload(header, rec), f"record 0 (data) at byte {rec.offset}",
-                f"payload declares {declared} bytes, record covers 8192")
+                f"declares {declared} bytes")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -853,7 +889,7 @@ def test_payload_declaring_a_huge_size_is_refused_without_allocating(declared: i
     dest = mf.make_file(tmp_path / "dest", case["base"])
     (tmp_path / "patch.bin").write_bytes(patch)
     refuses(FormatError, lambda: api.apply(str(tmp_path / "patch.bin"), str(dest)),
-            f"payload declares {declared} bytes")
+            f"declares {declared} bytes")
     assert dest.read_bytes() == mf.file_bytes(case["base"])
 
 
@@ -861,9 +897,9 @@ def test_payload_frames_that_do_not_fit_the_record() -> None:
     raw = 2 * 4096
     no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x01" * raw)
     header, rec, _ = _with_payload("data-record", no_size)
-    refuses(FormatError, lambda: decode_payload(header, rec), "payload declares")
+    refuses(FormatError, lambda: decode_payload(header, rec), "has no content size")
     header, rec, _ = _with_payload("data-record", b"not a zstd frame at all")
-    refuses(FormatError, lambda: decode_payload(header, rec), "payload is not a zstd frame")
+    refuses(FormatError, lambda: decode_payload(header, rec), "is not a zstd frame")
     # A frame whose header declares the record's length but whose blocks hold twice as much.
     longer = bytearray(zstandard.ZstdCompressor(write_content_size=True).compress(b"\x01" * 2 * raw))
     fhd = longer[4]
@@ -931,16 +967,25 @@ def _rewritten(name: str, change: bool = False) -> bytes:
     reader, records = parse_patch(fixture(name, "patch.bin"), key)
     h = reader.header
     out = []
+    decoded = iter(decode_stream(h, records))
+    data = [r for r in records if r.kind == REC_DATA]
+    cobj: Any = None
     for r in records:
         if r.kind == REC_DATA:
-            raw = bytearray(decode_data(h, r))
+            raw = bytearray(next(decoded))
             meta = r.meta
             if change:
                 raw[0] ^= 1
                 meta = r.meta[:16] + hash_block(raw[: h.block_size], h.block_size) + r.meta[32:]
-            cobj = zstandard.ZstdCompressor(write_checksum=True).compressobj(size=len(raw))
+            if r.flags & FRAME_START:  # the same frames, as the writer cut them
+                end = next(i for i in range(data.index(r), len(data)) if data[i].flags & FRAME_END)
+                size = sum(len(raw) if x is r else len(x.payload and decode_payload(h, x, records[
+                    : records.index(x)])) for x in data[data.index(r) : end + 1])
+                cobj = zstandard.ZstdCompressor(write_checksum=True).compressobj(size=size)
             payload = (cobj.compress(bytes(raw[:100])) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-                       + cobj.compress(bytes(raw[100:])) + cobj.flush())
+                       + cobj.compress(bytes(raw[100:])))
+            payload += cobj.flush() if r.flags & FRAME_END else cobj.flush(
+                zstandard.COMPRESSOBJ_FLUSH_BLOCK)
             r = dataclasses.replace(r, meta=meta, payload=payload)
         out.append(r)
     assert reader.trailer is not None
@@ -1057,14 +1102,15 @@ def _wide_window(raw: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(("build", "message"), [
-    (_skippable_first, "payload is a skippable frame"),
-    (_with_dictionary, "payload frame names dictionary 7; none is allowed"),
-    (_wide_window, f"payload frame window is {1 << 25} bytes, more than {1 << 24}"),
+    (_skippable_first, "is a skippable frame"),
+    (_with_dictionary, "names dictionary 7; none is allowed"),
+    (_wide_window, f"asks for a window of {1 << 25} bytes, more than the patch header's 2^13"),
 ])
 def test_payload_frames_the_spec_rules_out(build: Any, message: str) -> None:
-    """Rule 16: no skippable frame, no dictionary, a window of at most 16 MiB."""
+    """Rule 16: no skippable frame, no dictionary, a window within the header's window_log."""
     reader, recs = parse_patch(fixture("data-record", "patch.bin"))
-    header, rec, _ = _with_payload("data-record", build(decode_data(reader.header, recs[0])))
+    assert reader.header.window_log == 13  # 8192 bytes of literal
+    header, rec, _ = _with_payload("data-record", build(decode_stream(reader.header, recs)[0]))
     refuses(FormatError, lambda: decode_payload(header, rec), f"record 0 (data) at byte {rec.offset}",
             message)
 
@@ -1077,7 +1123,7 @@ def test_zstd_errors_are_named_for_what_they_are() -> None:
     good = rec.payload  # 9 bytes of compressed block, then the content checksum
     bad_sum = dataclasses.replace(rec, payload=flip(good, len(good) - 1, 0x01))
     refuses(ChecksumMismatch, lambda: decode_payload(reader.header, bad_sum),
-            "payload's zstd content checksum does not match its decompressed bytes")
+            "the frame's zstd content checksum does not match its decompressed bytes")
     corrupt = 0
     for pos in range(10, len(good) - 4):  # inside the compressed block
         damaged = dataclasses.replace(rec, payload=flip(good, pos))
@@ -1086,8 +1132,8 @@ def test_zstd_errors_are_named_for_what_they_are() -> None:
         except ChecksumMismatch as e:
             assert "zstd content checksum" in str(e)
         except FormatError as e:
-            assert "payload is a corrupt zstd frame" in str(e) or "payload gave" in str(e), str(e)
-            corrupt += "corrupt zstd frame" in str(e)
+            assert "corrupt zstd data" in str(e) or "decodes" in str(e), str(e)
+            corrupt += "corrupt zstd data" in str(e)
     assert corrupt, "no damaged block was reported as a corrupt frame"
 
 

@@ -24,7 +24,10 @@ from sparsepatch import api
 from sparsepatch.errors import ChecksumMismatch, FormatError, SparsePatchError
 from sparsepatch.format import (
     CRC,
+    FRAME_END,
+    FRAME_START,
     MAX_RECORD_BLOCKS,
+    MAX_WINDOW_LOG,
     PAGE_LITERAL,
     REC_COPY,
     REC_DATA,
@@ -55,6 +58,9 @@ LITERAL = bytes([PAGE_LITERAL])  # the page kind of a 4 KiB block carried in the
 def state(block: bytes) -> bytes:
     block = block.ljust(BS, b"\0")
     return ZERO_HASH if not any(block) else block_hash(block)
+
+
+FRAME = FRAME_START | FRAME_END  # a record that is a frame of its own
 
 
 def compress(data: bytes) -> bytes:
@@ -89,12 +95,13 @@ class World:
         meta = b"".join(self.base_hash(i) + self.target_hash(i) + LITERAL
                         for i in range(first, first + count))
         return Record(REC_DATA, first, count, meta,
-                      payload=compress(self.target[first * BS : (first + count) * BS]))
+                      payload=compress(self.target[first * BS : (first + count) * BS]), flags=FRAME)
 
     def evil_data(self, first: int, base: bytes | None = None, content: bytes = EVIL) -> Record:
         """A one-block DATA record, self-consistent, writing content over block first."""
         base = self.base_hash(first) if base is None else base
-        return Record(REC_DATA, first, 1, base + state(content) + LITERAL, payload=compress(content))
+        return Record(REC_DATA, first, 1, base + state(content) + LITERAL, payload=compress(content),
+                      flags=FRAME)
 
     def zero(self, first: int, count: int = 1) -> Record:
         meta = b"".join(self.base_hash(i) for i in range(first, first + count))
@@ -144,7 +151,7 @@ def world(tmp: Path) -> World:
     for f in (base, target):
         api.signature(str(f), str(tmp / f"{f.name}.sig"), block_size=BS)
         ids.append(bytes.fromhex(api.info(str(tmp / f"{f.name}.sig"))["identity"]))
-    header = PatchHeader(0, SHIFT, SIZE, SIZE, ids[0], ids[1])
+    header = PatchHeader(0, SHIFT, SIZE, SIZE, ids[0], ids[1], window_log=MAX_WINDOW_LOG)
     dest = make_sparse(tmp / "dest.img", SIZE, base_map)
     return World(tmp, b, target.read_bytes(), header, dest)
 
@@ -164,14 +171,14 @@ class Hostile:
 def _huge_payload_prefix(w: World) -> bytes:
     """Header, then a DATA record announcing 2^32-1 bytes of payload; 64 bytes follow."""
     meta = w.base_hash(0) + w.target_hash(0) + LITERAL
-    head = RECORD.pack(REC_DATA, 0, 1, (1 << 32) - 1, 0)
+    head = RECORD.pack(REC_DATA, FRAME_START | FRAME_END, 0, 1, (1 << 32) - 1, 0)
     return (encode_patch_header(w.header) + head + meta + CRC.pack(crc32c(meta, crc32c(head)))
             + pattern(64, 1))
 
 
 def _huge_count_prefix(w: World) -> bytes:
     """Header, then a ZERO record of 2^32-1 blocks (64 GiB of hashes announced); 64 bytes follow."""
-    head = RECORD.pack(REC_ZERO, 0, (1 << 32) - 1, 0, 0)
+    head = RECORD.pack(REC_ZERO, 0, 0, (1 << 32) - 1, 0, 0)
     meta = w.base_hash(0)
     return (encode_patch_header(w.header) + head + meta + CRC.pack(crc32c(meta, crc32c(head)))
             + pattern(64, 2))
@@ -253,15 +260,16 @@ CASES = [
       for field in ("target_size", "base_size") for bits in (63, 61)],
     Hostile("payload length 2^32-1", _huge_payload_prefix, FormatError,
             ("record 0 (data)",
-             f"payload length 4294967295 is outside 0..{payload_limit(BS)} for 1 blocks of data")),
+             f"payload length 4294967295 is outside 0..{payload_limit(BS, True)} for 1 blocks of data")),
     Hostile("block count 2^32-1", _huge_count_prefix, FormatError,
             ("record 0 (zero)", f"block count 4294967295 is outside 1..{MAX_RECORD_BLOCKS}")),
     Hostile("zstd bomb: 64 MiB declared in a one-block record",
             lambda w: w.patch([dataclasses.replace(w.data(0), payload=bomb())]), FormatError,
-            ("record 0 (data)", "payload declares 67108864 bytes, record covers 4096")),
+            ("record 0 (data)", "declares 67108864 bytes, the record alone carries 4096")),
     Hostile("zstd bomb: one block declared, 64 MiB inside",
             lambda w: w.patch([w.data(0, 2), dataclasses.replace(w.data(6), payload=lying_bomb())]),
-            FormatError, ("record 1 (data)", "payload is a corrupt zstd frame"), frozenset({0, 1})),
+            FormatError, ("record 1 (data)", "corrupt zstd data"),
+            frozenset({0, 1})),
     Hostile("data that does not match its target hash",
             lambda w: w.patch([_bad_target_hash(w, w.data(0, 2), 1)]), ChecksumMismatch,
             ("record 0 (data)", "block 1 does not match its target hash after decompression")),
@@ -272,7 +280,7 @@ CASES = [
             frozenset({0, 1, 3})),
     Hostile("zero hash as a data target",
             lambda w: w.patch([Record(REC_DATA, 0, 1, w.base_hash(0) + ZERO_HASH + LITERAL,
-                                      payload=compress(bytes(BS)))]),
+                                      payload=compress(bytes(BS)), flags=FRAME)]),
             FormatError, ("record 0 (data)", "block 0 has the zero hash as target")),
     Hostile("zero hash as a copy target",
             lambda w: w.patch([w.copy(4, 1, 13)]), FormatError,

@@ -3,6 +3,7 @@ patches with every CRC right and one thing wrong, each refused with a message na
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -11,6 +12,8 @@ import zstandard
 from sparsepatch.errors import FormatError
 from sparsepatch.format import (
     FLAG_FULL,
+    FRAME_END,
+    FRAME_START,
     PAGE_LITERAL,
     PAGE_MOVED,
     PAGE_SAME,
@@ -36,7 +39,7 @@ SHIFT = 14  # 16 KiB blocks: 4 pages each
 P = 4
 BLOCKS = 8
 SIZE = BLOCKS << SHIFT
-H = PatchHeader(0, SHIFT, SIZE, SIZE, b"\1" * 32, b"\2" * 32)
+H = PatchHeader(0, SHIFT, SIZE, SIZE, b"\1" * 32, b"\2" * 32, window_log=20)
 
 
 def hsh(n: int) -> bytes:
@@ -56,7 +59,9 @@ def data(first: int, kinds: list[bytes], sources: tuple[int, ...] | list[int] = 
         raw = literal if literal is not None else b"\x55" * (lit * PAGE_SIZE)
         z = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True)
         payload = z.compress(raw) if raw else b""
-    return Record(REC_DATA, first, len(kinds), meta, len(sources), payload, pages=P)
+    # Each record a frame of its own (FRAME_START | FRAME_END), as an undo writes them.
+    flags = FRAME_START | FRAME_END if payload else 0
+    return Record(REC_DATA, first, len(kinds), meta, len(sources), payload, flags=flags, pages=P)
 
 
 def zero(first: int) -> Record:
@@ -117,13 +122,14 @@ def test_staged_and_forward_sources_are_accepted() -> None:
 def test_moved_count_must_match_the_header() -> None:
     rec = data(1, [MOVED1], [3])
     with pytest.raises(FormatError, match="1 pages are moved, the header says 0"):
-        read(patch([Record(REC_DATA, 1, 1, rec.meta[:-8], 0, rec.payload, pages=P)]))
+        read(patch([Record(REC_DATA, 1, 1, rec.meta[:-8], 0, rec.payload, flags=rec.flags, pages=P)]))
     with pytest.raises(FormatError, match="5 moved pages, more than its 4 pages"):
-        read(patch([Record(REC_DATA, 1, 1, rec.meta + bytes(32), 5, rec.payload, pages=P)]))
+        read(patch([Record(REC_DATA, 1, 1, rec.meta + bytes(32), 5, rec.payload, flags=rec.flags,
+                           pages=P)]))
 
 
 def test_pages_past_the_target_are_zero_pages() -> None:
-    short = PatchHeader(0, SHIFT, SIZE, SIZE - 3 * PAGE_SIZE, b"\1" * 32, b"\2" * 32)
+    short = PatchHeader(0, SHIFT, SIZE, SIZE - 3 * PAGE_SIZE, b"\1" * 32, b"\2" * 32, window_log=20)
     ok = bytes([PAGE_LITERAL, PAGE_ZERO, PAGE_ZERO, PAGE_ZERO])
     read(patch([data(7, [ok])], short))
     with pytest.raises(FormatError, match="a page past the target's end is not a zero page"):
@@ -134,12 +140,12 @@ def test_payload_only_for_literal_pages() -> None:
     no_literal = bytes([PAGE_ZERO, PAGE_SAME, PAGE_MOVED, PAGE_ZERO])
     read(patch([data(1, [no_literal], [30])]))
     with pytest.raises(FormatError, match="payload length 30, expected 0: no page is literal"):
-        read(patch([data(1, [no_literal], [30], payload=b"\0" * 30)]))
+        read(patch([dataclasses.replace(data(1, [no_literal], [30]), payload=b"\0" * 30)]))
     with pytest.raises(FormatError, match="payload length 0 is outside 1.."):
         read(patch([data(1, [LIT], payload=b"")]))
 
 
 def test_no_stage_in_a_full_patch() -> None:
-    full = PatchHeader(FLAG_FULL, SHIFT, 0, SIZE, b"\1" * 32, b"\2" * 32)
+    full = PatchHeader(FLAG_FULL, SHIFT, 0, SIZE, b"\1" * 32, b"\2" * 32, window_log=20)
     with pytest.raises(FormatError, match="a full patch has no base to stage pages of"):
         read(patch([stage(0, 1)], full))

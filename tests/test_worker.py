@@ -228,40 +228,59 @@ def test_records_built_by_two_processes_are_the_same(tmp_path: Path, forks: list
     assert base.read_bytes() == target.read_bytes()
 
 
-def test_a_change_seen_by_the_record_worker_is_the_usual_error(
-        tmp_path: Path, forks: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker re-reads and re-hashes the blocks it compresses, like this process."""
-    if fork.worker_count() < 2:
-        pytest.skip("one CPU: no worker is started")
+def test_a_change_seen_by_the_reading_thread_is_the_usual_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diff's second reading runs in a thread ahead of the compressor: a block it finds
+    changed stops diff with the usual error, and the thread is gone when diff returns."""
     import sys
+    import threading
 
     diff_module = sys.modules["sparsepatch.diff"]
     base, target = _changed_pair(tmp_path)
     sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
+    real = diff_module._recheck
+    calls = []
 
-    def changed(raw: bytes, changes: object, k: int, m: int, shift: int, first: int, name: str) -> None:
-        raise SourceChanged(f"{name}: block at byte {first << shift} changed while diff was reading it")
+    def late_change(raw: bytes, changes: object, k: int, m: int, shift: int, first: int,
+                    name: str) -> None:
+        assert threading.current_thread() is not threading.main_thread()
+        calls.append(first)
+        if len(calls) == 5:
+            raise SourceChanged(f"{name}: block at byte {first << shift} changed while diff was reading it")
+        real(raw, changes, k, m, shift, first, name)
 
-    _in_the_worker(monkeypatch, diff_module, "_recheck", changed)
+    monkeypatch.setattr(diff_module, "_recheck", late_change)
     with pytest.raises(SourceChanged, match=r"/target: block at byte \d+ changed while diff was reading it$"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
-    assert forks and no_children()
+    assert len(calls) == 5
+    assert threading.active_count() == 1
     assert not (tmp_path / "p.patch").exists()
 
 
-def test_a_record_worker_that_dies_is_reported(tmp_path: Path, forks: list[int],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    if fork.worker_count() < 2:
-        pytest.skip("one CPU: no worker is started")
+def test_an_error_while_writing_stops_the_reading_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
+    import threading
+
+    from sparsepatch.errors import IOFailure
 
     diff_module = sys.modules["sparsepatch.diff"]
     base, target = _changed_pair(tmp_path)
     sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
-    _in_the_worker(monkeypatch, diff_module, "_recheck", _die)
-    with pytest.raises(SparsePatchError, match=r"the worker process ended unexpectedly \(exit status 9\)$"):
+    real = diff_module.encode_record
+    written = []
+
+    def full_disk(rec: object) -> bytes:
+        written.append(rec)
+        if len(written) == 3:
+            raise IOFailure("p.patch: write failed: No space left on device")
+        return bytes(real(rec))
+
+    monkeypatch.setattr(diff_module, "encode_record", full_disk)
+    with pytest.raises(IOFailure, match="No space left on device"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
-    assert no_children()
+    assert threading.active_count() == 1
+    assert not (tmp_path / "p.patch").exists()
 
 
 # share_map itself, on made-up work: the races and failures of the machinery.

@@ -9,7 +9,7 @@ This package never opens a file. Its modules, by structure:
 - rules: spec section 7, rules 1-15, one function or method per rule
 - signature, patch, journal: one module per file format
 - mac: the patch MAC key and tag chain
-- frame: DATA payloads, one zstd frame each (rule 16)
+- frame: the literal stream, DATA payloads as zstd frames across records (rule 16)
 """
 
 from .base import (
@@ -17,6 +17,8 @@ from .base import (
     CRC,
     FLAG_FULL,
     FLAG_MAC,
+    FRAME_END,
+    FRAME_START,
     HASH_LEN,
     JOURNAL_MAGIC,
     JOURNAL_SLOT,
@@ -25,14 +27,17 @@ from .base import (
     MAC_CONTEXT,
     MAC_LEN,
     MAX_FILE_SIZE,
+    MAX_FRAME_RAW,
     MAX_RECORD_BLOCKS,
     MAX_RECORD_DATA,
     MAX_SHIFT,
     MAX_SIG_DATA_RUN,
     MAX_SIG_HOLE_RUN,
     MAX_STAGE_PAGES,
+    MAX_WINDOW_LOG,
     MIN_KEY_FILE,
     MIN_SHIFT,
+    MIN_WINDOW_LOG,
     PAGE_KIND_NAMES,
     PAGE_LITERAL,
     PAGE_MOVED,
@@ -78,7 +83,7 @@ from .base import (
     tree_hash,
     valid_shift,
 )
-from .frame import MAX_WINDOW, ZERO_PAGE, assemble, decode_data, decode_payload, rule_16_frame
+from .frame import ZERO_PAGE, FrameDecoder, assemble, decode_data
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (
@@ -106,22 +111,22 @@ from .signature import (
 )
 
 __all__ = [
-    "COMP_ZSTD", "CRC", "FLAG_FULL", "FLAG_MAC", "HASH_LEN", "JOURNAL_MAGIC", "JOURNAL_SLOT",
-    "JOURNAL_SLOT_SIZE", "KNOWN_PATCH_FLAGS", "MAC_CONTEXT", "MAC_LEN", "MAX_FILE_SIZE",
-    "MAX_RECORD_BLOCKS", "MAX_RECORD_DATA", "MAX_SHIFT", "MAX_SIG_DATA_RUN", "MAX_SIG_HOLE_RUN",
-    "MAX_WINDOW", "MIN_KEY_FILE", "MIN_SHIFT", "PAGE_SHIFT", "PAGE_SIZE", "PATCH_HEADER",
-    "PATCH_MAGIC", "PATCH_TRAILER",
-    "REC_COPY", "REC_DATA", "REC_END", "REC_NAMES", "REC_ZERO", "RECORD", "SIG_DATA", "SIG_END",
-    "SIG_HEADER", "SIG_HOLE", "SIG_MAGIC", "SIG_RUN", "SIG_TRAILER", "VERSION", "ZERO_HASH",
-    "CopySources", "JournalSlot", "MacChain", "PatchHeader", "PatchReader", "PatchRules",
-    "PatchTrailer", "RangeSet", "Reader", "Record", "SigHeader", "Signature", "SignatureEncoder",
-    "SignatureRules", "block_hash", "blocks_for", "check_shift", "check_size", "crc32c",
-    "data_record_max_blocks", "decode_data", "decode_journal", "decode_journal_slot",
-    "decode_patch_header", "decode_payload", "decode_sig_header", "derive_mac_key",
+    "COMP_ZSTD", "CRC", "FLAG_FULL", "FLAG_MAC", "FRAME_END", "FRAME_START", "HASH_LEN",
+    "JOURNAL_MAGIC", "JOURNAL_SLOT", "JOURNAL_SLOT_SIZE", "KNOWN_PATCH_FLAGS", "MAC_CONTEXT",
+    "MAC_LEN", "MAX_FILE_SIZE", "MAX_FRAME_RAW", "MAX_RECORD_BLOCKS", "MAX_RECORD_DATA",
+    "MAX_SHIFT", "MAX_SIG_DATA_RUN", "MAX_SIG_HOLE_RUN", "MAX_WINDOW_LOG", "MIN_KEY_FILE",
+    "MIN_SHIFT", "MIN_WINDOW_LOG", "PAGE_SHIFT", "PAGE_SIZE", "PATCH_HEADER", "PATCH_MAGIC",
+    "PATCH_TRAILER", "RECORD", "REC_COPY", "REC_DATA", "REC_END", "REC_NAMES", "REC_ZERO",
+    "SIG_DATA", "SIG_END", "SIG_HEADER", "SIG_HOLE", "SIG_MAGIC", "SIG_RUN", "SIG_TRAILER",
+    "VERSION", "ZERO_HASH", "CopySources", "FrameDecoder", "JournalSlot", "MacChain", "PatchHeader",
+    "PatchReader", "PatchRules", "PatchTrailer", "RangeSet", "Reader", "Record", "SigHeader",
+    "Signature", "SignatureEncoder", "SignatureRules", "block_hash", "blocks_for", "check_shift",
+    "check_size", "crc32c", "data_record_max_blocks", "decode_data", "decode_journal",
+    "decode_journal_slot", "decode_patch_header", "decode_sig_header", "derive_mac_key",
     "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
-    "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot", "payload_limit",
-    "raw_length", "read_signature", "rule_16_frame", "shift_for_block_size", "sig_run_limit", "sniff",
-    "tree_hash", "tree_hashes", "valid_shift",
+    "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot",
+    "payload_limit", "raw_length", "read_signature", "shift_for_block_size", "sig_run_limit",
+    "sniff", "tree_hash", "tree_hashes", "valid_shift",
     "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
     "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "meta_length", "page_hash",
     "pages_per_block",

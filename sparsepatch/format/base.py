@@ -45,13 +45,23 @@ MAC_CONTEXT = "sparsepatch 2026-11-26 patch MAC key v1"
 MIN_KEY_FILE = 16
 COMP_ZSTD = 1
 
+# The literal stream (spec section 5.2): DATA payloads form zstd frames across records.
+FRAME_START = 0x01  # DATA record flags: the record opens a frame
+FRAME_END = 0x02  # the record closes its frame
+KNOWN_DATA_FLAGS = FRAME_START | FRAME_END
+MIN_WINDOW_LOG = 10  # zstd's smallest window
+MAX_WINDOW_LOG = 27  # 128 MiB: the decoder memory a reader agrees to spend
+MAX_FRAME_RAW = 1 << 30  # raw literal bytes in one frame
+MAX_FRAME_HEADER = 18  # zstd frame header: magic 4, descriptor 1, window 1, dictionary 4, size 8
+ZSTD_BLOCK_MAX = 128 << 10  # RFC 8878 Block_Maximum_Size: the most one block decodes to
+
 # Struct constants are named after the records in spec/FORMAT.md; the CRC is not in the struct.
 SIG_HEADER = struct.Struct("<8sHHBBBBQ")  # magic version flags block_shift hash_len page_shift
 #                                           reserved file_size
 SIG_RUN = struct.Struct("<B3xQI")  # kind first_block count
 SIG_TRAILER = struct.Struct("<B3xQQQ32s")  # kind block_count data_blocks mtime_ns identity
-PATCH_HEADER = struct.Struct("<8sHHBBHQQQ32s32s")  # ... base_size target_size base_mtime_ns ids
-RECORD = struct.Struct("<B3xQIIQ")  # kind first_block count payload_len source_block/moved_pages
+PATCH_HEADER = struct.Struct("<8sHHBBBBQQQ32s32s")  # ... window_log reserved base_size target_size mtime ids
+RECORD = struct.Struct("<BB2xQIIQ")  # kind flags first_block count payload_len source_block/moved_pages
 PATCH_TRAILER = struct.Struct("<B3xQQQQQQ")  # kind records data zero copy payload_bytes body_bytes
 JOURNAL_SLOT = struct.Struct("<8sHHI32s32sQQQ")  # ... seq base target start end scratch_pages
 CRC = struct.Struct("<I")
@@ -163,9 +173,10 @@ def data_record_max_blocks(shift: int) -> int:
     return max(1, MAX_RECORD_DATA >> shift)
 
 
-def payload_limit(raw_len: int) -> int:
-    """Largest compressed payload accepted for raw_len bytes (zstd's bound plus frame slack)."""
-    return raw_len + (raw_len >> 7) + 1024
+def payload_limit(raw_len: int, frame_start: bool = False) -> int:
+    """Largest compressed payload accepted for raw_len bytes (zstd's bound plus block slack),
+    plus the frame header on the record that opens a frame."""
+    return raw_len + (raw_len >> 7) + 1024 + (MAX_FRAME_HEADER if frame_start else 0)
 
 
 def with_crc(body: bytes) -> bytes:

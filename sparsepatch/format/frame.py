@@ -1,19 +1,36 @@
-"""DATA payloads (spec section 5.2 and section 7 rule 16): the one zstd frame a DATA record
-carries, checked byte by byte before it is decompressed; and the target blocks assembled from
-its pages (literal, zero, same, moved) and checked against their target hashes."""
+"""The literal stream (spec section 5.2 and section 7 rule 16): DATA payloads form zstd frames
+across records. FrameDecoder follows one pass over a patch's records, checks every frame
+piece byte by byte (frame header, block headers, checksum) and decodes it one zstd block at
+a time, so that no record can make it hold more than the window and one record's bytes. The
+decoded bytes are a DATA record's LITERAL pages: assemble() builds its target blocks from
+them and its other pages (zero, same, moved), which are then checked against their target
+hashes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from ..errors import ChecksumMismatch, FormatError, Truncated
-from .base import PAGE_LITERAL, PAGE_MOVED, PAGE_SAME, PAGE_SHIFT, PAGE_SIZE, PAGE_ZERO, hash_block
+from ..errors import ChecksumMismatch, FormatError
+from .base import (
+    FRAME_END,
+    FRAME_START,
+    MAX_FRAME_RAW,
+    PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_ZERO,
+    REC_DATA,
+    ZSTD_BLOCK_MAX,
+    hash_block,
+)
 from .patch import PatchHeader, Record, raw_length
 
 ZERO_PAGE = bytes(PAGE_SIZE)
-
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-MAX_WINDOW = 1 << 24  # the largest block: no record needs a larger window to decode
+_RAW, _RLE, _COMPRESSED, _RESERVED = 0, 1, 2, 3
 
 
 def _is_skippable(p: bytes) -> bool:
@@ -21,73 +38,164 @@ def _is_skippable(p: bytes) -> bool:
     return len(p) >= 4 and p[1:4] == b"\x2a\x4d\x18" and p[0] & 0xF0 == 0x50
 
 
-def rule_16_frame(rec: Record, raw: int) -> None:
-    """The payload is exactly one zstd frame that decodes to raw bytes and carries a content
-    checksum: its header fields are checked and its block headers walked (RFC 8878,
-    3.1.1.2) so no byte of the payload goes unchecked and output is bounded before any
-    decoding."""
-    import zstandard  # imported where used: a signature never needs it
-
-    p = rec.payload
-    where = rec.where()
-    if p[:4] != ZSTD_MAGIC:
-        if _is_skippable(p):
-            raise FormatError(f"{where}: payload is a skippable frame, not a zstd data frame")
-        raise FormatError(f"{where}: payload is not a zstd frame (magic {p[:4].hex()})")
-    try:
-        declared = zstandard.frame_content_size(p)
-        params = zstandard.get_frame_parameters(p)
-        pos = zstandard.frame_header_size(p)
-    except zstandard.ZstdError as e:
-        raise FormatError(f"{where}: payload is not a zstd frame ({e})") from None
-    if declared != raw:
-        raise FormatError(f"{where}: payload declares {declared} bytes, record covers {raw}")
-    if params.dict_id:
-        raise FormatError(f"{where}: payload frame names dictionary {params.dict_id}; none is allowed")
-    if params.window_size > MAX_WINDOW:
-        raise FormatError(
-            f"{where}: payload frame window is {params.window_size} bytes, more than {MAX_WINDOW}"
-        )
-    if not params.has_checksum:
-        raise FormatError(f"{where}: payload frame has no content checksum")
-    while True:
-        if pos + 3 > len(p):
-            raise Truncated(f"{where}: payload frame ends inside a block header")
-        head = int.from_bytes(p[pos : pos + 3], "little")
-        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
-        if kind == 3:
-            raise FormatError(f"{where}: payload frame has a reserved block type")
-        pos += 3 + (1 if kind == 1 else size)
-        if last:
-            break
-    pos += 4  # content checksum
-    if pos != len(p):
-        raise FormatError(f"{where}: payload frame is {pos} bytes, the record says {len(p)}")
+def _corrupt(e: Exception, where: str) -> FormatError | ChecksumMismatch:
+    # libzstd names a failed content checksum "Restored data doesn't match checksum".
+    if "checksum" in str(e):
+        return ChecksumMismatch(f"{where}: the frame's zstd content checksum does not match its "
+                                f"decompressed bytes ({e})")
+    return FormatError(f"{where}: corrupt zstd data ({e})")
 
 
-def decode_payload(header: PatchHeader, rec: Record) -> bytes:
-    """Decompress a DATA record's payload after rule 16, refusing any frame whose declared
-    size is not exactly the record's length, so output is bounded by the record."""
-    import zstandard
+class FrameDecoder:
+    """The literal stream of one reading of a patch: give it every DATA record in stream
+    order (a new decoder for each reading: the dry run and the write pass decode from the
+    start). One zstd decompressor per frame, its window limited to 2^window_log.
 
-    raw = raw_length(header, rec)
-    if not raw:
-        return b""  # no literal page: no payload (rule 11)
-    rule_16_frame(rec, raw)
-    try:
-        out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
-            rec.payload, max_output_size=raw)
-    except zstandard.ZstdError as e:
-        # libzstd names a failed content checksum "Restored data doesn't match checksum".
-        if "checksum" in str(e):
-            raise ChecksumMismatch(
-                f"{rec.where()}: payload's zstd content checksum does not match its "
-                f"decompressed bytes ({e})"
-            ) from None
-        raise FormatError(f"{rec.where()}: payload is a corrupt zstd frame ({e})") from None
-    if len(out) != raw:
-        raise FormatError(f"{rec.where()}: payload gave {len(out)} bytes, expected {raw}")
-    return out
+    What the record header says about frames (opened in order, closed before the trailer)
+    is checked by the reader (rules 7, 11, 15); the payload bytes are checked here."""
+
+    def __init__(self, header: PatchHeader):
+        self.h = header
+        self.dobj: Any = None  # the open frame's decompressor (a zstandard decompressobj)
+        self.declared = 0  # the open frame's content size
+        self.seen = 0  # raw bytes of the open frame decoded so far
+        self.opened = ""  # the record that opened it, for messages
+
+    def decode(self, rec: Record) -> bytes:
+        """The record's literal bytes: exactly raw_length of them, or FormatError /
+        ChecksumMismatch naming the record and the byte. (A payload that does not end at a
+        block boundary is corrupt, not truncated: the reader read all payload_len bytes.)"""
+        raw = raw_length(self.h, rec)
+        if raw == 0:
+            if rec.payload or rec.flags:
+                raise FormatError(f"{rec.where()}: carries no literal but has a payload or flags")
+            return b""
+        p = rec.payload
+        where = rec.where()
+        pos = 0
+        if rec.flags & FRAME_START:
+            if self.dobj is not None:
+                raise FormatError(f"{where}: opens a frame while the frame opened by {self.opened} "
+                                  "is not closed")
+            pos = self._open(rec)
+        elif self.dobj is None:
+            raise FormatError(f"{where}: continues a frame, but no frame is open")
+        end = bool(rec.flags & FRAME_END)
+        out: list[bytes] = []
+        got = 0
+        base = rec.payload_offset
+        while True:
+            if pos == len(p) and not end:
+                break
+            at = base + pos
+            if pos + 3 > len(p):
+                raise FormatError(f"{where}: payload ends inside a zstd block header at byte {at}")
+            head = int.from_bytes(p[pos : pos + 3], "little")
+            last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+            if kind == _RESERVED:
+                raise FormatError(f"{where}: zstd block at byte {at} has the reserved block type")
+            if size > ZSTD_BLOCK_MAX:
+                raise FormatError(f"{where}: zstd block at byte {at} is {size} bytes, more than "
+                                  f"{ZSTD_BLOCK_MAX}")
+            stop = pos + 3 + (1 if kind == _RLE else size)
+            if stop > len(p):
+                raise FormatError(f"{where}: payload ends inside the zstd block at byte {at}")
+            if last and not end:
+                raise FormatError(f"{where}: zstd block at byte {at} is the frame's last, but the "
+                                  "record does not close the frame (no FRAME_END)")
+            # Raw and RLE blocks say what they decode to: refuse a bomb before decoding it.
+            if kind != _COMPRESSED and got + size > raw:
+                raise FormatError(f"{where}: zstd block at byte {at} decodes past the record's "
+                                  f"{raw} bytes of literal")
+            if last:
+                stop += 4  # the content checksum (its flag is required)
+                if stop != len(p):
+                    raise FormatError(
+                        f"{where}: the frame's last block and checksum end at byte {base + stop}, "
+                        f"the payload at byte {base + len(p)}"
+                    )
+            piece = self._feed(p[pos:stop], where, at)
+            got += len(piece)
+            if got > raw:
+                raise FormatError(f"{where}: zstd block at byte {at} decodes past the record's "
+                                  f"{raw} bytes of literal")
+            out.append(piece)
+            pos = stop
+            if last:
+                break
+        if got != raw:
+            raise FormatError(f"{where}: payload decodes to {got} bytes, the record carries {raw}")
+        self.seen += raw
+        if self.seen > self.declared:
+            raise FormatError(f"{where}: the frame opened by {self.opened} declares "
+                              f"{self.declared} bytes, its records carry more")
+        if end:
+            if self.seen != self.declared:
+                raise FormatError(f"{where}: the frame opened by {self.opened} declares "
+                                  f"{self.declared} bytes, its records carry {self.seen}")
+            dobj: Any = self.dobj
+            if not dobj.eof:
+                raise FormatError(f"{where}: the frame does not end where its last block says")
+            self.dobj = None
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _open(self, rec: Record) -> int:
+        """Check the frame header at the start of rec's payload and make its decompressor;
+        returns the header's length."""
+        import zstandard  # imported where used: a signature never needs it
+
+        p = rec.payload
+        where = rec.where()
+        at = rec.payload_offset
+        if p[:4] != ZSTD_MAGIC:
+            if _is_skippable(p):
+                raise FormatError(f"{where}: payload at byte {at} is a skippable frame, not a zstd "
+                                  "data frame")
+            raise FormatError(f"{where}: payload at byte {at} is not a zstd frame "
+                              f"(magic {p[:4].hex()})")
+        try:
+            declared = zstandard.frame_content_size(p)
+            params = zstandard.get_frame_parameters(p)
+            size = zstandard.frame_header_size(p)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{where}: payload at byte {at} is not a zstd frame header ({e})") from None
+        if declared < 0:
+            raise FormatError(f"{where}: frame header at byte {at} has no content size")
+        if declared > MAX_FRAME_RAW:
+            raise FormatError(f"{where}: frame header at byte {at} declares {declared} bytes, "
+                              f"more than a frame may hold ({MAX_FRAME_RAW})")
+        raw = raw_length(self.h, rec)
+        if declared < raw or rec.flags & FRAME_END and declared != raw:
+            raise FormatError(f"{where}: frame header at byte {at} declares {declared} bytes, "
+                              f"the record alone carries {raw}")
+        if params.dict_id:
+            raise FormatError(f"{where}: frame header at byte {at} names dictionary "
+                              f"{params.dict_id}; none is allowed")
+        window = 1 << self.h.window_log
+        if params.window_size > window:
+            raise FormatError(
+                f"{where}: frame header at byte {at} asks for a window of {params.window_size} "
+                f"bytes, more than the patch header's 2^{self.h.window_log}"
+            )
+        if not params.has_checksum:
+            raise FormatError(f"{where}: frame header at byte {at} has no content checksum")
+        dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        self.dobj = dctx.decompressobj(write_size=ZSTD_BLOCK_MAX)
+        self.declared, self.seen, self.opened = declared, 0, where
+        try:
+            self.dobj.decompress(p[:size])  # the header alone gives no output
+        except zstandard.ZstdError as e:
+            raise _corrupt(e, f"{where}, frame header at byte {at}") from None
+        return size
+
+    def _feed(self, block: bytes, where: str, at: int) -> bytes:
+        import zstandard
+
+        try:
+            out: bytes = self.dobj.decompress(block)
+        except zstandard.ZstdError as e:
+            raise _corrupt(e, f"{where}, zstd block at byte {at}") from None
+        return out
 
 
 PageSource = Callable[[int, int], bytes | bytearray | memoryview]
@@ -135,13 +243,14 @@ def assemble(header: PatchHeader, rec: Record, literal: bytes | memoryview,
         yield k, block
 
 
-def decode_data(header: PatchHeader, rec: Record) -> bytes:
-    """A DATA record's literal bytes, decompressed, and every block made of literal and
-    zero pages alone checked against its target hash (a block with same or moved pages
-    needs the base: apply checks it)."""
-    data = decode_payload(header, rec)
-    bs = header.block_size
-    for k, block in assemble(header, rec, data, None):
+def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
+    """A DATA record's literal bytes, decoded, and every block made of literal and zero pages
+    alone checked against its target hash (a block with same or moved pages needs the base:
+    apply checks it)."""
+    assert rec.kind == REC_DATA
+    data = decoder.decode(rec)
+    bs = decoder.h.block_size
+    for k, block in assemble(decoder.h, rec, data, None):
         if block is not None and hash_block(block, bs) != rec.target_hash(k):
             raise ChecksumMismatch(
                 f"{rec.where()}: block {rec.first_block + k} does not match its target hash "

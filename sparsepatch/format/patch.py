@@ -15,6 +15,7 @@ from .base import (
     CRC,
     FLAG_FULL,
     FLAG_MAC,
+    FRAME_START,
     HASH_LEN,
     KNOWN_PATCH_FLAGS,
     MAC_LEN,
@@ -58,6 +59,7 @@ class PatchHeader:
     target_identity: bytes
     compression: int = COMP_ZSTD
     base_mtime_ns: int = 0
+    window_log: int = 0  # 0: no DATA payload; else every frame's window is <= 2^window_log
 
     @property
     def authenticated(self) -> bool:
@@ -79,7 +81,7 @@ class PatchHeader:
 def encode_patch_header(h: PatchHeader) -> bytes:
     return with_crc(
         PATCH_HEADER.pack(
-            PATCH_MAGIC, VERSION, h.flags, h.block_shift, h.compression, 0,
+            PATCH_MAGIC, VERSION, h.flags, h.block_shift, h.compression, h.window_log, 0,
             h.base_size, h.target_size, h.base_mtime_ns, h.base_identity, h.target_identity,
         )
     )
@@ -87,13 +89,14 @@ def encode_patch_header(h: PatchHeader) -> bytes:
 
 def decode_patch_header(buf: bytes) -> PatchHeader:
     body = buf[: PATCH_HEADER.size]
-    (magic, version, flags, shift, comp, reserved, base_size, target_size, mtime_ns, base_id,
-     target_id) = PATCH_HEADER.unpack(body)
+    (magic, version, flags, shift, comp, window_log, reserved, base_size, target_size, mtime_ns,
+     base_id, target_id) = PATCH_HEADER.unpack(body)
     rule_1_magic_version_flags(magic, version, flags, KNOWN_PATCH_FLAGS, "patch")
     check_crc(body, CRC.unpack_from(buf, PATCH_HEADER.size)[0], "patch header", 0)
-    rule_2_patch_fields(shift, comp, reserved)
+    rule_2_patch_fields(shift, comp, window_log, reserved)
     rule_3_patch_sizes(flags, base_size, target_size)
-    return PatchHeader(flags, shift, base_size, target_size, base_id, target_id, comp, mtime_ns)
+    return PatchHeader(flags, shift, base_size, target_size, base_id, target_id, comp, mtime_ns,
+                       window_log)
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,13 @@ class Record:
     offset: int = 0  # byte offset of the record in the patch, for messages
     index: int = 0  # record number, for messages
     source: str = "patch"  # name of the patch it came from, for messages
+    flags: int = 0  # DATA: FRAME_START, FRAME_END
     pages: int = 1
+
+    @property
+    def payload_offset(self) -> int:
+        """Where the payload starts in the patch, for messages."""
+        return self.offset + RECORD.size + len(self.meta) + CRC.size
 
     @property
     def meta_width(self) -> int:
@@ -187,7 +196,8 @@ def data_meta(blocks: list[tuple[bytes, bytes, bytes]], sources: list[int] | arr
 
 
 def encode_record(rec: Record) -> bytes:
-    head = RECORD.pack(rec.kind, rec.first_block, rec.count, len(rec.payload), rec.source_block)
+    head = RECORD.pack(rec.kind, rec.flags, rec.first_block, rec.count, len(rec.payload),
+                       rec.source_block)
     return head + rec.meta + CRC.pack(crc32c(rec.meta, crc32c(head))) + rec.payload
 
 
@@ -245,6 +255,7 @@ class PatchReader:
         self.trailer: PatchTrailer | None = None
         self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0, REC_STAGE: 0}
         self.payload_bytes = 0
+        self.frames = 0  # frames opened so far (FRAME_START records)
 
     def _tag(self, where: str, *element: bytes) -> None:
         """Read the tag after an element; check it when a key is known."""
@@ -264,7 +275,8 @@ class PatchReader:
     def records(self) -> Iterator[Record]:
         h = self.header
         r = self.r
-        rules = PatchRules(h.block_shift, h.base_size, h.target_size, h.full)
+        rules = PatchRules(h.block_shift, h.base_size, h.target_size, h.full, h.window_log)
+        self.rules = rules
         pages = pages_per_block(1 << h.block_shift)
         n = 0
         while True:
@@ -274,20 +286,21 @@ class PatchReader:
                 self._finish(kind, at, n)
                 return
             rest = r.exact(RECORD.size - 1, f"record {n} header")
-            k, first, count, payload_len, source = RECORD.unpack(kind + rest)
-            where = rules.record_header(f"{self.name} record {n}", at, k, rest[:3],
+            k, flags, first, count, payload_len, source = RECORD.unpack(kind + rest)
+            where = rules.record_header(f"{self.name} record {n}", at, k, flags, rest[1:3],
                                         first, count, payload_len, source)
             meta = r.exact(meta_length(k, count, source, pages), f"record {n} meta")
             crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
             check_crc(kind + rest + meta, crc, where, at)
-            rec = Record(k, first, count, meta, source, b"", at, n, self.name, pages)
+            rec = Record(k, first, count, meta, source, b"", at, n, self.name, flags, pages)
             rules.rule_14_meta(where, rec)
             rules.rule_11_literal(where, rec, payload_len)
             payload = r.exact(payload_len, f"record {n} payload") if payload_len else b""
             self._tag(where, kind, rest, meta, CRC.pack(crc), payload)
-            rules.accept(rec)
+            rules.accept(rec, where)
             self.counts[k] += count
             self.payload_bytes += payload_len
+            self.frames += flags & FRAME_START
             yield replace(rec, payload=payload) if payload else rec
             n += 1
 
@@ -300,6 +313,7 @@ class PatchReader:
         t = PatchTrailer(*PATCH_TRAILER.unpack(body)[1:])
         seen = PatchTrailer(n, self.counts[REC_DATA], self.counts[REC_ZERO], self.counts[REC_COPY],
                             self.payload_bytes, at)
+        self.rules.rule_15_frames_closed(where)
         PatchRules.rule_15_trailer(where, body[1:4], astuple(t), astuple(seen),
                                    tuple(f.name for f in fields(PatchTrailer)))
         if not self.r.at_eof():

@@ -14,10 +14,15 @@ from ..errors import ChecksumMismatch, FormatError, UnsupportedVersion
 from .base import (
     COMP_ZSTD,
     FLAG_FULL,
+    FRAME_END,
+    FRAME_START,
     HASH_LEN,
+    KNOWN_DATA_FLAGS,
     MAX_RECORD_BLOCKS,
     MAX_SIG_HOLE_RUN,
     MAX_STAGE_PAGES,
+    MAX_WINDOW_LOG,
+    MIN_WINDOW_LOG,
     PAGE_MOVED,
     PAGE_SHIFT,
     PAGE_ZERO,
@@ -76,12 +81,18 @@ def rule_2_sig_fields(shift: int, hash_len: int, page_shift: int, reserved: int)
         raise FormatError("signature header at byte 15: reserved byte is not zero")
 
 
-def rule_2_patch_fields(shift: int, compression: int, reserved: int) -> None:
+def rule_2_patch_fields(shift: int, compression: int, window_log: int, reserved: int) -> None:
     check_shift(shift, "patch header at byte 12")
     if compression != COMP_ZSTD:
         raise UnsupportedVersion(f"patch header at byte 13: unknown compression {compression}")
+    # Checked here, before any decoder exists: the window is the memory a decoder takes.
+    if window_log and not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
+        raise FormatError(
+            f"patch header at byte 14: window_log {window_log} is outside 0 or "
+            f"{MIN_WINDOW_LOG}..{MAX_WINDOW_LOG} (a decoder window of at most 128 MiB)"
+        )
     if reserved:
-        raise FormatError("patch header at byte 14: reserved field is not zero")
+        raise FormatError("patch header at byte 15: reserved field is not zero")
 
 
 def rule_3_sig_size(file_size: int) -> None:
@@ -231,8 +242,11 @@ class PatchRules:
     patch's block size, base_pages and target_pages their counts of 4 KiB pages (spec
     section 7)."""
 
-    def __init__(self, block_shift: int, base_size: int, target_size: int, full: bool = False):
+    def __init__(self, block_shift: int, base_size: int, target_size: int, full: bool = False,
+                 window_log: int = 0):
         self.shift = block_shift
+        self.window_log = window_log
+        self.frame_open: str | None = None  # where the record that opened the open frame is
         self.target_size = target_size
         self.full = full
         self.target_blocks = blocks_for(target_size, block_shift)
@@ -250,17 +264,17 @@ class PatchRules:
         self.copied_from = CopySources()
         self.staged = RangeSet()  # base pages the STAGE records list
 
-    def record_header(self, what: str, at: int, kind: int, reserved: bytes, first: int, count: int,
-                      payload_len: int, source: int) -> str:
+    def record_header(self, what: str, at: int, kind: int, flags: int, reserved: bytes, first: int,
+                      count: int, payload_len: int, source: int) -> str:
         """Rules 7-13, on the fixed part alone, of the record named what (at byte at); returns
         how messages name it from then on."""
         self.rule_7_kind(f"{what} at byte {at}", kind)
         where = f"{what} ({REC_NAMES[kind]}) at byte {at}"
-        self.rule_7_reserved(where, reserved)
+        self.rule_7_reserved(where, kind, flags, reserved)
         self.rule_8_order(where, kind, first)
         self.rule_9_count(where, kind, count)
         self.rule_10_range(where, kind, first, count)
-        self.rule_11_payload(where, kind, count, payload_len)
+        self.rule_11_payload(where, kind, flags, count, payload_len)
         self.rule_12_copy_source(where, kind, first, count, source)
         self.rule_13_copy_independence(where, kind, first, count, source)
         return where
@@ -269,8 +283,11 @@ class PatchRules:
         if kind not in REC_NAMES:
             raise FormatError(f"{where}: unknown record kind {kind}")
 
-    def rule_7_reserved(self, where: str, reserved: bytes) -> None:
-        if reserved != b"\0\0\0":
+    def rule_7_reserved(self, where: str, kind: int, flags: int, reserved: bytes) -> None:
+        known = KNOWN_DATA_FLAGS if kind == REC_DATA else 0
+        if flags & ~known:
+            raise FormatError(f"{where}: flags {flags:#04x} at byte 1 of the record has unknown bits set")
+        if reserved != b"\0\0":
             raise FormatError(f"{where}: reserved bytes are not zero")
 
     def rule_8_order(self, where: str, kind: int, first: int) -> None:
@@ -312,11 +329,12 @@ class PatchRules:
                 f"({total} blocks, {self.target_size} bytes)"
             )
 
-    def rule_11_payload(self, where: str, kind: int, count: int, payload_len: int) -> None:
-        """On the header: a bound from the block count. The exact bound needs the page
-        kinds: rule_11_literal, after the meta."""
+    def rule_11_payload(self, where: str, kind: int, flags: int, count: int, payload_len: int) -> None:
+        """On the header: a bound from the block count (the record's frame header included
+        when it opens a frame). The exact bound, and the record's place in the frames of the
+        literal stream, need the page kinds: rule_11_literal, after the meta."""
         if kind == REC_DATA:
-            most = payload_limit(count * self.pages << PAGE_SHIFT)
+            most = payload_limit(count * self.pages << PAGE_SHIFT, bool(flags & FRAME_START))
             if payload_len > most:
                 raise FormatError(
                     f"{where}: payload length {payload_len} is outside 0..{most} for {count} "
@@ -326,14 +344,33 @@ class PatchRules:
             raise FormatError(f"{where}: payload length {payload_len}, expected 0")
 
     def rule_11_literal(self, where: str, rec: Record, payload_len: int) -> None:
+        """The payload's length for the record's literal pages, and its place in the frames:
+        a frame is opened only when none is open, and continued only while one is."""
         raw = rec.literal_pages << PAGE_SHIFT
-        if raw == 0 and payload_len:
-            raise FormatError(f"{where}: payload length {payload_len}, expected 0: no page is literal")
-        if raw and (payload_len == 0 or payload_len > payload_limit(raw)):
+        flags = rec.flags
+        if raw == 0:
+            if flags:
+                raise FormatError(f"{where}: carries no literal but has frame flags {flags:#04x}")
+            if payload_len:
+                raise FormatError(f"{where}: payload length {payload_len}, expected 0: no page "
+                                  "is literal")
+            return
+        start = bool(flags & FRAME_START)
+        limit = payload_limit(raw, start)
+        if payload_len == 0 or payload_len > limit:
             raise FormatError(
-                f"{where}: payload length {payload_len} is outside 1..{payload_limit(raw)} "
-                f"for {raw} bytes of literal pages"
+                f"{where}: payload length {payload_len} is outside 1..{limit} for {raw} bytes of "
+                "literal pages"
             )
+        if not self.window_log:
+            raise FormatError(f"{where}: carries literal, but the patch header's window_log "
+                              "(byte 14) is 0: no frame may be opened")
+        if start and self.frame_open:
+            raise FormatError(f"{where}: opens a frame while the frame opened by "
+                              f"{self.frame_open} is not closed")
+        if not start and not self.frame_open:
+            raise FormatError(f"{where}: continues a frame, but no frame is open "
+                              "(no FRAME_START before it)")
 
     def rule_12_copy_source(self, where: str, kind: int, first: int, count: int, source: int) -> None:
         if kind == REC_DATA:
@@ -421,9 +458,13 @@ class PatchRules:
                     "which this or an earlier record changes, and is not staged"
                 )
 
-    def accept(self, rec: Record) -> None:
+    def accept(self, rec: Record, where: str = "") -> None:
         """Record a record that passed rules 7-14 as state for the next ones."""
         kind, first, count = rec.kind, rec.first_block, rec.count
+        if rec.flags & FRAME_START:
+            self.frame_open = where or f"the record at block {first}"
+        if rec.flags & FRAME_END:
+            self.frame_open = None
         if kind == REC_STAGE:
             self.staged.add(first, first + count)
             self.next_page = first + count
@@ -433,6 +474,12 @@ class PatchRules:
             self.copied_from.add(rec.source_block, rec.source_block + count)
         self.changed.add(first, first + count)
         self.next_block = first + count
+
+    def rule_15_frames_closed(self, where: str) -> None:
+        if self.frame_open:
+            raise FormatError(f"{where}: the frame opened by {self.frame_open} is not closed "
+                              "(no FRAME_END before the trailer)")
+
     @staticmethod
     def rule_15_trailer(where: str, reserved: bytes, found: tuple[int, ...],
                         counted: tuple[int, ...], fields: tuple[str, ...]) -> None:
