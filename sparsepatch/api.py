@@ -24,6 +24,7 @@ from .format import (
     PATCH_TRAILER,
     REC_DATA,
     REC_NAMES,
+    REC_STAGE,
     VERSION,
     PatchReader,
     SigHeader,
@@ -35,6 +36,7 @@ from .format import (
     shift_for_block_size,
 )
 from .journal import Journal
+from .scratch import Scratch
 from .signature import SignatureStats, write_signature
 from .undo import Undo
 from .verify import VerifyStats, against_signature, verify_patch
@@ -182,7 +184,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
           unauthenticated_ok: bool = False, warn: Callable[[str], object] | None = None,
           journal: str | None = None, discard: bool = False, precheck: bool = True,
           allow_in_use: bool = False, progress: Callable[[int], None] | None = None,
-          undo: str | None = None) -> ApplyStats:
+          undo: str | None = None, scratch: str | None = None) -> ApplyStats:
     """Apply patch (a path, '-', or the pieces of a split patch in order) to dest in place;
     create dest for a full patch.
 
@@ -194,7 +196,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     wrong-base patch is refused before anything is written. allow_in_use applies to a
     file that backs a loop device or that another program holds a lock on. undo names a
     file to write the undo patch to (target back to base, authenticated with the same
-    key), made durable block by block before each block is overwritten."""
+    key), made durable block by block before each block is overwritten. scratch names the
+    folder for the base pages a patch with moved content stages (default: beside dest)."""
     if dest == "-":
         raise UsageError("-: apply writes in place: DEST must be a file or a block device, "
                          "not standard output")
@@ -223,9 +226,11 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces))
         journal_: Journal | None = None
         undo_: Undo | None = None
+        scratch_: Scratch | None = None
         try:
             files.claim_dest(fd, dest, allow_in_use)
             journal_ = files.open_journal(dest, fd, journal, pieces, key_file)
+            scratch_ = files.open_scratch(dest, fd, scratch, journal_)
             if undo is not None:
                 # Loading a spool cuts it to its valid prefix: it may be none of the files
                 # the journal may not be (the destination, the patch, the key).
@@ -233,7 +238,7 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
                 _refuse_undo_at_journal(undo_, journal_)
             stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,
-                                undo=undo_)
+                                undo=undo_, scratch=scratch_)
         except BaseException:
             # A file this run created and never wrote to would only mislead (a rerun takes
             # an empty file for an interrupted first copy): remove it, by the folder it was
@@ -244,6 +249,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         finally:
             if journal_ is not None:
                 journal_.close()
+            if scratch_ is not None:
+                scratch_.close()
             if undo_ is not None:
                 undo_.close()
             if created is not None:
@@ -328,11 +335,14 @@ def info(path: str | list[str]) -> dict[str, Any]:
         reader = PatchReader(read, name, None, unauthenticated_ok=True)
         h = reader.header
         records = {name_: 0 for name_ in REC_NAMES.values()}
-        raw = 0
+        raw = stage_pages = moved_pages = 0
         for rec in reader.records():
             records[REC_NAMES[rec.kind]] += 1
             if rec.kind == REC_DATA:
-                raw += raw_length(h, rec.first_block, rec.count)
+                raw += raw_length(h, rec)
+                moved_pages += rec.moved_pages
+            elif rec.kind == REC_STAGE:
+                stage_pages += rec.count
         assert reader.trailer is not None
         t = reader.trailer
         return {
@@ -343,6 +353,7 @@ def info(path: str | list[str]) -> dict[str, Any]:
             "records": records, "frames": reader.frames, "window_log": h.window_log,
             "blocks": {"data": t.data_blocks, "zero": t.zero_blocks, "copy": t.copy_blocks},
             "data_bytes": raw, "payload_bytes": t.payload_bytes,
+            "stage_pages": stage_pages, "moved_pages": moved_pages,
             "patch_bytes": t.body_bytes + PATCH_TRAILER.size + CRC.size
             + (MAC_LEN if h.authenticated else 0),
         }

@@ -6,7 +6,12 @@ For every block a record touches, the destination's current block decides: alrea
 target, skip; the base, write; inside the window the journal says an interrupted run was
 writing, write; anything else, stop before writing. Zeros are never written: they become
 holes. Each record is checked whole (CRC, hashes of its decompressed data) before any of
-its bytes reach the destination."""
+its bytes reach the destination.
+
+A DATA block is assembled from its pages (literal, zero, the same page of the destination,
+or a page moved from elsewhere in the base) and checked against its target hash before it is
+written. A moved page the patch overwrites before reading it is staged: copied into the
+scratch before the first write (section 9.7)."""
 
 from __future__ import annotations
 
@@ -17,18 +22,37 @@ from dataclasses import dataclass
 
 from . import sparse
 from .destination import Destination
-from .errors import FormatError, IOFailure, SparsePatchError, UsageError, VerifyMismatch, WrongBase
+from .errors import (
+    ChecksumMismatch,
+    FormatError,
+    IOFailure,
+    SparsePatchError,
+    UsageError,
+    VerifyMismatch,
+    WrongBase,
+)
 from .format import (
+    PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_ZERO,
     REC_COPY,
     REC_DATA,
+    REC_STAGE,
     REC_ZERO,
+    ZERO_PAGE,
     FrameDecoder,
     PatchHeader,
     PatchReader,
     Record,
-    decode_data,
+    assemble,
+    page_hash,
+    pages_per_block,
 )
 from .journal import Journal
+from .scratch import Scratch, Staged, mib
 from .signature import write_signature
 from .undo import SYNC_BATCH, Undo
 from .window import PUNCH_COST, WriteWindow
@@ -49,6 +73,8 @@ class ApplyStats:
     blocks_skipped: int
     bytes_written: int
     resumed: bool
+    scratch_bytes: int = 0  # bytes of base pages this run staged (0 when resumed)
+    moved_pages: int = 0  # pages of the blocks written that came from elsewhere in the base
 
 
 @dataclass(frozen=True)
@@ -58,8 +84,10 @@ class Decision:
     of blocks to write; the others already hold the target."""
 
     rec: Record
-    data: bytes | None
+    data: bytes | bytearray | None
     runs: list[tuple[int, int]]
+    pins: frozenset[int] = frozenset()  # blocks ahead whose pages it reads in place
+    moved: int = 0  # moved pages of the blocks it writes
 
     @property
     def blocks(self) -> int:
@@ -81,8 +109,25 @@ class Applier:
     block whole."""
 
     def __init__(self, h: PatchHeader, dest: Destination, journal: Journal, window: WriteWindow,
-                 undo: Undo | None = None):
+                 undo: Undo | None = None, scratch: Scratch | None = None, resumed_pages: int = -1):
         self.h = h
+        self.scratch = scratch
+        self.staged = Staged()
+        # Pages in the scratch the interrupted run left (-1: none, stage afresh). Until the
+        # scratch holds the staged pages, they are read from the destination, still the base.
+        self.resumed_pages = resumed_pages
+        self.scratch_ready = resumed_pages >= 0
+        self.stage_checked = False
+        self.missing: set[int] = set()  # staged pages that were not the base's when staged
+        self.scratch_bytes = self.moved = 0
+        # Blocks ahead whose pages written blocks read in place: they must be durable
+        # before such a block is overwritten, or a power cut could lose a written block
+        # and the page it needs with it.
+        self.pinned: set[int] = set()
+        self.per = pages_per_block(1 << h.block_shift)
+        self.start_size = dest.size()
+        self.growth = 0  # bytes the writes will add past the destination's end (dry run)
+        self.planning = False
         self.undo = undo
         # With an undo, decisions wait here until the spool holding their blocks' base
         # content is synced: one sync per batch, not one per record.
@@ -100,31 +145,162 @@ class Applier:
 
     def decide(self, rec: Record) -> Decision:
         """Check rec whole and decide each of its blocks. Raises before any write if the
-        payload is bad, a block is neither base nor target, or a copy source is wrong."""
-        # Every DATA record is decoded, even one whose blocks all hold the target already:
-        # the frame's later records need the decoder to have seen it.
-        data = decode_data(self.frames, rec) if rec.kind == REC_DATA else None
+        payload is bad, a block is neither base nor target, a copy source is wrong, or an
+        assembled block is not its target."""
+        if rec.kind == REC_STAGE:
+            self.staged.add(rec)
+            return Decision(rec, None, [])
+        if not self.stage_checked:
+            self._check_stage()
+        data: bytearray | None = None
+        blocks = None
+        current = bytearray()
+        write = False
+        if rec.kind == REC_DATA:
+            data = bytearray(rec.count << self.shift)
+            per = self.per
+
+            def fetch(kind: int, page: int) -> bytes | bytearray | memoryview:
+                if kind == PAGE_SAME:
+                    at = (page % per) << PAGE_SHIFT
+                    return memoryview(current)[at : at + PAGE_SIZE]
+                return self._moved_page(page, rec)
+
+            # Every DATA record is decoded, even one whose blocks all hold the target already:
+            # the frame's later records need the decoder to have seen it.
+            blocks = assemble(self.h, rec, self.frames.decode(rec), fetch, lambda k: write)
         runs: list[tuple[int, int]] = []
+        moved = 0
         for b in range(rec.count):
             block = rec.first_block + b
             buf = self.dest.read(block)
             cur = self.dest.hash(buf)
             if self.undo is not None:
                 self.undo.see(block, rec.base_hash(b), rec.target_hash(b), cur, buf)
-            if cur == rec.target_hash(b):
-                continue
-            if cur != rec.base_hash(b) and not self.window.accepts(block):
+            write = cur != rec.target_hash(b)
+            if write and cur != rec.base_hash(b) and not self.window.accepts(block):
                 raise WrongBase(
                     f"{self.dest.name}: destination block at byte {block << self.shift} is neither "
                     f"base nor target: it changed after the signature was taken ({rec.where()})"
                 )
+            if blocks is not None:
+                current = buf
+                _, made = next(blocks)
+                if made is not None:
+                    self._check_assembled(rec, b, made)
+                    assert data is not None
+                    data[b << self.shift : (b + 1) << self.shift] = made
+                    moved += rec.page_kinds(b).count(PAGE_MOVED)
+            if not write:
+                continue
             if rec.kind == REC_COPY:
                 self._source(rec, b)
             if runs and runs[-1][0] + runs[-1][1] == b:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((b, 1))
-        return Decision(rec, data, runs)
+        if runs and rec.kind != REC_ZERO and self.planning:
+            lo = max(self.start_size, (rec.first_block + runs[0][0]) << self.shift)
+            hi = min((rec.first_block + runs[-1][0] + runs[-1][1]) << self.shift, self.h.target_size)
+            self.growth += max(0, hi - lo)
+        return Decision(rec, data, runs, self._pins(rec) if runs else frozenset(), moved)
+
+    def _check_stage(self) -> None:
+        """At the first record that is not STAGE: the STAGE list is whole. A resumed run's
+        scratch must hold exactly its pages."""
+        self.stage_checked = True
+        if self.resumed_pages >= 0 and self.resumed_pages != len(self.staged):
+            where = self.scratch.path if self.scratch is not None else self.journal.path
+            raise WrongBase(
+                f"{where}: the interrupted apply staged {self.resumed_pages} pages, this patch "
+                f"stages {len(self.staged)}; the journal does not belong to this patch's moves"
+            )
+
+    def _moved_page(self, page: int, rec: Record) -> bytes | bytearray:
+        """Base page `page`, the source of a moved page: from the scratch if it is staged
+        (or, before staging, from the destination, checked by its STAGE hash), else from
+        the destination, where the rules keep it as the base had it."""
+        i = self.staged.find(page)
+        if i < 0:
+            return self.dest.read_pages(page)
+        off = page << PAGE_SHIFT
+        if not self.scratch_ready:
+            data = self.dest.read_pages(page)
+            if page_hash(data) != self.staged.hash(i):
+                raise WrongBase(
+                    f"{self.dest.name}: base page at byte {off}, which the patch stages, does not "
+                    f"hold the base's content: it is not the patch's base ({rec.where()})"
+                )
+            return data
+        if i in self.missing:
+            raise WrongBase(
+                f"{self.dest.name}: base page at byte {off}, which the patch stages, did not hold "
+                f"the base's content when it was staged: it is not the patch's base ({rec.where()})"
+            )
+        assert self.scratch is not None
+        staged = self.scratch.read(i)
+        if page_hash(staged) != self.staged.hash(i):
+            raise WrongBase(
+                f"{self.scratch.path}: staged page {i} (base page at byte {off}) does not hold "
+                f"the content it was staged with: the scratch was damaged ({rec.where()})"
+            )
+        return staged
+
+    def _check_assembled(self, rec: Record, b: int, made: bytearray) -> None:
+        if self.dest.hash(made) == rec.target_hash(b):
+            return
+        kinds = rec.page_kinds(b)
+        if kinds.count(PAGE_LITERAL) + kinds.count(PAGE_ZERO) == len(kinds):
+            # Made of the patch's bytes alone: the patch is at fault, not the destination.
+            raise ChecksumMismatch(
+                f"{rec.where()}: block {rec.first_block + b} does not match its target hash "
+                "after decompression"
+            )
+        raise WrongBase(
+                f"{self.dest.name}: block at byte {(rec.first_block + b) << self.shift} does not "
+                f"match its target hash when assembled from its pages: the same or moved pages "
+                f"it reads are not the base's ({rec.where()})"
+            )
+
+    def _pins(self, rec: Record) -> frozenset[int]:
+        if not rec.moved_pages:
+            return frozenset()
+        down = self.shift - PAGE_SHIFT
+        end = rec.first_block + rec.count
+        return frozenset(s >> down for s in rec.sources
+                         if s >> down >= end and self.staged.find(s) < 0)
+
+    def stage(self) -> None:
+        """Copy the staged base pages into the scratch, durably, before the first write:
+        room first, then each page read and checked by its STAGE hash (one that differs is
+        noted missing: the destination may already be the target there), then the
+        scratch synced and named in every journal slot from now on."""
+        n = len(self.staged)
+        self.scratch_ready = True
+        if not n:
+            return
+        scratch = self.scratch
+        assert scratch is not None
+        need = n << PAGE_SHIFT
+        free, dev = scratch.free()
+        growth = self.growth if dev == os.fstat(self.dest.fd).st_dev else 0
+        if free < need + growth:
+            also = f" (and {mib(growth)} for {self.dest.name} to grow)" if growth else ""
+            raise IOFailure(f"apply: scratch needs {mib(need)}{also} in {scratch.folder}, "
+                            f"{mib(free)} free")
+        scratch.create(need)
+        for i, page, count in self.staged.runs():
+            buf = self.dest.read_pages(page, count)
+            view = memoryview(buf)
+            for j in range(count):
+                piece = view[j << PAGE_SHIFT : (j + 1) << PAGE_SHIFT]
+                if page_hash(piece) != self.staged.hash(i + j):
+                    self.missing.add(i + j)
+                    piece[:] = ZERO_PAGE
+            scratch.write(i, memoryview(buf))
+        scratch.sync()
+        self.journal.scratch_pages = n
+        self.scratch_bytes = need
 
     def _source(self, rec: Record, k: int) -> bytes:
         """The bytes of copy source block k of rec, checked to hold its target content."""
@@ -142,6 +318,7 @@ class Applier:
         hash, and every destination block a record would write, checked before the first
         write. A truncated, corrupt or wrong-base patch then leaves the destination as it
         was. The decisions also tell the journal window where the writes will be."""
+        self.planning = True
         self.frames = FrameDecoder(self.h)
         for rec in reader.records():
             d = self.decide(rec)
@@ -152,6 +329,9 @@ class Applier:
     def run(self, reader: PatchReader) -> int:
         """Apply every record; returns how many there were."""
         n = at = 0
+        self.planning = False
+        self.staged = Staged()  # the dry run read the STAGE records once already
+        self.stage_checked = False
         self.frames = FrameDecoder(self.h)
         try:
             for rec in reader.records():
@@ -169,11 +349,17 @@ class Applier:
             # A shrink's tail, recorded and durable before the truncate removes it.
             self.undo.tail(self.dest.read, self._extents, self.dest.size())
             self.undo.sync()
+        if self.pinned:
+            self.sync()  # the truncate may cut off pages that written blocks were made of
         self.dest.finish(self.h.target_size)
         self.check_touched()
         if self.undo is not None:
             self.undo.finish()  # before the journal goes: a rerun must still find its way
         self.journal.remove()
+        if self.scratch is not None:
+            if self.scratch.fd is None and len(self.staged):
+                self.scratch.remove_leftover()
+            self.scratch.remove()  # after the journal: a journal without its scratch is stuck
         return n
 
     def _queue(self, d: Decision) -> None:
@@ -205,6 +391,7 @@ class Applier:
         """Make the writes durable and check that they read back as the target: storage
         that lies about a write or a punch must not let apply end with a wrong block."""
         self.dest.sync_data()
+        self.pinned.clear()
         self.check_touched()
 
     def check_touched(self) -> None:
@@ -242,12 +429,18 @@ class Applier:
 
     def _apply(self, d: Decision) -> None:
         rec = d.rec
-        self.skipped += rec.count - d.blocks
+        if rec.kind != REC_STAGE:
+            self.skipped += rec.count - d.blocks
         if not d.runs:
             return
+        if not self.scratch_ready:
+            self.stage()
         self.window.cover(d.first, d.end)
+        self.moved += d.moved
         for b, m in d.runs:
             first = rec.first_block + b
+            if self.pinned and any(k in self.pinned for k in range(first, first + m)):
+                self.sync()
             self.touched.append((rec, b, m))
             if rec.kind == REC_ZERO:
                 self.window.wrote(PUNCH_COST)
@@ -255,7 +448,8 @@ class Applier:
                 self.punched += m
             elif rec.kind == REC_DATA:
                 assert d.data is not None
-                piece = memoryview(d.data)[b << self.shift : (b + m) << self.shift]
+                end = min((b + m) << self.shift, self.h.target_size - (rec.first_block << self.shift))
+                piece = memoryview(d.data)[b << self.shift : end]
                 self._wrote(self.dest.write(first, piece))
                 self.written += m
             else:
@@ -266,6 +460,7 @@ class Applier:
                     length = min(len(data), self.h.target_size - (dst << self.shift))
                     self._wrote(self.dest.write(dst, data[:length]))
                     self.copied += 1
+        self.pinned |= d.pins
 
     def _wrote(self, n: int) -> None:
         self.bytes_written += n
@@ -275,6 +470,10 @@ class Applier:
         """After a refusal (raised before its record wrote anything), every block written is
         whole, so the journal is not needed, unless an earlier interrupted run's window lies
         ahead, not yet repaired. Keeping it would block the right patch for no reason."""
+        if self.journal.scratch_pages:
+            # Staged pages may be in the scratch alone now (this run's or an interrupted
+            # one's): the journal keeps it for a rerun.
+            return
         if not self.window.may_release(at):
             return
         size = self.dest.size()
@@ -293,12 +492,13 @@ class Applier:
 
 def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, created: bool = False,
                 reread: Callable[[], PatchReader] | None = None, discard: bool = False,
-                warn: Callable[[str], object] | None = None, undo: Undo | None = None) -> ApplyStats:
+                warn: Callable[[str], object] | None = None, undo: Undo | None = None,
+                scratch: Scratch | None = None) -> ApplyStats:
     """Apply the patch reader reads to the open, locked destination fd (called name in
     messages), with journal for resuming. With reread (a fresh reader of the same patch
     from its first byte), reader is first read whole as a dry run. created says that this
     run created the destination (a full patch). With undo, the base content of every block
-    overwritten goes there first (spec section 9.6)."""
+    overwritten goes there first (spec section 9.6). scratch: where staged pages go (9.7)."""
     h = reader.header
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
@@ -337,7 +537,13 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
     accepted = (slot.start_block, slot.end_block) if slot else None
     window = WriteWindow(journal, (h.base_identity, h.target_identity), lambda: applier.sync(),
                          h.block_shift, accepted)
-    applier = Applier(h, dest, journal, window, undo)
+    resumed_pages = -1
+    if slot is not None:
+        resumed_pages = slot.scratch_pages
+        if slot.scratch_pages:
+            assert scratch is not None
+            scratch.open_existing(slot.scratch_pages)
+    applier = Applier(h, dest, journal, window, undo, scratch, resumed_pages)
     if undo is not None:
         undo.load(size)
     if reread is not None:
@@ -360,7 +566,7 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
         warn(f"{name} was modified after the signature was taken (its mtime differs); "
              "blocks the patch touched were checked, others were not: use --verify")
     return ApplyStats(h.target_size, 1 << h.block_shift, n, a.written, a.punched, a.copied,
-                      a.skipped, a.bytes_written, accepted is not None)
+                      a.skipped, a.bytes_written, accepted is not None, a.scratch_bytes, a.moved)
 
 
 def _check_cut_off(h: PatchHeader, fd: int, name: str) -> None:

@@ -396,7 +396,8 @@ def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool
     _finish("diff", s, time.monotonic() - t,
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
             f"{changed:,} blocks changed ({s.data_blocks:,} data, {s.zero_blocks:,} zero, "
-            f"{s.copy_blocks:,} copy), patch {human(s.patch_bytes)}", quiet, stats_to)
+            f"{s.copy_blocks:,} copy){f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}, "
+            f"patch {human(s.patch_bytes)}", quiet, stats_to)
 
 
 @main.command(epilog=EXIT_CODES)
@@ -417,10 +418,15 @@ def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool
 @click.option("--undo", metavar="UNDO",
               help="Also write UNDO, a patch from the target back to the destination as it "
                    "was (authenticated with -k's key too); applying it rolls the update back.")
+@click.option("--scratch", metavar="DIR",
+              help="Folder for the base pages a patch with moved content copies aside before "
+                   "it writes (default: beside DEST; for a device, in /var/lib/sparsepatch "
+                   "when root).")
 @_common
 def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bool,
-          journal: str | None, discard: bool, allow_in_use: bool, undo: str | None, quiet: bool,
-          progress: str, as_json: bool, stats: str | None) -> None:
+          journal: str | None, discard: bool, allow_in_use: bool, undo: str | None,
+          scratch: str | None, quiet: bool, progress: str, as_json: bool,
+          stats: str | None) -> None:
     """Apply PATCH ('-': stdin) to DEST in place, sparsely; safe to repeat or resume.
 
     Give the pieces of a split patch in order (or just PATCH.000: the rest are found).
@@ -443,11 +449,14 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
     t = time.monotonic()
     s = _run(api.apply, patches, dest, verify, key_file=key_file, unauthenticated_ok=no_auth,
              journal=journal, discard=discard, allow_in_use=allow_in_use, progress=prog, undo=undo,
-             warn=lambda m: click.echo(f"sparsepatch: warning: {m}", err=True))
+             scratch=scratch, warn=lambda m: click.echo(f"sparsepatch: warning: {m}", err=True))
     _finish("apply", s, time.monotonic() - t,
             f"apply: {s.blocks_written:,} blocks written, {s.blocks_punched:,} punched, "
             f"{s.blocks_copied:,} copied, {s.blocks_skipped:,} already current, "
-            f"{human(s.bytes_written)} written{', resumed' if s.resumed else ''}"
+            f"{human(s.bytes_written)} written"
+            f"{f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}"
+            f"{f', {human(s.scratch_bytes)} staged' if s.scratch_bytes else ''}"
+            f"{', resumed' if s.resumed else ''}"
             f"{', verified' if verify else ''}", quiet, stats_to)
 
 

@@ -7,7 +7,7 @@ import errno
 
 from . import sparse
 from .errors import IOFailure
-from .format import hash_block
+from .format import PAGE_SHIFT, hash_block
 
 WRITE_STEP = 1 << 20  # bytes reserved and written at once
 
@@ -39,6 +39,16 @@ class Destination:
         except OSError as e:
             raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
         return buf  # a short read leaves the rest as it was made: zeros
+
+    def read_pages(self, page: int, count: int = 1) -> bytearray:
+        """count 4 KiB pages from page number page on, zero-padded past the end of the file."""
+        off = page << PAGE_SHIFT
+        buf = bytearray(count << PAGE_SHIFT)
+        try:
+            sparse.pread_full(self.fd, memoryview(buf), off)
+        except OSError as e:
+            raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
+        return buf
 
     def states(self, first: int, count: int, limit: int) -> list[bytes]:
         """The hashes of blocks [first, first + count), read in one go up to byte limit."""

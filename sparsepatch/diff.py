@@ -16,7 +16,7 @@ import os
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .blocks import Chunk, Scanner, SignatureBuilder, Stamp, differences, read_blocks
@@ -29,10 +29,14 @@ from .format import (
     HASH_LEN,
     MAX_FRAME_RAW,
     MAX_RECORD_BLOCKS,
+    MAX_STAGE_PAGES,
     MAX_WINDOW_LOG,
     MIN_WINDOW_LOG,
+    PAGE_LITERAL,
+    PAGE_SIZE,
     REC_COPY,
     REC_DATA,
+    REC_STAGE,
     REC_ZERO,
     ZERO_HASH,
     MacChain,
@@ -41,13 +45,15 @@ from .format import (
     Record,
     Signature,
     blocks_for,
+    data_meta,
     data_record_max_blocks,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
     hash_block,
-    raw_length,
+    pages_per_block,
 )
+from .moves import PagePlan, classify, find_sources
 
 DEFAULT_LEVEL = 3
 BATCH_BYTES = 1 << 20  # data per batch of records (the unit handed from the reading thread)
@@ -74,6 +80,8 @@ class DiffStats:
     holes_skipped: bool  # False: every byte was read (a stream, a device, no hole map)
     frames: int = 0  # zstd frames of the literal stream
     window_log: int = 0  # the patch header's window_log
+    moved_pages: int = 0  # pages of DATA blocks copied from elsewhere in the base
+    stage_pages: int = 0  # of their sources, the base pages apply stages before writing
 
 
 @dataclass
@@ -83,11 +91,17 @@ class Changes:
     index: array  # array('Q')
     base: bytearray  # HASH_LEN per entry
     target: bytearray  # HASH_LEN per entry; ZERO_HASH where the target block is zeros
+    pages: bytearray = field(default_factory=bytearray)  # the target's page hashes, P per entry
 
-    def add(self, i: int, base: bytes | bytearray, target: bytes) -> None:
+    def add(self, i: int, base: bytes | bytearray, target: bytes, pages: bytes = b"") -> None:
         self.index.append(i)
         self.base += base
         self.target += target
+        self.pages += pages
+
+    def changed(self, block: int) -> bool:
+        c = bisect.bisect_left(self.index, block)
+        return c < len(self.index) and self.index[c] == block
 
     def hashes(self, k: int) -> tuple[bytes, bytes]:
         a, b = k * HASH_LEN, (k + 1) * HASH_LEN
@@ -130,8 +144,8 @@ def _scan(sig: Signature, scan: Scanner, spool: _Spool | None, target: Signature
             yield chunk
 
     with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
-        for i, base, digest, _, blk in differences(sig, fed(chunks), scan.shift):
-            changes.add(i, base, digest)
+        for i, base, digest, pages, blk in differences(sig, fed(chunks), scan.shift):
+            changes.add(i, base, digest, pages)
             if spool and blk is not None:  # only a stream scan hands out block contents
                 spool.add(blk)
     return changes
@@ -169,11 +183,57 @@ def _copy_sources(sig: Signature, changes: Changes, target_blocks: int) -> dict[
     return {h: j for h, j in wanted.items() if j >= 0}
 
 
+def _page_plan(sig: Signature, changes: Changes, sources: dict[bytes, int],
+               target_blocks: int) -> PagePlan:
+    """Kinds of the pages of every DATA block, and their moved sources (moves.py)."""
+    shift = sig.header.block_shift
+    per = pages_per_block(1 << shift)
+    width = per * HASH_LEN
+    data = [k for k in range(len(changes.index))
+            if changes.index[k] < target_blocks and changes.target_hash(k) != ZERO_HASH
+            and changes.target_hash(k) not in sources]
+    di, dp = sig.data_index, bytes(sig.pages)
+    zero_pages = bytes(width)
+
+    def base_pages(block: int) -> bytes:
+        d = bisect.bisect_left(di, block)
+        return dp[d * width : (d + 1) * width] if d < len(di) and di[d] == block else zero_pages
+
+    wanted: set[bytes] = set()
+    for k in data:
+        same = base_pages(changes.index[k])
+        pages = changes.pages[k * width : (k + 1) * width]
+        for p in range(0, width, HASH_LEN):
+            h = bytes(pages[p : p + HASH_LEN])
+            if h != ZERO_HASH and h != same[p : p + HASH_LEN]:
+                wanted.add(h)
+
+    def changed(block: int) -> bool:
+        return block < target_blocks and changes.changed(block)
+
+    def every_base_page() -> Iterator[tuple[int, bytes]]:
+        for d, block in enumerate(di):
+            for p in range(per):
+                at = (d * per + p) * HASH_LEN
+                yield block * per + p, dp[at : at + HASH_LEN]
+
+    found = find_sources(wanted, every_base_page(), changed, shift) if wanted else {}
+    plan = PagePlan()
+    for k in data:
+        block = changes.index[k]
+        classify(plan, block, bytes(changes.pages[k * width : (k + 1) * width]), base_pages(block),
+                 found, changed, shift)
+    return plan
+
+
 def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
-          max_data: int) -> Iterator[tuple[int, int, int, int]]:
+          max_data: int, ahead: dict[int, set[int]] | None = None) -> Iterator[tuple[int, int, int, int]]:
     """Group changes into records: (kind, first change k, count, copy source block). A
     record goes on over the next block while that block is of the same kind (and, for a
-    COPY, its source is the next block of the destination), up to the kind's limit."""
+    COPY, its source is the next block of the destination), up to the kind's limit. ahead:
+    per DATA block, the blocks after it whose pages it reads in place; a DATA record stops
+    before such a block, which no record may change before (or while) it is read."""
+    ahead = ahead or {}
 
     def kind_of(k: int) -> tuple[int, int]:
         """The one place a change's record kind is decided: (kind, copy source block)."""
@@ -190,15 +250,18 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
         kind, src = kind_of(k)
         limit = max_data if kind == REC_DATA else MAX_RECORD_BLOCKS
         m = 1
+        read: set[int] = set(ahead.get(ci[k], ()))
         while (k + m < n and m < limit and ci[k + m] == ci[k] + m and ci[k + m] < target_blocks
-               and kind_of(k + m) == (kind, src + m if kind == REC_COPY else 0)):
+               and kind_of(k + m) == (kind, src + m if kind == REC_COPY else 0)
+               and ci[k + m] not in read):
+            read.update(ahead.get(ci[k + m], ()))
             m += 1
         yield kind, k, m, src
         k += m
 
 
-def frame_sizes(plan: Iterator[tuple[int, int, int, int]], changes: Changes,
-                header: PatchHeader) -> list[int]:
+def frame_sizes(plan: Iterator[tuple[int, int, int, int]],
+                literal: Callable[[int, int], int]) -> list[int]:
     """The raw literal of each frame of the literal stream: frames are cut at a record
     boundary so that none passes MAX_FRAME_RAW (a record is far smaller)."""
     sizes: list[int] = []
@@ -206,7 +269,7 @@ def frame_sizes(plan: Iterator[tuple[int, int, int, int]], changes: Changes,
     for kind, k, m, _ in plan:
         if kind != REC_DATA:
             continue
-        raw = raw_length(header, changes.index[k], m)
+        raw = literal(k, m)
         if cur and cur + raw > MAX_FRAME_RAW:
             sizes.append(cur)
             cur = 0
@@ -273,6 +336,19 @@ def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: in
             )
 
 
+def _literal_pages(raw: bytes | bytearray, kinds: list[bytes]) -> bytes:
+    """The LITERAL pages of blocks of target bytes (clipped at the target's end): whole
+    pages, the last one zero-padded."""
+    parts = []
+    at = 0
+    for k in kinds:
+        for kind in k:
+            if kind == PAGE_LITERAL:
+                parts.append(bytes(raw[at : at + PAGE_SIZE]).ljust(PAGE_SIZE, b"\0"))
+            at += PAGE_SIZE
+    return b"".join(parts)
+
+
 def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], object], *,
                 full: bool = False, level: int = DEFAULT_LEVEL, key: bytes | None = None,
                 progress: Callable[[int], None] | None = None, source_check: str = "mtime",
@@ -306,11 +382,19 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     sources = _copy_sources(sig, changes, target_blocks)
     max_data = data_record_max_blocks(shift)
 
+    pages = _page_plan(sig, changes, sources, target_blocks)
+    per = pages_per_block(bs)
+
     def plan() -> Iterator[tuple[int, int, int, int]]:
-        return _plan(changes, sources, target_blocks, max_data)
+        return _plan(changes, sources, target_blocks, max_data, pages.ahead)
+
+    def literal(k: int, m: int) -> int:
+        """Bytes of LITERAL pages of the DATA record of changes k..k+m-1."""
+        first = changes.index[k]
+        return PAGE_SIZE * sum(pages.kinds[first + b].count(PAGE_LITERAL) for b in range(m))
 
     # The header names the window of the largest frame, so the frames are known first.
-    frames = frame_sizes(plan(), changes, header)
+    frames = frame_sizes(plan(), literal)
     if frames:
         header = replace(header, window_log=window_log_for(max(frames), window_log))
 
@@ -330,6 +414,10 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     emit(encode_patch_header(header))
     counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
     records = payload_bytes = data_bytes = 0
+    # Before every other record: apply copies these pages aside before its first write.
+    for first, count, hashes in pages.stage_runs(MAX_STAGE_PAGES):
+        emit(encode_record(Record(REC_STAGE, first, count, hashes, pages=per)))
+        records += 1
     if spool:
         spool.finish()
 
@@ -347,7 +435,12 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         else:
             raw = read_blocks(fd, shift, size, first, m, name)
         _recheck(raw, changes, k, m, shift, first, name)
-        return kind, first, m, b"".join(metas), src, raw[: raw_length(header, first, m)]
+        kinds = [pages.kinds[first + b] for b in range(m)]
+        moved = array("Q")
+        for b in range(m):
+            moved.extend(pages.sources.get(first + b, ()))
+        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], moved)
+        return kind, first, m, meta, len(moved), _literal_pages(raw, kinds)
 
     def batches() -> Iterator[list[_Planned]]:
         """Records in groups of about BATCH_BYTES of data: a hand-off per record would cost
@@ -374,7 +467,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         for batch in ahead:
             for kind, first, count, meta, src, raw in batch:
                 rflags, payload = stream.payload(raw) if kind == REC_DATA else (0, b"")
-                emit(encode_record(Record(kind, first, count, meta, src, payload, flags=rflags)))
+                emit(encode_record(Record(kind, first, count, meta, src, payload, flags=rflags,
+                                          pages=per)))
                 counts[kind] += count
                 records += 1
                 data_bytes += len(raw)
@@ -385,7 +479,8 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
                      counts[REC_ZERO], counts[REC_COPY], records, scan.bytes_read, data_bytes,
                      payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full,
-                     scan.holes_skipped, len(frames), header.window_log)
+                     scan.holes_skipped, len(frames), header.window_log, pages.moved,
+                     len(pages.stage))
 
 
 _Planned = tuple[int, int, int, bytes, int, bytes]  # kind first count meta source literal

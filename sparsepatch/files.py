@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from . import sparse
 from .errors import IOFailure, Locked, io_errors
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
+from .scratch import Scratch, device_scratch_name, scratch_name
 
 
 def open_dest(dest: str, full: bool, mode: int = 0o666) -> tuple[int, NewDest | None]:
@@ -141,6 +142,32 @@ def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequen
             os.close(dir_fd)
             raise IOFailure(f"{dest}: was moved or replaced while apply opened it")
     return Journal(dir_fd, name, path, owners, not_files)
+
+
+def open_scratch(dest: str, fd: int, folder: str | None, journal: Journal) -> Scratch:
+    """The scratch for the destination open on fd: in folder (`--scratch DIR`), or beside a
+    file, or in the private state directory for a block device. Trusted like the journal
+    (open_journal), and it may not be any file the journal may not be."""
+    st = os.fstat(fd)
+    device = stat.S_ISBLK(st.st_mode)
+    name = device_scratch_name(st.st_rdev, sparse.file_size(fd)) if device else scratch_name(dest)
+    if folder is None and device:
+        where = state_dir()
+        return Scratch(open_private_dir(where), name, os.path.join(where, name),
+                       frozenset({os.geteuid()}), journal.not_files)
+    where = folder if folder is not None else os.path.dirname(dest)
+    with io_errors(f"{where or '.'}: cannot open the scratch's folder"):
+        dir_fd = sparse.open_dir(where)
+    if folder is None:
+        try:
+            here = os.stat(os.path.basename(dest), dir_fd=dir_fd)
+        except OSError:
+            here = None
+        if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+            os.close(dir_fd)
+            raise IOFailure(f"{dest}: was moved or replaced while apply opened it")
+    return Scratch(dir_fd, name, os.path.join(where, name), frozenset({os.geteuid(), st.st_uid}),
+                   journal.not_files)
 
 
 class NewDest:

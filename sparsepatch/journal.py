@@ -92,6 +92,7 @@ class Journal:
         self.not_files = not_files or {}
         self.fd: int | None = None
         self.seq = 0
+        self.scratch_pages = 0  # carried by every slot written: the scratch the run relies on
 
     def load(self) -> JournalSlot | None:
         """Open an existing journal (kept open for the writes) and return its current slot."""
@@ -117,6 +118,7 @@ class Journal:
         if best is None:
             return None
         self.seq = best.seq
+        self.scratch_pages = best.scratch_pages
         return best
 
     def _check(self, fd: int) -> None:
@@ -136,7 +138,8 @@ class Journal:
             except OSError as e:
                 raise IOFailure(f"{self.path}: cannot sync its folder: {e.strerror}") from None
         self.seq += 1
-        slot = encode_journal_slot(JournalSlot(self.seq, base, target, start, end))
+        slot = encode_journal_slot(JournalSlot(self.seq, base, target, start, end,
+                                               self.scratch_pages))
         try:
             sparse.pwrite_full(self.fd, slot, (self.seq % 2) * JOURNAL_SLOT_SIZE)
             sparse.sync(self.fd)

@@ -34,11 +34,16 @@ from .format import (
     MAX_RECORD_BLOCKS,
     MAX_WINDOW_LOG,
     MIN_WINDOW_LOG,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_ZERO,
     PATCH_HEADER,
     REC_COPY,
     REC_DATA,
+    REC_STAGE,
     REC_ZERO,
     ZERO_HASH,
+    ZERO_PAGE,
     FrameDecoder,
     MacChain,
     PatchHeader,
@@ -54,7 +59,7 @@ from .format import (
     encode_patch_trailer,
     encode_record,
     hash_block,
-    raw_length,
+    pages_per_block,
 )
 
 UNDO_LEVEL = 3  # zstd level: apply is not the place for slow compression
@@ -94,6 +99,7 @@ class Undo:
         self.key = key
         self.uh = undo_header(h, key is not None)
         self.shift = h.block_shift
+        self.per = pages_per_block(1 << h.block_shift)
         self.base_blocks = blocks_for(h.base_size, h.block_shift)
         try:
             self.dir_fd = sparse.open_dir(folder)
@@ -226,7 +232,7 @@ class Undo:
         frames = FrameDecoder(self.uh)
         try:
             for rec in reader.records():
-                if rec.kind == REC_COPY or rec.payload and rec.flags != FRAME_START | FRAME_END:
+                if rec.kind in (REC_COPY, REC_STAGE) or rec.payload and rec.flags != FRAME_START | FRAME_END:
                     break  # not what an undo writes: a frame across records would be cut apart
                 if rec.kind == REC_DATA:
                     decode_data(frames, rec)
@@ -343,9 +349,18 @@ class Undo:
         if kind == REC_ZERO:
             self.meta.append(ubase)
         else:
-            self.meta.append(ubase + utarget)
-            self.data.append(bytes(buf))
-            self.unsynced += len(buf)
+            # The base content as literal pages, its zero pages (and so every page past the
+            # base's end) as ZERO pages.
+            kinds = bytearray(self.per)
+            view = memoryview(buf)
+            for p in range(self.per):
+                page = view[p << PAGE_SHIFT : (p + 1) << PAGE_SHIFT]
+                if page == ZERO_PAGE:
+                    kinds[p] = PAGE_ZERO
+                else:
+                    self.data.append(bytes(page))
+                    self.unsynced += PAGE_SIZE
+            self.meta.append(ubase + utarget + bytes(kinds))
 
     def _close(self) -> None:
         """Write the record being built to the spool."""
@@ -354,14 +369,14 @@ class Undo:
         payload = b""
         flags = 0
         if self.kind == REC_DATA:
-            raw = b"".join(self.data)[: raw_length(self.uh, self.first, self.count)]
+            raw = b"".join(self.data)
             if raw:
                 # A frame per record: the spool's torn tail is cut at any record boundary,
                 # and what is left must still be whole frames.
                 payload = self._compress(raw)
                 flags = FRAME_START | FRAME_END
         rec = Record(self.kind, self.first, self.count, b"".join(self.meta), 0, payload,
-                     flags=flags)
+                     flags=flags, pages=self.per)
         self._emit(encode_record(rec))
         self._count(rec)
         self.count = 0

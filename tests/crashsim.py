@@ -494,6 +494,23 @@ def make_pair(seed: int, bs: int, base_size: int, target_size: int) -> tuple[byt
     return bytes(base), bytes(target)
 
 
+def make_moves(seed: int, bs: int, size: int) -> tuple[bytes, bytes]:
+    """A base of random pages and a target that swaps two regions, rotates three, shifts one
+    up by a page and punches a source: DATA records of moved pages, and STAGE records for
+    the sources overwritten before they are read."""
+    rng = random.Random(seed)
+    base = rng.randbytes(size)
+    t = bytearray(base)
+    r = size // 8  # region size, a multiple of the page size as size is
+    t[0:r], t[4 * r : 5 * r] = base[4 * r : 5 * r], base[0:r]  # swap
+    t[r : 2 * r], t[2 * r : 3 * r] = base[2 * r : 3 * r], base[5 * r : 6 * r]  # rotate with 5r
+    t[5 * r : 6 * r] = base[r : 2 * r]
+    t[6 * r + PAGE : 7 * r + PAGE] = base[6 * r : 7 * r]  # shift up one page
+    t[3 * r : 4 * r] = bytes(r)  # punched; its pages moved elsewhere below
+    t[7 * r + PAGE : 8 * r] = base[3 * r : 4 * r - PAGE]
+    return base, bytes(t)
+
+
 def scenarios() -> list[Scenario]:
     """In place, first copy, shrink, grow and a stream, at 4 and 16 KiB blocks; each with
     the default sync budget (one window for the whole run) and scaled down with the image
@@ -519,13 +536,22 @@ def scenarios() -> list[Scenario]:
                     f"{name}-{bs // 1024}k-{budget_name}", bs, None if first else base, target,
                     stream, budget, 8 * bs if tight else window_mod.JOURNAL_LOOKAHEAD,
                     2 * bs if tight else destination_mod.WRITE_STEP))
+    # Moved content: staging into the scratch before the first write, pages read in place
+    # ahead of their own block's rewrite.
+    for bs in (4096, 16384):
+        base, target = make_moves(7000 + bs, bs, 64 * bs)
+        out.append(Scenario(f"moves-{bs // 1024}k-tight", bs, base, target, False, 3 * bs, 8 * bs,
+                            2 * bs))
+    base, target = make_moves(7001, 16384, 64 * 16384)
+    out.append(Scenario("moves-16k-default", 16384, base, target))
     for sc in [s for s in out if s.name in ("firstcopy-16k-tight", "inplace-4k-tight")]:
         out.append(Scenario(sc.name + "-journal-elsewhere", sc.block_size, sc.base, sc.target,
                             sc.stream, sc.sync_budget, sc.lookahead, sc.write_step, True))
     # apply --undo: the undo spool synced every four blocks, so that writes and spool syncs
     # interleave as they do every 32 MiB on a real image.
     for sc in [s for s in out if s.name in ("inplace-16k-tight", "shrink-4k-tight", "grow-4k-tight",
-                                            "stream-16k-tight", "shrink-16k-default")]:
+                                            "stream-16k-tight", "shrink-16k-default",
+                                            "moves-16k-tight")]:
         out.append(Scenario(sc.name + "-undo", sc.block_size, sc.base, sc.target, sc.stream,
                             sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
                             undo_batch=4 * sc.block_size))

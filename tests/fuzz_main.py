@@ -347,10 +347,14 @@ def random_ops(c: Chooser, item: Item) -> list[Op]:
 
 
 def _resize_meta(rec: Record, kind: int, count: int) -> bytes:
-    """rec's block hashes for a record of kind and count: cut, or padded with the last."""
-    width = 16 if kind == REC_ZERO else 32
-    entries = [rec.meta[i : i + rec.meta_width] for i in range(0, len(rec.meta), rec.meta_width)]
-    entries = [(e[:16] + (e[16:] or e[:16]))[:width] for e in entries] or [ZERO_HASH * (width // 16)]
+    """rec's block entries for a record of kind and count: cut, or padded with the last (a
+    DATA block's page kinds kept, or all LITERAL when rec had none)."""
+    per = rec.pages
+    width = 16 if kind == REC_ZERO else 32 + per if kind == REC_DATA else 32
+    w = rec.meta_width
+    entries = [rec.meta[i : i + w] for i in range(0, rec.count * w, w)]
+    entries = [((e[:16] + (e[16:32] or e[:16])) + (e[32:] or bytes(per)))[:width] for e in entries]
+    entries = entries or [ZERO_HASH * 2 + bytes(per) if kind == REC_DATA else ZERO_HASH * (width // 16)]
     count = min(count, 4096)  # a count beyond the limit is refused before its hashes are read
     return b"".join(entries[min(i, len(entries) - 1)] for i in range(count))
 
@@ -403,17 +407,17 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
             recs[i] = dataclasses.replace(rec, **fields)
         elif kind == "s-hash":
             width = rec.meta_width
-            n = len(rec.meta) // width
+            n = rec.count if width * rec.count <= len(rec.meta) else len(rec.meta) // width
             if not n:
                 continue
             k = op[2] % n
-            at = k * width + (16 if op[3] and width == 32 else 0)
+            at = k * width + (16 if op[3] and width >= 32 else 0)
             if op[4] == "zero":
                 h = ZERO_HASH
             elif op[4] == "random":
                 h = random.Random(op[5]).randbytes(16)
             elif op[4] == "same":  # base and target hash equal: a block that does not change
-                h = rec.meta[k * width + (0 if at % width else 16) :][:16] if width == 32 else ZERO_HASH
+                h = rec.meta[k * width + (0 if at % width else 16) :][:16] if width >= 32 else ZERO_HASH
             else:
                 other = recs[op[5] % len(recs)]
                 h = other.meta[:16] if other.meta else ZERO_HASH

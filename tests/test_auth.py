@@ -25,6 +25,7 @@ from sparsepatch.format import (
     FRAME_END,
     FRAME_START,
     MAC_LEN,
+    PAGE_LITERAL,
     PATCH_HEADER,
     PATCH_TRAILER,
     REC_COPY,
@@ -290,9 +291,9 @@ def _forge_record(s: Signed, w: World) -> None:
         size=sum(len(v) for v in literal.values()))
     for i in data:
         rec = s.records[i]
-        meta = s.raw[i][RECORD.size : RECORD.size + 32 * rec.count]
+        meta = s.raw[i][RECORD.size : RECORD.size + rec.meta_width * rec.count]
         if i == 3:
-            meta = meta[:16] + block_hash(EVIL)
+            meta = meta[:16] + block_hash(EVIL) + bytes([PAGE_LITERAL])
         last = i == data[-1]
         payload = cobj.compress(literal[i]) + cobj.flush(
             zstandard.COMPRESSOBJ_FLUSH_FINISH if last else zstandard.COMPRESSOBJ_FLUSH_BLOCK)

@@ -419,7 +419,7 @@ def test_info_json(pair: tuple[Path, Path], tmp: Path) -> None:
     assert sum(p["blocks"].values()) == len(changed)
     assert p["blocks"]["zero"] == 0  # no data block of src is all zeros
     assert p["records"]["data"] >= 1
-    assert set(p["records"]) == {"data", "zero", "copy"}
+    assert set(p["records"]) == {"data", "zero", "copy", "stage"}
     assert p["patch_bytes"] == os.path.getsize(patch)
     assert p["base_identity"] == d["identity"]
 

@@ -33,12 +33,18 @@ from .base import (
     MAX_SHIFT,
     MAX_SIG_DATA_RUN,
     MAX_SIG_HOLE_RUN,
+    MAX_STAGE_PAGES,
     MAX_WINDOW_LOG,
     MIN_KEY_FILE,
     MIN_SHIFT,
     MIN_WINDOW_LOG,
+    PAGE_KIND_NAMES,
+    PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PAGE_ZERO,
     PATCH_HEADER,
     PATCH_MAGIC,
     PATCH_TRAILER,
@@ -46,6 +52,7 @@ from .base import (
     REC_DATA,
     REC_END,
     REC_NAMES,
+    REC_STAGE,
     REC_ZERO,
     RECORD,
     SIG_DATA,
@@ -67,6 +74,8 @@ from .base import (
     hash_block,
     hash_pages,
     identity_hasher,
+    page_hash,
+    pages_per_block,
     payload_limit,
     shift_for_block_size,
     sig_run_limit,
@@ -74,7 +83,7 @@ from .base import (
     tree_hash,
     valid_shift,
 )
-from .frame import FrameDecoder, decode_data
+from .frame import ZERO_PAGE, FrameDecoder, assemble, decode_data
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (
@@ -82,10 +91,12 @@ from .patch import (
     PatchReader,
     PatchTrailer,
     Record,
+    data_meta,
     decode_patch_header,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    meta_length,
     raw_length,
 )
 from .rules import CopySources, PatchRules, RangeSet, SignatureRules
@@ -116,4 +127,7 @@ __all__ = [
     "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot",
     "payload_limit", "raw_length", "read_signature", "shift_for_block_size", "sig_run_limit",
     "sniff", "tree_hash", "tree_hashes", "valid_shift",
+    "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
+    "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "meta_length", "page_hash",
+    "pages_per_block",
 ]

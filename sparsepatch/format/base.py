@@ -28,10 +28,14 @@ MAX_SIG_DATA_RUN = 4096  # page hashes per signature DATA run (64 KiB of hashes)
 MAX_SIG_HOLE_RUN = 0xFFFFFFFF
 MAX_RECORD_DATA = 8 << 20  # uncompressed bytes a DATA record may cover (or one block if larger)
 MAX_RECORD_BLOCKS = 32768  # blocks a ZERO or COPY record may cover
+MAX_STAGE_PAGES = 16384  # pages a STAGE record may list (256 KiB of hashes)
 
 SIG_HOLE, SIG_DATA, SIG_END = 1, 2, 0xFF
-REC_DATA, REC_ZERO, REC_COPY, REC_END = 1, 2, 3, 0xFF
-REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy"}
+REC_DATA, REC_ZERO, REC_COPY, REC_STAGE, REC_END = 1, 2, 3, 4, 0xFF
+REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy", REC_STAGE: "stage"}
+# Page kinds of a DATA block (spec 5.2): where each 4 KiB page of the target block comes from.
+PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_MOVED = 0, 1, 2, 3
+PAGE_KIND_NAMES = ("literal", "zero", "same", "moved")
 
 FLAG_FULL = 0x0001  # made without a signature: the base is the empty file
 FLAG_MAC = 0x0002  # every element is followed by a keyed BLAKE3 tag chained over the patch
@@ -57,9 +61,9 @@ SIG_HEADER = struct.Struct("<8sHHBBBBQ")  # magic version flags block_shift hash
 SIG_RUN = struct.Struct("<B3xQI")  # kind first_block count
 SIG_TRAILER = struct.Struct("<B3xQQQ32s")  # kind block_count data_blocks mtime_ns identity
 PATCH_HEADER = struct.Struct("<8sHHBBBBQQQ32s32s")  # ... window_log reserved base_size target_size mtime ids
-RECORD = struct.Struct("<BB2xQIIQ")  # kind flags first_block count payload_len source_block
+RECORD = struct.Struct("<BB2xQIIQ")  # kind flags first_block count payload_len source_block/moved_pages
 PATCH_TRAILER = struct.Struct("<B3xQQQQQQ")  # kind records data zero copy payload_bytes body_bytes
-JOURNAL_SLOT = struct.Struct("<8sHHI32s32sQQ")  # magic version reserved seq base target start end
+JOURNAL_SLOT = struct.Struct("<8sHHI32s32sQQQ")  # ... seq base target start end scratch_pages
 CRC = struct.Struct("<I")
 JOURNAL_SLOT_SIZE = 128
 
@@ -118,6 +122,19 @@ def hash_block(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
 def block_hash(block: bytes | bytearray | memoryview) -> bytes:
     """hash_block of a full block (block_size = its length)."""
     return hash_block(block, len(block))
+
+
+def pages_per_block(block_size: int) -> int:
+    return block_size >> PAGE_SHIFT
+
+
+def page_hash(page: bytes | bytearray | memoryview) -> bytes:
+    """The hash of one whole 4 KiB page (spec section 1): BLAKE3 truncated to 128 bits,
+    ZERO_HASH for zeros."""
+    if _ZERO_PAGE == page:
+        return ZERO_HASH
+    digest: bytes = blake3.blake3(page).digest(length=HASH_LEN)
+    return digest
 
 
 def identity_hasher() -> blake3.blake3:

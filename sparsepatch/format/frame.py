@@ -1,11 +1,14 @@
 """The literal stream (spec section 5.2 and section 7 rule 16): DATA payloads form zstd frames
 across records. FrameDecoder follows one pass over a patch's records, checks every frame
 piece byte by byte (frame header, block headers, checksum) and decodes it one zstd block at
-a time, so that no record can make it hold more than the window and one record's bytes; the
-decoded blocks are then checked against their target hashes."""
+a time, so that no record can make it hold more than the window and one record's bytes. The
+decoded bytes are a DATA record's LITERAL pages: assemble() builds its target blocks from
+them and its other pages (zero, same, moved), which are then checked against their target
+hashes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import ChecksumMismatch, FormatError
@@ -13,12 +16,19 @@ from .base import (
     FRAME_END,
     FRAME_START,
     MAX_FRAME_RAW,
+    PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_ZERO,
     REC_DATA,
     ZSTD_BLOCK_MAX,
     hash_block,
 )
 from .patch import PatchHeader, Record, raw_length
 
+ZERO_PAGE = bytes(PAGE_SIZE)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW, _RLE, _COMPRESSED, _RESERVED = 0, 1, 2, 3
 
@@ -55,7 +65,7 @@ class FrameDecoder:
         """The record's literal bytes: exactly raw_length of them, or FormatError /
         ChecksumMismatch naming the record and the byte. (A payload that does not end at a
         block boundary is corrupt, not truncated: the reader read all payload_len bytes.)"""
-        raw = raw_length(self.h, rec.first_block, rec.count)
+        raw = raw_length(self.h, rec)
         if raw == 0:
             if rec.payload or rec.flags:
                 raise FormatError(f"{rec.where()}: carries no literal but has a payload or flags")
@@ -154,7 +164,7 @@ class FrameDecoder:
         if declared > MAX_FRAME_RAW:
             raise FormatError(f"{where}: frame header at byte {at} declares {declared} bytes, "
                               f"more than a frame may hold ({MAX_FRAME_RAW})")
-        raw = raw_length(self.h, rec.first_block, rec.count)
+        raw = raw_length(self.h, rec)
         if declared < raw or rec.flags & FRAME_END and declared != raw:
             raise FormatError(f"{where}: frame header at byte {at} declares {declared} bytes, "
                               f"the record alone carries {raw}")
@@ -188,17 +198,62 @@ class FrameDecoder:
         return out
 
 
+PageSource = Callable[[int, int], bytes | bytearray | memoryview]
+
+
+def assemble(header: PatchHeader, rec: Record, literal: bytes | memoryview,
+             fetch: PageSource | None, want: Callable[[int], bool] | None = None
+             ) -> Iterator[tuple[int, bytearray | None]]:
+    """A DATA record's target blocks from its pages, in order: (k, block k's bytes, a whole
+    block). fetch(kind, page) gives a PAGE_SAME page (page: its number in the target) or a
+    PAGE_MOVED one (page: its source in the base). Blocks for which want(k) is false, or
+    that need fetch when it is None, are (k, None): skipped, not read."""
+    lit = memoryview(literal)
+    pos = 0
+    moved = 0
+    sources = rec.sources
+    per = rec.pages
+    for k in range(rec.count):
+        kinds = rec.page_kinds(k)
+        literal_here = kinds.count(PAGE_LITERAL)
+        moved_here = kinds.count(PAGE_MOVED)
+        needs_fetch = literal_here + kinds.count(PAGE_ZERO) != per
+        if (want is not None and not want(k)) or (fetch is None and needs_fetch):
+            pos += literal_here << PAGE_SHIFT
+            moved += moved_here
+            yield k, None
+            continue
+        block = bytearray(per << PAGE_SHIFT)
+        page0 = (rec.first_block + k) * per
+        for p, kind in enumerate(kinds):
+            at = p << PAGE_SHIFT
+            if kind == PAGE_LITERAL:
+                block[at : at + PAGE_SIZE] = lit[pos : pos + PAGE_SIZE]
+                pos += PAGE_SIZE
+            elif kind == PAGE_ZERO:
+                continue
+            else:
+                assert fetch is not None
+                if kind == PAGE_SAME:
+                    page = fetch(PAGE_SAME, page0 + p)
+                else:
+                    page = fetch(PAGE_MOVED, sources[moved])
+                    moved += 1
+                block[at : at + PAGE_SIZE] = page
+        yield k, block
+
+
 def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
-    """A DATA record's target bytes, each block checked against its target hash."""
+    """A DATA record's literal bytes, decoded, and every block made of literal and zero pages
+    alone checked against its target hash (a block with same or moved pages needs the base:
+    apply checks it)."""
     assert rec.kind == REC_DATA
     data = decoder.decode(rec)
-    shift = decoder.h.block_shift
-    bs = 1 << shift
-    view = memoryview(data)
-    for b in range(rec.count):
-        if hash_block(view[b << shift : (b + 1) << shift], bs) != rec.target_hash(b):
+    bs = decoder.h.block_size
+    for k, block in assemble(decoder.h, rec, data, None):
+        if block is not None and hash_block(block, bs) != rec.target_hash(k):
             raise ChecksumMismatch(
-                f"{rec.where()}: block {rec.first_block + b} does not match its target hash "
+                f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
                 "after decompression"
             )
     return data

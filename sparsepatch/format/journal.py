@@ -16,11 +16,12 @@ class JournalSlot:
     target_identity: bytes
     start_block: int
     end_block: int
+    scratch_pages: int = 0  # pages the scratch holds (0: none)
 
 
 def encode_journal_slot(s: JournalSlot) -> bytes:
     body = JOURNAL_SLOT.pack(JOURNAL_MAGIC, VERSION, 0, s.seq % SEQ_MOD, s.base_identity,
-                             s.target_identity, s.start_block, s.end_block)
+                             s.target_identity, s.start_block, s.end_block, s.scratch_pages)
     return with_crc(body).ljust(JOURNAL_SLOT_SIZE, b"\0")
 
 
@@ -29,12 +30,12 @@ def decode_journal_slot(buf: bytes) -> JournalSlot | None:
     if len(buf) < JOURNAL_SLOT.size + CRC.size:
         return None
     body = buf[: JOURNAL_SLOT.size]
-    magic, version, _, seq, base, target, start, end = JOURNAL_SLOT.unpack(body)
+    magic, version, _, seq, base, target, start, end, scratch = JOURNAL_SLOT.unpack(body)
     if magic != JOURNAL_MAGIC or version != VERSION:
         return None
     if crc32c(body) != CRC.unpack_from(buf, JOURNAL_SLOT.size)[0]:
         return None
-    return JournalSlot(seq, base, target, start, end)
+    return JournalSlot(seq, base, target, start, end, scratch)
 
 
 def newer_slot(a: JournalSlot, b: JournalSlot) -> JournalSlot:

@@ -3,8 +3,11 @@ reads; the section 7 rules it applies on the way are in rules.py."""
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
+from functools import cached_property
 
 from ..errors import AuthenticationError, FormatError, KeyRequired
 from .base import (
@@ -16,6 +19,8 @@ from .base import (
     HASH_LEN,
     KNOWN_PATCH_FLAGS,
     MAC_LEN,
+    PAGE_LITERAL,
+    PAGE_SIZE,
     PATCH_HEADER,
     PATCH_MAGIC,
     PATCH_TRAILER,
@@ -23,6 +28,7 @@ from .base import (
     REC_DATA,
     REC_END,
     REC_NAMES,
+    REC_STAGE,
     REC_ZERO,
     RECORD,
     VERSION,
@@ -31,6 +37,7 @@ from .base import (
     blocks_for,
     check_crc,
     crc32c,
+    pages_per_block,
     with_crc,
 )
 from .mac import MacChain
@@ -40,7 +47,6 @@ from .rules import (
     rule_2_patch_fields,
     rule_3_patch_sizes,
 )
-from .rules import raw_length as _raw_length
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,11 @@ def decode_patch_header(buf: bytes) -> PatchHeader:
 
 @dataclass(frozen=True)
 class Record:
-    """One patch record. meta holds, per block: base hash (+ target hash for DATA and COPY)."""
+    """One patch record (spec 5.2). meta holds, per block: base hash, then target hash for
+    DATA and COPY, then for DATA the kinds of its pages; after the blocks, a DATA record's
+    moved-page sources (u64 each). A STAGE record's meta is one page hash per base page it
+    lists. last is the header's last u64: a COPY's source block, a DATA record's moved
+    pages. pages: pages per block (block_size / 4096)."""
 
     kind: int
     first_block: int
@@ -107,6 +117,7 @@ class Record:
     index: int = 0  # record number, for messages
     source: str = "patch"  # name of the patch it came from, for messages
     flags: int = 0  # DATA: FRAME_START, FRAME_END
+    pages: int = 1
 
     @property
     def payload_offset(self) -> int:
@@ -115,7 +126,14 @@ class Record:
 
     @property
     def meta_width(self) -> int:
-        return HASH_LEN if self.kind == REC_ZERO else 2 * HASH_LEN
+        """Meta bytes per block (per page for STAGE), the moved sources aside."""
+        if self.kind in (REC_ZERO, REC_STAGE):
+            return HASH_LEN
+        return 2 * HASH_LEN + (self.pages if self.kind == REC_DATA else 0)
+
+    @property
+    def moved_pages(self) -> int:
+        return self.source_block if self.kind == REC_DATA else 0
 
     def base_hash(self, k: int) -> bytes:
         w = self.meta_width
@@ -125,10 +143,56 @@ class Record:
         if self.kind == REC_ZERO:
             return ZERO_HASH
         w = self.meta_width
-        return self.meta[k * w + HASH_LEN : (k + 1) * w]
+        return self.meta[k * w + HASH_LEN : k * w + 2 * HASH_LEN]
+
+    def page_kinds(self, k: int) -> bytes:
+        """The page kinds of DATA block k (PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_MOVED)."""
+        w = self.meta_width
+        return self.meta[k * w + 2 * HASH_LEN : (k + 1) * w]
+
+    @cached_property
+    def kinds(self) -> bytes:
+        """Every page kind of a DATA record, block by block."""
+        if self.kind != REC_DATA:
+            return b""
+        w, c = self.meta_width, self.count
+        if self.pages == 1:
+            return self.meta[2 * HASH_LEN : c * w : w]
+        return b"".join(self.page_kinds(k) for k in range(c))
+
+    @cached_property
+    def sources(self) -> array:
+        """A DATA record's moved-page sources: base page numbers, one per MOVED page."""
+        out = array("Q")
+        out.frombytes(self.meta[self.count * self.meta_width :])
+        if sys.byteorder != "little":
+            out.byteswap()
+        return out
+
+    @property
+    def literal_pages(self) -> int:
+        return self.kinds.count(PAGE_LITERAL)
 
     def where(self) -> str:
         return f"{self.source} record {self.index} ({REC_NAMES.get(self.kind, '?')}) at byte {self.offset}"
+
+
+def meta_length(kind: int, count: int, last: int, pages: int) -> int:
+    """Meta bytes of a record from its header: what the reader reads after the header."""
+    if kind in (REC_ZERO, REC_STAGE):
+        return count * HASH_LEN
+    if kind == REC_COPY:
+        return count * 2 * HASH_LEN
+    return count * (2 * HASH_LEN + pages) + 8 * last
+
+
+def data_meta(blocks: list[tuple[bytes, bytes, bytes]], sources: list[int] | array) -> bytes:
+    """A DATA record's meta from (base hash, target hash, page kinds) per block and the
+    moved-page sources."""
+    src = array("Q", sources)
+    if sys.byteorder != "little":
+        src.byteswap()
+    return b"".join(b + t + k for b, t, k in blocks) + src.tobytes()
 
 
 def encode_record(rec: Record) -> bytes:
@@ -154,10 +218,9 @@ def encode_patch_trailer(t: PatchTrailer) -> bytes:
     )
 
 
-def raw_length(header: PatchHeader, first_block: int, count: int) -> int:
-    """Bytes of literal a DATA record carries (its share of the literal stream): the one
-    place that says so, for readers and writers alike."""
-    return _raw_length(header.target_size, header.block_shift, first_block, count)
+def raw_length(header: PatchHeader, rec: Record) -> int:
+    """Literal bytes a DATA record's payload decodes to: 4096 per LITERAL page (spec 5.2)."""
+    return PAGE_SIZE * rec.literal_pages if rec.kind == REC_DATA else 0
 
 
 class PatchReader:
@@ -190,7 +253,7 @@ class PatchReader:
                 f"{name}: patch is not authenticated (no MAC flag at byte 10) but a key was given"
             )
         self.trailer: PatchTrailer | None = None
-        self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
+        self.counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0, REC_STAGE: 0}
         self.payload_bytes = 0
         self.frames = 0  # frames opened so far (FRAME_START records)
 
@@ -212,8 +275,9 @@ class PatchReader:
     def records(self) -> Iterator[Record]:
         h = self.header
         r = self.r
-        rules = PatchRules(h.block_shift, h.base_size, h.target_size, h.window_log)
+        rules = PatchRules(h.block_shift, h.base_size, h.target_size, h.full, h.window_log)
         self.rules = rules
+        pages = pages_per_block(1 << h.block_shift)
         n = 0
         while True:
             at = r.pos
@@ -225,18 +289,19 @@ class PatchReader:
             k, flags, first, count, payload_len, source = RECORD.unpack(kind + rest)
             where = rules.record_header(f"{self.name} record {n}", at, k, flags, rest[1:3],
                                         first, count, payload_len, source)
-            meta = r.exact(count * (HASH_LEN if k == REC_ZERO else 2 * HASH_LEN),
-                           f"record {n} block hashes")
+            meta = r.exact(meta_length(k, count, source, pages), f"record {n} meta")
             crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
             check_crc(kind + rest + meta, crc, where, at)
-            rules.rule_14_meta(where, k, first, count, meta)
+            rec = Record(k, first, count, meta, source, b"", at, n, self.name, flags, pages)
+            rules.rule_14_meta(where, rec)
+            rules.rule_11_literal(where, rec, payload_len)
             payload = r.exact(payload_len, f"record {n} payload") if payload_len else b""
             self._tag(where, kind, rest, meta, CRC.pack(crc), payload)
-            rules.accept(k, flags, first, count, source, where)
+            rules.accept(rec, where)
             self.counts[k] += count
             self.payload_bytes += payload_len
             self.frames += flags & FRAME_START
-            yield Record(k, first, count, meta, source, payload, at, n, self.name, flags)
+            yield replace(rec, payload=payload) if payload else rec
             n += 1
 
     def _finish(self, kind: bytes, at: int, n: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from array import array
+from typing import TYPE_CHECKING
 
 from ..errors import ChecksumMismatch, FormatError, UnsupportedVersion
 from .base import (
@@ -19,12 +20,16 @@ from .base import (
     KNOWN_DATA_FLAGS,
     MAX_RECORD_BLOCKS,
     MAX_SIG_HOLE_RUN,
+    MAX_STAGE_PAGES,
     MAX_WINDOW_LOG,
     MIN_WINDOW_LOG,
+    PAGE_MOVED,
     PAGE_SHIFT,
+    PAGE_ZERO,
     REC_COPY,
     REC_DATA,
     REC_NAMES,
+    REC_STAGE,
     REC_ZERO,
     SIG_DATA,
     SIG_HOLE,
@@ -35,9 +40,13 @@ from .base import (
     check_shift,
     check_size,
     data_record_max_blocks,
+    pages_per_block,
     payload_limit,
     sig_run_limit,
 )
+
+if TYPE_CHECKING:
+    from .patch import Record
 
 # ---------------------------------------------------------------- headers (rules 1-3)
 
@@ -226,32 +235,34 @@ class CopySources:
         return bool(heap) and heap[0][0] < end
 
 
-def raw_length(target_size: int, block_shift: int, first_block: int, count: int) -> int:
-    """Bytes of target a DATA record carries: its blocks clipped at the target size."""
-    start = first_block << block_shift
-    end = min((first_block + count) << block_shift, target_size)
-    return end - start
-
-
 class PatchRules:
     """Rules 7-15 over the records and trailer of one patch, in stream order.
 
     target_blocks and base_blocks are the block counts of target_size and base_size at the
-    patch's block size (spec section 7)."""
+    patch's block size, base_pages and target_pages their counts of 4 KiB pages (spec
+    section 7)."""
 
-    def __init__(self, block_shift: int, base_size: int, target_size: int, window_log: int = 0):
+    def __init__(self, block_shift: int, base_size: int, target_size: int, full: bool = False,
+                 window_log: int = 0):
         self.shift = block_shift
         self.window_log = window_log
         self.frame_open: str | None = None  # where the record that opened the open frame is
         self.target_size = target_size
+        self.full = full
         self.target_blocks = blocks_for(target_size, block_shift)
         self.base_blocks = blocks_for(base_size, block_shift)
+        self.pages = pages_per_block(1 << block_shift)
+        self.base_pages = blocks_for(base_size, PAGE_SHIFT)
+        self.target_pages = blocks_for(target_size, PAGE_SHIFT)
         self.max_data = data_record_max_blocks(block_shift)
         self.next_block = 0
+        self.next_page = 0  # end of the last STAGE record's pages
+        self.staging = True  # no record but STAGE so far
         # A copy must read a block no record changes, or the result would depend on the
         # order records are applied in and a resumed apply could read half-written data.
         self.changed = RangeSet()
         self.copied_from = CopySources()
+        self.staged = RangeSet()  # base pages the STAGE records list
 
     def record_header(self, what: str, at: int, kind: int, flags: int, reserved: bytes, first: int,
                       count: int, payload_len: int, source: int) -> str:
@@ -260,10 +271,10 @@ class PatchRules:
         self.rule_7_kind(f"{what} at byte {at}", kind)
         where = f"{what} ({REC_NAMES[kind]}) at byte {at}"
         self.rule_7_reserved(where, kind, flags, reserved)
-        self.rule_8_order(where, first)
+        self.rule_8_order(where, kind, first)
         self.rule_9_count(where, kind, count)
-        self.rule_10_range(where, first, count)
-        self.rule_11_payload(where, kind, flags, first, count, payload_len)
+        self.rule_10_range(where, kind, first, count)
+        self.rule_11_payload(where, kind, flags, count, payload_len)
         self.rule_12_copy_source(where, kind, first, count, source)
         self.rule_13_copy_independence(where, kind, first, count, source)
         return where
@@ -279,7 +290,18 @@ class PatchRules:
         if reserved != b"\0\0":
             raise FormatError(f"{where}: reserved bytes are not zero")
 
-    def rule_8_order(self, where: str, first: int) -> None:
+    def rule_8_order(self, where: str, kind: int, first: int) -> None:
+        if kind == REC_STAGE:
+            if self.full:
+                raise FormatError(f"{where}: a full patch has no base to stage pages of")
+            if not self.staging:
+                raise FormatError(f"{where}: STAGE records must precede every other record")
+            if first < self.next_page:
+                raise FormatError(
+                    f"{where}: stages from page {first}, before the end of the previous STAGE "
+                    f"record (page {self.next_page}): pages overlap or are out of order"
+                )
+            return
         if first < self.next_block:
             raise FormatError(
                 f"{where}: starts at block {first}, before the end of the previous record "
@@ -287,11 +309,19 @@ class PatchRules:
             )
 
     def rule_9_count(self, where: str, kind: int, count: int) -> None:
-        limit = self.max_data if kind == REC_DATA else MAX_RECORD_BLOCKS
+        limit = {REC_DATA: self.max_data, REC_STAGE: MAX_STAGE_PAGES}.get(kind, MAX_RECORD_BLOCKS)
         if count == 0 or count > limit:
-            raise FormatError(f"{where}: block count {count} is outside 1..{limit}")
+            unit = "page" if kind == REC_STAGE else "block"
+            raise FormatError(f"{where}: {unit} count {count} is outside 1..{limit}")
 
-    def rule_10_range(self, where: str, first: int, count: int) -> None:
+    def rule_10_range(self, where: str, kind: int, first: int, count: int) -> None:
+        if kind == REC_STAGE:
+            if first >= self.base_pages or count > self.base_pages - first:
+                raise FormatError(
+                    f"{where}: pages {first}..{first + count - 1} lie beyond the base "
+                    f"({self.base_pages} pages)"
+                )
+            return
         total = self.target_blocks
         if first >= total or count > total - first:
             raise FormatError(
@@ -299,22 +329,38 @@ class PatchRules:
                 f"({total} blocks, {self.target_size} bytes)"
             )
 
-    def rule_11_payload(self, where: str, kind: int, flags: int, first: int, count: int,
-                        payload_len: int) -> None:
-        """The payload's length, and the record's place in the frames of the literal stream:
+    def rule_11_payload(self, where: str, kind: int, flags: int, count: int, payload_len: int) -> None:
+        """On the header: a bound from the block count (the record's frame header included
+        when it opens a frame). The exact bound, and the record's place in the frames of the
+        literal stream, need the page kinds: rule_11_literal, after the meta."""
+        if kind == REC_DATA:
+            most = payload_limit(count * self.pages << PAGE_SHIFT, bool(flags & FRAME_START))
+            if payload_len > most:
+                raise FormatError(
+                    f"{where}: payload length {payload_len} is outside 0..{most} for {count} "
+                    "blocks of data"
+                )
+        elif payload_len:
+            raise FormatError(f"{where}: payload length {payload_len}, expected 0")
+
+    def rule_11_literal(self, where: str, rec: Record, payload_len: int) -> None:
+        """The payload's length for the record's literal pages, and its place in the frames:
         a frame is opened only when none is open, and continued only while one is."""
-        raw = raw_length(self.target_size, self.shift, first, count) if kind == REC_DATA else 0
+        raw = rec.literal_pages << PAGE_SHIFT
+        flags = rec.flags
         if raw == 0:
             if flags:
                 raise FormatError(f"{where}: carries no literal but has frame flags {flags:#04x}")
             if payload_len:
-                raise FormatError(f"{where}: payload length {payload_len}, expected 0")
+                raise FormatError(f"{where}: payload length {payload_len}, expected 0: no page "
+                                  "is literal")
             return
         start = bool(flags & FRAME_START)
         limit = payload_limit(raw, start)
         if payload_len == 0 or payload_len > limit:
             raise FormatError(
-                f"{where}: payload length {payload_len} is outside 1..{limit} for {raw} bytes of data"
+                f"{where}: payload length {payload_len} is outside 1..{limit} for {raw} bytes of "
+                "literal pages"
             )
         if not self.window_log:
             raise FormatError(f"{where}: carries literal, but the patch header's window_log "
@@ -327,6 +373,12 @@ class PatchRules:
                               "(no FRAME_START before it)")
 
     def rule_12_copy_source(self, where: str, kind: int, first: int, count: int, source: int) -> None:
+        if kind == REC_DATA:
+            if source > count * self.pages:
+                raise FormatError(
+                    f"{where}: {source} moved pages, more than its {count * self.pages} pages"
+                )
+            return
         if kind != REC_COPY:
             if source:
                 raise FormatError(f"{where}: source block {source}, expected 0")
@@ -344,39 +396,82 @@ class PatchRules:
 
     def rule_13_copy_independence(self, where: str, kind: int, first: int, count: int,
                                   source: int) -> None:
+        if kind == REC_STAGE:
+            return
         if self.copied_from.meets(first, first + count):
             raise FormatError(f"{where}: changes a block an earlier copy record reads from")
         if kind == REC_COPY and self.changed.meets(source, source + count):
             raise FormatError(f"{where}: copies from a block an earlier record changes")
 
-    def rule_14_meta(self, where: str, kind: int, first: int, count: int, meta: bytes) -> None:
+    def rule_14_meta(self, where: str, rec: Record) -> None:
         """After the record CRC: every block named must change, and into something other
-        than zeros unless the record is ZERO."""
-        if kind == REC_ZERO:
+        than zeros unless the record is ZERO; a STAGE record lists no zero page; a DATA
+        record's page kinds and moved sources are what apply can assemble."""
+        kind, first, count, meta = rec.kind, rec.first_block, rec.count, rec.meta
+        if kind in (REC_ZERO, REC_STAGE):
             for b in range(count):
                 if meta[b * HASH_LEN : (b + 1) * HASH_LEN] == ZERO_HASH:
+                    if kind == REC_STAGE:
+                        raise FormatError(f"{where}: page {first + b} has the zero hash: "
+                                          "a zero page is never staged")
                     raise FormatError(f"{where}: block {first + b} is zeros in base and target")
             return
-        width = 2 * HASH_LEN
         for b in range(count):
-            base = meta[b * width : b * width + HASH_LEN]
-            target = meta[b * width + HASH_LEN : (b + 1) * width]
+            base, target = rec.base_hash(b), rec.target_hash(b)
             if target == ZERO_HASH:
                 raise FormatError(f"{where}: block {first + b} has the zero hash as target")
             if base == target:
                 raise FormatError(
                     f"{where}: block {first + b} has the same base and target hash: it does not change"
                 )
+        if kind == REC_DATA:
+            self._rule_14_pages(where, rec)
 
-    def accept(self, kind: int, flags: int, first: int, count: int, source: int,
-               where: str = "") -> None:
+    def _rule_14_pages(self, where: str, rec: Record) -> None:
+        kinds = rec.kinds
+        if kinds.translate(None, bytes(range(PAGE_MOVED + 1))):
+            bad = next(i for i, k in enumerate(kinds) if k > PAGE_MOVED)
+            raise FormatError(f"{where}: page {bad} of the record has unknown kind {kinds[bad]}")
+        if kinds.count(PAGE_MOVED) != rec.moved_pages:
+            raise FormatError(f"{where}: {kinds.count(PAGE_MOVED)} pages are moved, the header "
+                              f"says {rec.moved_pages}")
+        first_page = rec.first_block * self.pages
+        past = kinds[max(0, self.target_pages - first_page) :]
+        if past.count(PAGE_ZERO) != len(past):
+            raise FormatError(f"{where}: a page past the target's end is not a zero page")
+        sources = rec.sources
+        if not sources:
+            return
+        if max(sources) >= self.base_pages:
+            raise FormatError(f"{where}: moved source page {max(sources)} lies beyond the base "
+                              f"({self.base_pages} pages)")
+        ps = PAGE_SHIFT
+        lo, hi = rec.first_block, rec.first_block + rec.count
+        for s in sources:
+            if self.staged.meets(s, s + 1):
+                continue
+            block = s >> (self.shift - ps)
+            if lo <= block < hi or self.changed.meets(block, block + 1):
+                # Apply reads such a page in place: it must still be the base's when read.
+                raise FormatError(
+                    f"{where}: moved source page {s} (byte {s << ps}) lies in block {block}, "
+                    "which this or an earlier record changes, and is not staged"
+                )
+
+    def accept(self, rec: Record, where: str = "") -> None:
         """Record a record that passed rules 7-14 as state for the next ones."""
-        if flags & FRAME_START:
+        kind, first, count = rec.kind, rec.first_block, rec.count
+        if rec.flags & FRAME_START:
             self.frame_open = where or f"the record at block {first}"
-        if flags & FRAME_END:
+        if rec.flags & FRAME_END:
             self.frame_open = None
+        if kind == REC_STAGE:
+            self.staged.add(first, first + count)
+            self.next_page = first + count
+            return
+        self.staging = False
         if kind == REC_COPY:
-            self.copied_from.add(source, source + count)
+            self.copied_from.add(rec.source_block, rec.source_block + count)
         self.changed.add(first, first + count)
         self.next_block = first + count
 
