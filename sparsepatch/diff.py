@@ -33,6 +33,8 @@ from .format import (
     MAX_WINDOW_LOG,
     MIN_WINDOW_LOG,
     PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
     PAGE_SIZE,
     REC_COPY,
     REC_DATA,
@@ -437,9 +439,15 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         _recheck(raw, changes, k, m, shift, first, name)
         kinds = [pages.kinds[first + b] for b in range(m)]
         moved = array("Q")
+        hashes = []
+        width = per * HASH_LEN
         for b in range(m):
             moved.extend(pages.sources.get(first + b, ()))
-        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], moved)
+            target_pages = changes.pages[(k + b) * width : (k + b + 1) * width]
+            hashes += [bytes(target_pages[p * HASH_LEN : (p + 1) * HASH_LEN])
+                       for p, pk in enumerate(kinds[b]) if pk in (PAGE_SAME, PAGE_MOVED)]
+        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)],
+                         moved, b"".join(hashes))
         return kind, first, m, meta, len(moved), _literal_pages(raw, kinds)
 
     def batches() -> Iterator[list[_Planned]]:

@@ -310,7 +310,8 @@ def _stage_late(recs: list[Record]) -> list[Record]:
 def _source_past_base(recs: list[Record]) -> list[Record]:
     k = next(i for i, r in enumerate(recs) if r.kind == REC_DATA and r.moved_pages)
     r = recs[k]
-    meta = r.meta[:-8] + (1 << 40).to_bytes(8, "little")
+    end = len(r.meta) - len(r.page_hashes)  # the last source, before the page hashes
+    meta = r.meta[: end - 8] + (1 << 40).to_bytes(8, "little") + r.meta[end:]
     return recs[:k] + [dataclasses.replace(r, meta=meta)] + recs[k + 1 :]
 
 
