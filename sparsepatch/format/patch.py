@@ -107,7 +107,8 @@ class Record:
     DATA and COPY, then for DATA the kinds of its pages; after the blocks, a DATA record's
     moved-page sources (u64 each), then the page hash of each of its SAME and MOVED pages.
     A STAGE record's meta is one page hash per base page it lists. last is the header's
-    last u64: a COPY's source block, a DATA record's moved pages. pages: pages per block (block_size / 4096)."""
+    last u64: a COPY's source block, a DATA record's moved pages.
+    pages: pages per block (block_size / 4096)."""
 
     kind: int
     first_block: int
