@@ -171,6 +171,10 @@ class Chain:
         self.spool = spool
         self.all_zero: list[Page] = [None] * self.per
         self.pending: dict[int, bytes | None] = {}  # first_base of blocks the patch touches first
+        # Page hashes of A's pages that some patch gave (a SAME or MOVED page, a STAGE
+        # record): what lets a copy of a block of A that the merged patch changes be
+        # written as moved pages.
+        self.known: dict[int, bytes] = {}
         self.zero_from_before_last = self.zero_from
 
     def page(self, q: int) -> Page | CopyOf:
@@ -188,7 +192,14 @@ class Chain:
         """Page q of the state before the patch being read, which the patch says has hash h."""
         p = self.page(q)
         if isinstance(p, CopyOf):
-            return (BASE, p.source, h)  # a page of A: the patch tells its hash
+            # A page of A: the patch tells its hash, which must agree with what others said.
+            if self.known.setdefault(p.source, h) != h:
+                raise WrongBase(
+                    f"merge: {where}: {what} page at byte {q << PAGE_SHIFT} has page hash "
+                    f"{h.hex()} in this patch, an earlier patch gave the base's page "
+                    f"{self.known[p.source].hex()}"
+                )
+            return (BASE, p.source, h)
         if p is None or p[2] != h:
             found = "zeros" if p is None else f"page hash {p[2].hex()}"
             raise WrongBase(
@@ -205,6 +216,10 @@ class Chain:
         decoder = FrameDecoder(h)
         for rec in reader.records():
             if rec.kind == REC_STAGE:
+                for i in range(rec.count):
+                    p = self.page(rec.first_block + i)
+                    if isinstance(p, CopyOf):
+                        self.known.setdefault(p.source, rec.meta[i * HASH_LEN : (i + 1) * HASH_LEN])
                 continue
             where = rec.where()
             for k in range(rec.count):
@@ -337,14 +352,20 @@ def plan(chain: Chain, last: PatchHeader) -> tuple[list[_Item], PagePlan]:
     blocks: list[tuple[int, int, int | _DataBlock | None]] = []  # (block, kind, detail)
     for b in changed:
         st = chain.blocks[b]
-        if isinstance(st.pages, CopyOf):
-            s = st.pages.source
-            if s in is_changed or s >= min(chain.base_blocks, end):
+        pagelist = st.pages
+        if isinstance(pagelist, CopyOf):
+            s = pagelist.source
+            if s not in is_changed and s < min(chain.base_blocks, end):
+                blocks.append((b, REC_COPY, s))
+                continue
+            # The source changes: the block's pages move from A, if every one's hash is known.
+            known = [chain.known.get(s * per + i) for i in range(per)]
+            if None in known:
                 raise _cannot(f"block at byte {b << shift} is a copy of the base's block at byte "
-                              f"{s << shift}, which the merged patch changes or cuts off")
-            blocks.append((b, REC_COPY, s))
-            continue
-        if all(p is None for p in st.pages):
+                              f"{s << shift}, which the merged patch changes or cuts off, and "
+                              "no patch gives the hashes of all its pages")
+            pagelist = [(BASE, s * per + i, h) for i, h in enumerate(known) if h is not None]
+        if all(p is None for p in pagelist):
             blocks.append((b, REC_ZERO, None))
             continue
         kinds = bytearray(per)
@@ -352,7 +373,7 @@ def plan(chain: Chain, last: PatchHeader) -> tuple[list[_Item], PagePlan]:
         hashes: list[bytes] = []
         lits: list[int] = []
         tree = []
-        for i, p in enumerate(st.pages):
+        for i, p in enumerate(pagelist):
             q = b * per + i
             tree.append(ZERO_HASH if p is None or q >= target_pages else p[2])
             if p is None or q >= target_pages:

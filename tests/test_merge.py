@@ -194,3 +194,44 @@ def test_split_inputs_and_a_merged_patch_on_stdout_applied_from_a_stream(
     pieces = sorted(tmp_path.glob("m.patch.*"))
     assert len(pieces) > 1
     assert b"".join(p.read_bytes() for p in pieces) == merged
+
+
+def copy_states(second: str) -> list[bytearray]:
+    """A base, a target that copies whole blocks (diff writes COPY records), and a second
+    target that leaves the copied blocks' source alone ("keep"), shifts it by a page
+    ("shift": its pages move, and the patch gives their hashes) or rewrites it ("rewrite")."""
+    a = bytearray(2 * MiB)
+    write(a, 0, pattern(MiB, 7))
+    s1 = bytearray(a)
+    write(s1, MiB + 256 * KiB, a[128 * KiB : 256 * KiB])  # blocks 8..15 copied to 80..87
+    write(s1, 512 * KiB, pattern(64 * KiB, 8))
+    s2 = bytearray(s1)
+    write(s2, 1536 * KiB, pattern(64 * KiB, 9))
+    if second == "shift":
+        write(s2, 128 * KiB + PAGE, s1[128 * KiB : 256 * KiB])
+    elif second == "rewrite":
+        write(s2, 128 * KiB, pattern(128 * KiB, 11))
+    return [a, s1, s2]
+
+
+@pytest.mark.parametrize("second", ["keep", "shift"])
+def test_copy_records_merge(tmp_path: Path, second: str) -> None:
+    images = copy_states(second)
+    patches = make_chain(tmp_path, images)
+    assert json.loads(run_cli("info", str(patches[0]), "--json").stdout)["blocks"]["copy"] == 8
+    merged = tmp_path / "m.patch"
+    stats = merge(*map(str, patches), "-o", str(merged))
+    # Kept: still a COPY. Its source shifted later: its pages are moved from the base.
+    assert stats["copy_blocks"] == (8 if second == "keep" else 0)
+    dest = applied(tmp_path, images[0], [merged], "dest.img", "--verify")
+    chained = applied(tmp_path, images[0], patches, "chained.img")
+    assert dest.read_bytes() == chained.read_bytes() == images[-1]
+    assert allocated_blocks(dest, BS) == allocated_blocks(chained, BS)
+
+
+def test_a_copy_whose_source_is_rewritten_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    patches = make_chain(tmp_path, copy_states("rewrite"))
+    out = tmp_path / "m.patch"
+    line = error_line(run_cli("merge", *map(str, patches), "-o", str(out), check=False), 2)
+    assert "apply the patches in turn" in line, line
+    assert not out.exists()
