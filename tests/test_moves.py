@@ -368,3 +368,20 @@ def test_moves_onto_a_block_device_stage_in_the_private_state_dir(tmp: Path) -> 
             with contextlib.suppress(FileNotFoundError):
                 scratch.unlink()
     assert backing.read_bytes() == target.read_bytes()
+
+
+def test_a_moved_source_page_that_is_not_the_bases_is_named(tmp: Path) -> None:
+    # The source lies in a block the patch leaves alone, so the destination's block hashes
+    # cannot tell; the page hash the patch carries for the moved page does.
+    src = 1 * MiB + PAGE
+    base, target = build(tmp, [(0, 2 * MiB)], 2 * MiB, [(src, 256 * KiB, 64 * KiB)], [])
+    patch, stats = diff(tmp, base, target)
+    assert stats["moved_pages"] == 16
+    dest = dest_of(tmp, base)
+    with open(dest, "r+b") as f:
+        f.seek(src + 100)
+        f.write(b"changed")
+    before = dest.read_bytes()
+    line = error_line(run_cli("apply", str(patch), str(dest), check=False), 5)
+    assert f"moved source page at byte {src} does not hold the base's content" in line, line
+    assert dest.read_bytes() == before
