@@ -53,14 +53,14 @@ def states() -> list[bytearray]:
     return [a, s1, s2, s3]
 
 
-def make_chain(tmp: Path, images: list[bytearray], *extra: str) -> list[Path]:
+def make_chain(tmp: Path, images: list[bytearray], *extra: str, block_size: int = BS) -> list[Path]:
     """The patches from each image to the next, made by signature and diff."""
     patches = []
     for k in range(len(images) - 1):
         old = sparse_copy(images[k], tmp / f"s{k}.img")
         new = sparse_copy(images[k + 1], tmp / f"s{k + 1}.img")
         sig, patch = tmp / f"s{k}.sig", tmp / f"p{k + 1}.patch"
-        run_cli("signature", str(old), "-o", str(sig))
+        run_cli("signature", str(old), "-o", str(sig), "-b", str(block_size))
         run_cli("diff", str(sig), str(new), "-o", str(patch), *extra)
         patches.append(patch)
     return patches
@@ -110,6 +110,19 @@ def test_merged_patch_applies_like_the_chain(world: dict[str, object]) -> None:
     # Applying it again changes nothing: the destination is the target.
     run_cli("apply", str(merged), str(dest))
     assert dest.read_bytes() == images[-1]
+
+
+def test_4k_blocks_one_page_each(tmp_path: Path) -> None:
+    images = states()
+    patches = make_chain(tmp_path, images, block_size=4096)
+    merged = tmp_path / "m.patch"
+    stats = merge(*map(str, patches), "-o", str(merged))
+    assert stats["moved_pages"]
+    dest = applied(tmp_path, images[0], [merged], "dest.img", "--verify")
+    chained = applied(tmp_path, images[0], patches, "chained.img")
+    assert dest.read_bytes() == chained.read_bytes() == images[-1]
+    assert allocated_blocks(dest, 4096) == allocated_blocks(chained, 4096)
+    assert merged.stat().st_size < sum(p.stat().st_size for p in patches)
 
 
 def test_merged_size_is_at_most_the_sum(world: dict[str, object], tmp_path: Path) -> None:
@@ -235,3 +248,45 @@ def test_a_copy_whose_source_is_rewritten_is_refused_with_what_to_do(tmp_path: P
     line = error_line(run_cli("merge", *map(str, patches), "-o", str(out), check=False), 2)
     assert "apply the patches in turn" in line, line
     assert not out.exists()
+
+
+def test_a_shrink_then_a_grow_over_blocks_a_patch_rewrote(tmp_path: Path) -> None:
+    a = bytearray(MiB)
+    write(a, 0, pattern(MiB, 20))
+    s1 = bytearray(a)
+    write(s1, 768 * KiB, pattern(256 * KiB, 21))  # every block that the shrink cuts off
+    s2 = s1[: 768 * KiB]
+    s3 = bytearray(s2) + bytes(256 * KiB)
+    write(s3, 800 * KiB, pattern(64 * KiB, 22))
+    images = [a, s1, s2, s3]
+    patches = make_chain(tmp_path, images)
+    merged = tmp_path / "m.patch"
+    merge(*map(str, patches), "-o", str(merged))
+    dest = applied(tmp_path, images[0], [merged], "dest.img", "--verify")
+    chained = applied(tmp_path, images[0], patches, "chained.img")
+    assert dest.read_bytes() == chained.read_bytes() == images[-1]
+    assert allocated_blocks(dest, BS) == allocated_blocks(chained, BS)
+
+
+def test_a_grow_over_blocks_no_patch_described_is_refused(tmp_path: Path) -> None:
+    a = bytearray(MiB)
+    write(a, 0, pattern(MiB, 23))
+    s1 = a[: 512 * KiB]  # cuts off blocks whose content no patch gives
+    s2 = bytearray(s1) + bytes(512 * KiB)
+    patches = make_chain(tmp_path, [a, s1, s2])
+    out = tmp_path / "m.patch"
+    line = error_line(run_cli("merge", *map(str, patches), "-o", str(out), check=False), 2)
+    assert "cut off by a shrink" in line and "apply the patches in turn" in line, line
+    assert not out.exists()
+
+
+def test_one_patch_from_standard_input(world: dict[str, object], tmp_path: Path) -> None:
+    images, patches = world["images"], world["patches"]
+    assert isinstance(images, list) and isinstance(patches, list)
+    out = tmp_path / "m.patch"
+    run_cli("merge", str(patches[0]), "-", str(patches[2]), "-o", str(out),
+            input=patches[1].read_bytes())
+    dest = applied(tmp_path, images[0], [out], "dest.img")
+    assert dest.read_bytes() == images[-1]
+    line = error_line(run_cli("merge", "-", "-", "-o", str(out), check=False), 2)
+    assert "only one of the patches can be standard input" in line, line
