@@ -290,3 +290,18 @@ def test_one_patch_from_standard_input(world: dict[str, object], tmp_path: Path)
     assert dest.read_bytes() == images[-1]
     line = error_line(run_cli("merge", "-", "-", "-o", str(out), check=False), 2)
     assert "only one of the patches can be standard input" in line, line
+
+
+def test_a_chain_from_a_full_patch_merges_into_a_full_patch(world: dict[str, object],
+                                                             tmp_path: Path) -> None:
+    images, patches, tmp = world["images"], world["patches"], world["tmp"]
+    assert isinstance(images, list) and isinstance(patches, list) and isinstance(tmp, Path)
+    first = tmp_path / "first.patch"
+    run_cli("diff", "--full", str(tmp / "s0.img"), "-o", str(first))
+    merged = tmp_path / "m.patch"
+    merge(str(first), *map(str, patches), "-o", str(merged))
+    assert json.loads(run_cli("info", str(merged), "--json").stdout)["full"]
+    dest = tmp_path / "new.img"
+    run_cli("apply", str(merged), str(dest), "--verify")
+    assert dest.read_bytes() == images[-1]
+    assert allocated_blocks(dest, BS) == allocated_blocks(world["chained"], BS)  # type: ignore[arg-type]
