@@ -105,15 +105,15 @@ def check_chain(readers: list[PatchReader]) -> None:
                 f"merge: {cur.name} has {b.block_size}-byte blocks, {first.name} "
                 f"{first.header.block_size}-byte blocks: patches of one chain share a block size"
             )
+        if b.full:
+            raise UsageError(f"merge: {cur.name} is a full patch: it replaces everything before "
+                             "it, so merge from it on")
         if a.target_identity != b.base_identity or a.target_size != b.base_size:
             raise WrongBase(
                 f"merge: {cur.name} does not follow {prev.name}: {prev.name} leads to "
                 f"{_short(a.target_identity)} ({a.target_size} bytes), {cur.name} starts from "
                 f"{_short(b.base_identity)} ({b.base_size} bytes)"
             )
-        if b.full:
-            raise UsageError(f"merge: {cur.name} is a full patch: it replaces everything before "
-                             "it, so merge from it on")
 
 
 class _Spool:
@@ -268,6 +268,9 @@ class Chain:
         target = rec.target_hash(k)
         st = self.blocks.get(s)
         if st is None:
+            if s >= self.zero_from:
+                raise WrongBase(f"merge: {where}: copy source block {s} holds zeros after the "
+                                f"patches before it, the record expects {_short(target)}")
             return Block(target, CopyOf(s))
         if st.hash != target:
             raise WrongBase(f"merge: {where}: copy source block {s} has hash {_short(st.hash)}, "

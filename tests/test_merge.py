@@ -305,3 +305,19 @@ def test_a_chain_from_a_full_patch_merges_into_a_full_patch(world: dict[str, obj
     run_cli("apply", str(merged), str(dest), "--verify")
     assert dest.read_bytes() == images[-1]
     assert allocated_blocks(dest, BS) == allocated_blocks(world["chained"], BS)  # type: ignore[arg-type]
+
+
+def test_other_block_sizes_and_a_later_full_patch_are_usage_errors(world: dict[str, object],
+                                                                  tmp_path: Path) -> None:
+    patches, tmp = world["patches"], world["tmp"]
+    assert isinstance(patches, list) and isinstance(tmp, Path)
+    small = make_chain(tmp_path, states()[:2], block_size=4096)[0]
+    line = error_line(run_cli("merge", str(patches[0]), str(small), "-o", str(tmp_path / "m"),
+                              check=False), 2)
+    assert "share a block size" in line, line
+    full = tmp_path / "full.patch"
+    run_cli("diff", "--full", str(tmp / "s1.img"), "-o", str(full))
+    line = error_line(run_cli("merge", str(patches[0]), str(full), "-o", str(tmp_path / "m"),
+                              check=False), 2)
+    assert f"{full} is a full patch" in line, line
+    assert not (tmp_path / "m").exists()
