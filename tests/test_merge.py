@@ -6,6 +6,7 @@ wrote; broken and reversed chains are refused with one line and leave no output.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -321,3 +322,78 @@ def test_other_block_sizes_and_a_later_full_patch_are_usage_errors(world: dict[s
                               check=False), 2)
     assert f"{full} is a full patch" in line, line
     assert not (tmp_path / "m").exists()
+
+
+def _random_step(rng: random.Random, data: bytearray, bs: int) -> bytearray:
+    """data after 1..4 random changes: new data, content moved (by pages or not), zeros, a
+    grow, a shrink, a whole block copied."""
+    d = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op, n = rng.choice(["rewrite", "move", "punch", "grow", "shrink", "copy"]), len(d)
+        if op == "rewrite" and n:
+            off = rng.randrange(n)
+            write(d, off, pattern(min(rng.randint(1, 64 * KiB), n - off), rng.randrange(1000)))
+        elif op == "move" and n > 64 * KiB:
+            ln = rng.choice([PAGE, 16 * KiB, 40 * KiB])
+            src, dst = rng.randrange(n - ln), rng.randrange(n - ln)
+            if rng.random() < 0.5:
+                src, dst = src // PAGE * PAGE, dst // PAGE * PAGE
+            write(d, dst, bytes(d[src : src + ln]))
+        elif op == "punch" and n:
+            off = rng.randrange(n)
+            write(d, off, min(rng.randint(1, 64 * KiB), n - off))
+        elif op == "grow":
+            d += bytes(rng.randint(1, 100 * KiB))
+            off = rng.randrange(n, len(d))
+            write(d, off, pattern(min(rng.randint(1, 40 * KiB), len(d) - off), rng.randrange(1000)))
+        elif op == "shrink" and n > 64 * KiB:
+            del d[rng.randrange(n // 2, n) :]
+        elif op == "copy" and n > 4 * bs:
+            s, t = rng.randrange(n // bs - 1), rng.randrange(n // bs - 1)
+            write(d, t * bs, bytes(d[s * bs : (s + 1) * bs]))
+    return d
+
+
+@pytest.mark.parametrize("bs", [4096, BS])
+def test_random_chains_merge_or_are_refused_with_what_to_do(tmp_path: Path, bs: int) -> None:
+    """Random three-patch chains (in-process, so that many are fast): the merged patch
+    applies like the chain, byte for byte and block for block allocated, or merge refuses
+    one of the two states spec 5.6 names."""
+    from sparsepatch import api
+    from sparsepatch.errors import UsageError
+
+    def image(data: bytes | bytearray, path: Path) -> Path:
+        return make_sparse(path, len(data), [(o, bytes(data[o : o + bs]))
+                                             for o in range(0, len(data), bs) if any(data[o : o + bs])])
+
+    merged = 0
+    for seed in range(24):
+        rng = random.Random(seed)
+        tmp = tmp_path / str(seed)
+        tmp.mkdir()
+        a = bytearray(rng.randint(64, 512) * KiB)
+        for _ in range(rng.randint(1, 5)):
+            off = rng.randrange(len(a))
+            write(a, off, pattern(min(rng.randint(1, 128 * KiB), len(a) - off), rng.randrange(1000)))
+        images = [a]
+        for _ in range(3):
+            images.append(_random_step(rng, images[-1], bs))
+        patches = []
+        for k in range(3):
+            old, new = image(images[k], tmp / f"s{k}.img"), image(images[k + 1], tmp / f"s{k + 1}.img")
+            api.signature(str(old), str(tmp / f"s{k}.sig"), block_size=bs)
+            api.diff(str(tmp / f"s{k}.sig"), str(new), str(tmp / f"p{k}.patch"))
+            patches.append(str(tmp / f"p{k}.patch"))
+        try:
+            api.merge(patches, str(tmp / "m.patch"))
+        except UsageError as e:
+            assert "apply the patches in turn" in str(e), (seed, str(e))
+            continue
+        merged += 1
+        chained, one = image(a, tmp / "chained.img"), image(a, tmp / "one.img")
+        for p in patches:
+            api.apply(p, str(chained))
+        api.apply(str(tmp / "m.patch"), str(one))
+        assert one.read_bytes() == chained.read_bytes() == images[-1], seed
+        assert allocated_blocks(one, bs) == allocated_blocks(chained, bs), seed
+    assert merged >= 12  # most chains merge; the rest cut off blocks and grow them back
