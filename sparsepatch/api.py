@@ -264,7 +264,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
 
 def merge(patches: list[str], output: str | None = None, *, key_file: str | None = None,
           unauthenticated_ok: bool = False, split: int | None = None,
-          level: int = DEFAULT_LEVEL, window_log: int = MAX_WINDOW_LOG) -> MergeStats:
+          level: int = DEFAULT_LEVEL, window_log: int = MAX_WINDOW_LOG,
+          progress: Callable[[int], None] | None = None) -> MergeStats:
     """Write to output one patch from the first patch's base to the last one's target,
     made from the patches alone (a chain: each starts where the one before leads). Each
     of patches is a path, a split patch's .000 (its pieces are found as apply finds them)
@@ -287,7 +288,8 @@ def merge(patches: list[str], output: str | None = None, *, key_file: str | None
         for path, ps in zip(patches, pieces, strict=True):
             chain = stack.enter_context(inputs.open_inputs(ps))
             name = "patch" if path == "-" else path
-            readers.append(PatchReader(chain.read, name, key, unauthenticated_ok))
+            read = chain.read if progress is None else inputs.counting(chain.read, progress)
+            readers.append(PatchReader(read, name, key, unauthenticated_ok))
         sink: list[Callable[[bytes], object]] = []
 
         def opened() -> None:

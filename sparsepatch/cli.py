@@ -496,9 +496,12 @@ def merge(patches: tuple[str, ...], output: str | None, level: int, window_log: 
     stats_to = _stats_target(as_json, stats, output in (None, "-"))
     _run(api.refuse_stats_over, stats_to, [output], [*patches, key_file], output if split else None)
     _refuse_tty(output)
+    pieces = [p for patch in patches for p in _run(api.patch_pieces, [patch])]
+    total = lambda: sum(api.input_size(p) or 0 for p in pieces) or None  # noqa: E731
+    prog = _progress("merge", total, progress, quiet)
     t = time.monotonic()
     s = _run(api.merge, list(patches), output, key_file=key_file, unauthenticated_ok=no_auth,
-             split=split, level=level, window_log=window_log)
+             split=split, level=level, window_log=window_log, progress=prog)
     changed = s.data_blocks + s.zero_blocks + s.copy_blocks
     _finish("merge", s, time.monotonic() - t,
             f"merge: {s.patches} patches of {human(s.input_bytes)}, {changed:,} blocks changed "
