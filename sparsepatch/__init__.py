@@ -4,18 +4,20 @@ from .api import (
     DEFAULT_BLOCK_SIZE,
     ApplyStats,
     DiffStats,
+    MergeStats,
     SignatureStats,
     VerifyStats,
     apply,
     check,
     diff,
     info,
+    merge,
     signature,
     verify,
 )
 from .errors import SparsePatchError
 
 __version__ = "0.1.0"
-__all__ = ["signature", "diff", "apply", "info", "verify", "check", "SparsePatchError",
-           "ApplyStats", "DiffStats", "SignatureStats", "VerifyStats", "DEFAULT_BLOCK_SIZE",
-           "__version__"]
+__all__ = ["signature", "diff", "apply", "merge", "info", "verify", "check", "SparsePatchError",
+           "ApplyStats", "DiffStats", "MergeStats", "SignatureStats", "VerifyStats",
+           "DEFAULT_BLOCK_SIZE", "__version__"]

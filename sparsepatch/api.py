@@ -36,6 +36,7 @@ from .format import (
     shift_for_block_size,
 )
 from .journal import Journal
+from .merge import MergeStats, merge_patches
 from .scratch import Scratch
 from .signature import SignatureStats, write_signature
 from .undo import Undo
@@ -48,8 +49,8 @@ FAT_MAX_FILE = outputs.FAT_MAX_FILE
 
 DEFAULT_BLOCK_SIZE = 16 << 10  # measured on changed ext4 images: bench/BLOCKSIZE.md
 
-__all__ = ["signature", "diff", "apply", "info", "check", "verify", "VerifyStats", "ApplyStats", "DiffStats",
-           "SignatureStats", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["signature", "diff", "apply", "merge", "info", "check", "verify", "VerifyStats", "ApplyStats",
+           "DiffStats", "MergeStats", "SignatureStats", "DEFAULT_BLOCK_SIZE"]
 
 
 block_shift = shift_for_block_size
@@ -259,6 +260,44 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
     if verify:
         check(dest, h.block_shift, h.target_identity, h.target_size)
     return stats
+
+
+def merge(patches: list[str], output: str | None = None, *, key_file: str | None = None,
+          unauthenticated_ok: bool = False, split: int | None = None,
+          level: int = DEFAULT_LEVEL, window_log: int = MAX_WINDOW_LOG,
+          progress: Callable[[int], None] | None = None) -> MergeStats:
+    """Write to output one patch from the first patch's base to the last one's target,
+    made from the patches alone (a chain: each starts where the one before leads). Each
+    of patches is a path, a split patch's .000 (its pieces are found as apply finds them)
+    or '-' (once). With key_file every patch must be authenticated with it, and so is the
+    output; unauthenticated_ok reads authenticated patches unchecked. Nothing is written
+    until every patch was read and checked: a broken chain leaves no output."""
+    if len(patches) < 2:
+        raise UsageError("merge needs at least two patches")
+    if patches.count("-") > 1:
+        raise UsageError("only one of the patches can be standard input")
+    if not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
+        raise UsageError(f"window log {window_log} is outside {MIN_WINDOW_LOG}..{MAX_WINDOW_LOG}")
+    key = load_key(key_file) if key_file else None
+    pieces = [inputs.patch_pieces([p]) for p in patches]
+    every = [p for ps in pieces for p in ps]
+    outputs.refuse_overwrite(output, *every, key_file)
+    size = sum(inputs.input_size(p) or 0 for p in every)
+    with contextlib.ExitStack() as stack:
+        readers = []
+        for path, ps in zip(patches, pieces, strict=True):
+            chain = stack.enter_context(inputs.open_inputs(ps))
+            name = "patch" if path == "-" else path
+            read = chain.read if progress is None else inputs.counting(chain.read, progress)
+            readers.append(PatchReader(read, name, key, unauthenticated_ok))
+        sink: list[Callable[[bytes], object]] = []
+
+        def opened() -> None:
+            sink.append(stack.enter_context(outputs.open_output(output, split,
+                                                                outputs.output_mode(*every))))
+
+        return merge_patches(readers, lambda b: sink[0](b), key=key, level=level,
+                             window_log=window_log, opened=opened, input_bytes=size)
 
 
 def _refuse_undo_at_journal(undo: Undo, journal: Journal) -> None:

@@ -160,11 +160,21 @@ class Applier:
             data = bytearray(rec.count << self.shift)
             per = self.per
 
-            def fetch(kind: int, page: int) -> bytes | bytearray | memoryview:
+            def fetch(kind: int, page: int, h: bytes) -> bytes | bytearray | memoryview:
                 if kind == PAGE_SAME:
                     at = (page % per) << PAGE_SHIFT
-                    return memoryview(current)[at : at + PAGE_SIZE]
-                return self._moved_page(page, rec)
+                    got: bytes | bytearray | memoryview = memoryview(current)[at : at + PAGE_SIZE]
+                else:
+                    got = self._moved_page(page, rec)
+                if page_hash(got) != h:
+                    # The block would fail its target hash too; the page names where.
+                    what = "same" if kind == PAGE_SAME else "moved source"
+                    raise WrongBase(
+                        f"{self.dest.name}: {what} page at byte {page << PAGE_SHIFT} does not "
+                        f"hold the base's content (expected page hash {h.hex()}, found "
+                        f"{page_hash(got).hex()}): it is not the patch's base ({rec.where()})"
+                    )
+                return got
 
             # Every DATA record is decoded, even one whose blocks all hold the target already:
             # the frame's later records need the decoder to have seen it.

@@ -461,6 +461,56 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
 
 
 @main.command(epilog=EXIT_CODES)
+@click.argument("patches", nargs=-1, required=True, metavar="PATCH1 PATCH2 [PATCH...]")
+@_output
+@click.option("-l", "--level", type=click.IntRange(1, 19), default=3, show_default=True,
+              help="zstd level of the merged patch's literal.")
+@click.option("--window-log", type=click.IntRange(10, 27), default=27, show_default=True,
+              help="Largest compression window, 2^N bytes: what apply's decoder needs.")
+@click.option("-k", "--key-file", metavar="KEY",
+              help="Check every patch's MAC with this key, and authenticate the merged patch.")
+@click.option("--no-auth", is_flag=True,
+              help="Read authenticated patches without checking their MAC (the output is not "
+                   "authenticated).")
+@click.option("--split", type=SplitSizeType(), metavar="SIZE",
+              help="Write pieces of at most SIZE bytes (-o FILE.000, .001, ...), as diff does.")
+@_common
+def merge(patches: tuple[str, ...], output: str | None, level: int, window_log: int,
+          key_file: str | None, no_auth: bool, split: int | None, quiet: bool, progress: str,
+          as_json: bool, stats: str | None) -> None:
+    """Merge a chain of patches into one: from the first one's base to the last one's target.
+
+    Each patch must start where the one before it leads (apply them in this order); the
+    merged patch applies like the chain, from the patches alone. Give a split patch by its
+    .000.
+
+    \b
+    Examples:
+      sparsepatch merge mon.patch tue.patch wed.patch -o mon-wed.patch
+      sparsepatch merge -k secret.key a.patch b.patch -o ab.patch --split fat32
+    """
+    if len(patches) < 2:
+        raise click.UsageError("expected at least two patches")
+    if split is not None and split < 4096:
+        raise click.UsageError("--split SIZE must be at least 4K")
+    stats_to = _stats_target(as_json, stats, output in (None, "-"))
+    _run(api.refuse_stats_over, stats_to, [output], [*patches, key_file], output if split else None)
+    _refuse_tty(output)
+    pieces = [p for patch in patches for p in _run(api.patch_pieces, [patch])]
+    total = lambda: sum(api.input_size(p) or 0 for p in pieces) or None  # noqa: E731
+    prog = _progress("merge", total, progress, quiet)
+    t = time.monotonic()
+    s = _run(api.merge, list(patches), output, key_file=key_file, unauthenticated_ok=no_auth,
+             split=split, level=level, window_log=window_log, progress=prog)
+    changed = s.data_blocks + s.zero_blocks + s.copy_blocks
+    _finish("merge", s, time.monotonic() - t,
+            f"merge: {s.patches} patches of {human(s.input_bytes)}, {changed:,} blocks changed "
+            f"({s.data_blocks:,} data, {s.zero_blocks:,} zero, {s.copy_blocks:,} copy)"
+            f"{f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}, "
+            f"patch {human(s.patch_bytes)}", quiet, stats_to)
+
+
+@main.command(epilog=EXIT_CODES)
 @click.argument("args", nargs=-1, metavar="PATCH... | --against SIG_OR_PATCH FILE")
 @click.option("--against", metavar="SIG_OR_PATCH",
               help="Check FILE against a signature (block by block) or a patch's target.")

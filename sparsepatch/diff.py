@@ -24,36 +24,28 @@ from .errors import SourceChanged, io_errors
 from .format import (
     FLAG_FULL,
     FLAG_MAC,
-    FRAME_END,
-    FRAME_START,
     HASH_LEN,
-    MAX_FRAME_RAW,
     MAX_RECORD_BLOCKS,
     MAX_STAGE_PAGES,
     MAX_WINDOW_LOG,
-    MIN_WINDOW_LOG,
     PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
     PAGE_SIZE,
     REC_COPY,
     REC_DATA,
-    REC_STAGE,
     REC_ZERO,
     ZERO_HASH,
-    MacChain,
     PatchHeader,
-    PatchTrailer,
-    Record,
     Signature,
     blocks_for,
     data_meta,
     data_record_max_blocks,
-    encode_patch_header,
-    encode_patch_trailer,
-    encode_record,
     hash_block,
     pages_per_block,
 )
 from .moves import PagePlan, classify, find_sources
+from .writer import PatchWriter, frame_sizes, window_log_for
 
 DEFAULT_LEVEL = 3
 BATCH_BYTES = 1 << 20  # data per batch of records (the unit handed from the reading thread)
@@ -260,70 +252,6 @@ def _plan(changes: Changes, sources: dict[bytes, int], target_blocks: int,
         k += m
 
 
-def frame_sizes(plan: Iterator[tuple[int, int, int, int]],
-                literal: Callable[[int, int], int]) -> list[int]:
-    """The raw literal of each frame of the literal stream: frames are cut at a record
-    boundary so that none passes MAX_FRAME_RAW (a record is far smaller)."""
-    sizes: list[int] = []
-    cur = 0
-    for kind, k, m, _ in plan:
-        if kind != REC_DATA:
-            continue
-        raw = literal(k, m)
-        if cur and cur + raw > MAX_FRAME_RAW:
-            sizes.append(cur)
-            cur = 0
-        cur += raw
-    if cur:
-        sizes.append(cur)
-    return sizes
-
-
-def window_log_for(raw: int, cap: int = MAX_WINDOW_LOG) -> int:
-    """The window of a frame of raw bytes: all of it (repeats in an OS image lie tens of
-    MiB apart), within zstd's smallest window and the cap (diff --window-log)."""
-    return min(cap, MAX_WINDOW_LOG, max(MIN_WINDOW_LOG, (raw - 1).bit_length()))
-
-
-class _LiteralStream:
-    """The writer of the literal stream: one zstd stream per frame, fed record by record
-    and flushed at each record's end (so every payload is whole blocks that decode, given
-    the frame's earlier records, to that record's bytes), finished at the frame's last
-    record. Single-threaded zstd: the bytes depend on the inputs, level and window only."""
-
-    def __init__(self, frames: list[int], level: int, cap: int):
-        self.frames = iter(frames)
-        self.level = level
-        self.cap = cap
-        self.cobj: Any = None
-        self.left = 0  # raw bytes the open frame still takes
-
-    def payload(self, raw: bytes) -> tuple[int, bytes]:
-        """Flags and payload of a DATA record carrying raw."""
-        if not raw:
-            return 0, b""
-        import zstandard  # imported where used: a signature never needs it
-
-        flags = 0
-        if self.cobj is None:
-            size = next(self.frames)
-            params = zstandard.ZstdCompressionParameters.from_level(
-                self.level, source_size=size, window_log=window_log_for(size, self.cap),
-                enable_ldm=True, threads=0, write_checksum=1, write_content_size=1)
-            self.cobj = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
-            self.left = size
-            flags |= FRAME_START
-        self.left -= len(raw)
-        out = self.cobj.compress(raw)
-        if self.left:
-            out += self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        else:
-            out += self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
-            flags |= FRAME_END
-            self.cobj = None
-        return flags, out
-
-
 def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: int, name: str) -> None:
     """The first phase chose these blocks by their hashes; a source that changed since
     would otherwise put data in the patch that its own hashes do not describe."""
@@ -398,26 +326,10 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
     if frames:
         header = replace(header, window_log=window_log_for(max(frames), window_log))
 
-    written = 0
-    mac = MacChain(key) if key is not None else None
-
-    def emit(b: bytes) -> None:
-        """Write one element of the patch, followed by its tag when authenticating."""
-        nonlocal written
-        write(b)
-        written += len(b)
-        if mac is not None:
-            tag = mac.next(b)
-            write(tag)
-            written += len(tag)
-
-    emit(encode_patch_header(header))
-    counts = {REC_DATA: 0, REC_ZERO: 0, REC_COPY: 0}
-    records = payload_bytes = data_bytes = 0
+    out = PatchWriter(write, key)
+    out.header(header)
     # Before every other record: apply copies these pages aside before its first write.
-    for first, count, hashes in pages.stage_runs(MAX_STAGE_PAGES):
-        emit(encode_record(Record(REC_STAGE, first, count, hashes, pages=per)))
-        records += 1
+    out.stage(pages.stage_runs(MAX_STAGE_PAGES), per)
     if spool:
         spool.finish()
 
@@ -437,9 +349,15 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
         _recheck(raw, changes, k, m, shift, first, name)
         kinds = [pages.kinds[first + b] for b in range(m)]
         moved = array("Q")
+        hashes = []
+        width = per * HASH_LEN
         for b in range(m):
             moved.extend(pages.sources.get(first + b, ()))
-        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)], moved)
+            target_pages = changes.pages[(k + b) * width : (k + b + 1) * width]
+            hashes += [bytes(target_pages[p * HASH_LEN : (p + 1) * HASH_LEN])
+                       for p, pk in enumerate(kinds[b]) if pk in (PAGE_SAME, PAGE_MOVED)]
+        meta = data_meta([(metas[b][:HASH_LEN], metas[b][HASH_LEN:], kinds[b]) for b in range(m)],
+                         moved, b"".join(hashes))
         return kind, first, m, meta, len(moved), _literal_pages(raw, kinds)
 
     def batches() -> Iterator[list[_Planned]]:
@@ -462,24 +380,18 @@ def write_patch(sig: Signature, fd: int, name: str, write: Callable[[bytes], obj
 
     # The literal is one stream per frame, so it is compressed in order, here; a thread
     # reads and re-checks the records ahead of it (zstd and the reads release the GIL).
-    stream = _LiteralStream(frames, level, window_log)
+    out.frames(frames, level, window_log)
     with _ReadAhead(batches()) as ahead:
         for batch in ahead:
             for kind, first, count, meta, src, raw in batch:
-                rflags, payload = stream.payload(raw) if kind == REC_DATA else (0, b"")
-                emit(encode_record(Record(kind, first, count, meta, src, payload, flags=rflags,
-                                          pages=per)))
-                counts[kind] += count
-                records += 1
-                data_bytes += len(raw)
-                payload_bytes += len(payload)
+                out.record(kind, first, count, meta, src, raw, per)
     stamp.verify(name, "diff")
-    emit(encode_patch_trailer(PatchTrailer(records, counts[REC_DATA], counts[REC_ZERO],
-                                           counts[REC_COPY], payload_bytes, written)))
-    return DiffStats(sig.header.file_size, size, bs, target_blocks, counts[REC_DATA],
-                     counts[REC_ZERO], counts[REC_COPY], records, scan.bytes_read, data_bytes,
-                     payload_bytes, written, sig.identity.hex(), header.target_identity.hex(), full,
-                     scan.holes_skipped, len(frames), header.window_log, pages.moved,
+    written = out.finish()
+    c = out.counts
+    return DiffStats(sig.header.file_size, size, bs, target_blocks, c[REC_DATA],
+                     c[REC_ZERO], c[REC_COPY], out.records, scan.bytes_read, out.data_bytes,
+                     out.payload_bytes, written, sig.identity.hex(), header.target_identity.hex(),
+                     full, scan.holes_skipped, len(frames), header.window_log, pages.moved,
                      len(pages.stage))
 
 

@@ -26,7 +26,7 @@ from sparsepatch.format import read_signature
 
 BS = 64 * KiB
 CLI = Path(sys.executable).parent / "sparsepatch"  # the console script pip installs
-COMMANDS = ["signature", "diff", "apply", "verify", "info"]
+COMMANDS = ["signature", "diff", "apply", "merge", "verify", "info"]
 EXIT_MEANINGS = ["0 success", "1 other error", "2 usage", "3 I/O", "4 corrupt", "5 wrong base",
                  "6 source changed", "7 destination locked", "8 verify found a difference"]
 

@@ -364,9 +364,8 @@ def test_frames_are_cut_at_record_boundaries(world: dict[str, Any],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """At most MAX_FRAME_RAW of literal a frame (1 GiB; made small here): a new frame opens
     at the record that would pass it, and each applies in turn."""
-    diff_module = sys.modules["sparsepatch.diff"]  # the package's diff is the api function
     t = world["tmp"]
-    monkeypatch.setattr(diff_module, "MAX_FRAME_RAW", 5 * BS)
+    monkeypatch.setattr(sys.modules["sparsepatch.writer"], "MAX_FRAME_RAW", 5 * BS)
     api.diff(str(t / "base.sig"), str(t / "target.img"), str(t / "f.patch"))
     reader, records = parse((t / "f.patch").read_bytes())
     data = [r for r in records if r.kind == REC_DATA]

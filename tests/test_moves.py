@@ -310,7 +310,8 @@ def _stage_late(recs: list[Record]) -> list[Record]:
 def _source_past_base(recs: list[Record]) -> list[Record]:
     k = next(i for i, r in enumerate(recs) if r.kind == REC_DATA and r.moved_pages)
     r = recs[k]
-    meta = r.meta[:-8] + (1 << 40).to_bytes(8, "little")
+    end = len(r.meta) - len(r.page_hashes)  # the last source, before the page hashes
+    meta = r.meta[: end - 8] + (1 << 40).to_bytes(8, "little") + r.meta[end:]
     return recs[:k] + [dataclasses.replace(r, meta=meta)] + recs[k + 1 :]
 
 
@@ -367,3 +368,20 @@ def test_moves_onto_a_block_device_stage_in_the_private_state_dir(tmp: Path) -> 
             with contextlib.suppress(FileNotFoundError):
                 scratch.unlink()
     assert backing.read_bytes() == target.read_bytes()
+
+
+def test_a_moved_source_page_that_is_not_the_bases_is_named(tmp: Path) -> None:
+    # The source lies in a block the patch leaves alone, so the destination's block hashes
+    # cannot tell; the page hash the patch carries for the moved page does.
+    src = 1 * MiB + PAGE
+    base, target = build(tmp, [(0, 2 * MiB)], 2 * MiB, [(src, 256 * KiB, 64 * KiB)], [])
+    patch, stats = diff(tmp, base, target)
+    assert stats["moved_pages"] == 16
+    dest = dest_of(tmp, base)
+    with open(dest, "r+b") as f:
+        f.seek(src + 100)
+        f.write(b"changed")
+    before = dest.read_bytes()
+    line = error_line(run_cli("apply", str(patch), str(dest), check=False), 5)
+    assert f"moved source page at byte {src} does not hold the base's content" in line, line
+    assert dest.read_bytes() == before

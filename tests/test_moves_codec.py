@@ -9,7 +9,7 @@ import io
 import pytest
 import zstandard
 
-from sparsepatch.errors import FormatError
+from sparsepatch.errors import ChecksumMismatch, FormatError
 from sparsepatch.format import (
     FLAG_FULL,
     FRAME_END,
@@ -24,15 +24,19 @@ from sparsepatch.format import (
     REC_STAGE,
     REC_ZERO,
     ZERO_HASH,
+    FrameDecoder,
     PatchHeader,
     PatchReader,
     PatchTrailer,
     Record,
     data_meta,
+    decode_data,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    page_hash,
     raw_length,
+    tree_hash,
 )
 
 SHIFT = 14  # 16 KiB blocks: 4 pages each
@@ -53,7 +57,9 @@ def stage(first: int, count: int, hashes: bytes | None = None) -> Record:
 def data(first: int, kinds: list[bytes], sources: tuple[int, ...] | list[int] = (),
          literal: bytes | None = None,
          payload: bytes | None = None) -> Record:
-    meta = data_meta([(hsh(3), hsh(4 + b), k) for b, k in enumerate(kinds)], list(sources))
+    hashed = sum(k.count(PAGE_SAME) + k.count(PAGE_MOVED) for k in kinds)
+    meta = data_meta([(hsh(3), hsh(4 + b), k) for b, k in enumerate(kinds)], list(sources),
+                     hsh(8) * hashed)
     lit = sum(k.count(PAGE_LITERAL) for k in kinds)
     if payload is None:
         raw = literal if literal is not None else b"\x55" * (lit * PAGE_SIZE)
@@ -149,3 +155,30 @@ def test_no_stage_in_a_full_patch() -> None:
     full = PatchHeader(FLAG_FULL, SHIFT, 0, SIZE, b"\1" * 32, b"\2" * 32, window_log=20)
     with pytest.raises(FormatError, match="a full patch has no base to stage pages of"):
         read(patch([stage(0, 1)], full))
+
+
+def test_same_and_moved_pages_carry_their_page_hashes() -> None:
+    rec = read(patch([data(1, [MOVED1, LIT], [30])]))[0]
+    assert rec.page_hashes == hsh(8) * 2  # one MOVED, one SAME page, in page order
+    assert list(rec.sources) == [30]
+    zeroed = dataclasses.replace(rec, meta=rec.meta[: -32] + ZERO_HASH + hsh(8))
+    with pytest.raises(FormatError, match="same or moved page 0 of the record is the zero hash"):
+        read(patch([zeroed]))
+
+
+def test_verify_checks_a_block_with_same_pages_from_the_patch_alone() -> None:
+    # Block: a literal page, a page the base keeps (SAME), two zero pages.
+    kinds = bytes([PAGE_LITERAL, PAGE_SAME, PAGE_ZERO, PAGE_ZERO])
+    lit, same = b"\x55" * PAGE_SIZE, b"\x66" * PAGE_SIZE
+    pages = page_hash(lit) + page_hash(same) + ZERO_HASH * 2
+
+    def record(carried: bytes) -> Record:
+        meta = data_meta([(hsh(3), tree_hash(pages), kinds)], [], carried)
+        payload = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(lit)
+        return Record(REC_DATA, 1, 1, meta, 0, payload, flags=FRAME_START | FRAME_END, pages=P)
+
+    good = read(patch([record(page_hash(same))]))[0]
+    assert decode_data(FrameDecoder(H), good) == lit
+    bad = read(patch([record(page_hash(b"\x67" * PAGE_SIZE))]))[0]
+    with pytest.raises(ChecksumMismatch, match="block 1 does not match its target hash"):
+        decode_data(FrameDecoder(H), bad)

@@ -96,6 +96,7 @@ from .patch import (
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    hashed_pages,
     meta_length,
     raw_length,
 )
@@ -128,6 +129,7 @@ __all__ = [
     "payload_limit", "raw_length", "read_signature", "shift_for_block_size", "sig_run_limit",
     "sniff", "tree_hash", "tree_hashes", "valid_shift",
     "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
-    "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "meta_length", "page_hash",
+    "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "hashed_pages", "meta_length",
+    "page_hash",
     "pages_per_block",
 ]

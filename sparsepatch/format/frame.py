@@ -15,6 +15,7 @@ from ..errors import ChecksumMismatch, FormatError
 from .base import (
     FRAME_END,
     FRAME_START,
+    HASH_LEN,
     MAX_FRAME_RAW,
     PAGE_LITERAL,
     PAGE_MOVED,
@@ -23,8 +24,10 @@ from .base import (
     PAGE_SIZE,
     PAGE_ZERO,
     REC_DATA,
+    ZERO_HASH,
     ZSTD_BLOCK_MAX,
-    hash_block,
+    page_hash,
+    tree_hash,
 )
 from .patch import PatchHeader, Record, raw_length
 
@@ -198,19 +201,22 @@ class FrameDecoder:
         return out
 
 
-PageSource = Callable[[int, int], bytes | bytearray | memoryview]
+PageSource = Callable[[int, int, bytes], bytes | bytearray | memoryview]
 
 
 def assemble(header: PatchHeader, rec: Record, literal: bytes | memoryview,
              fetch: PageSource | None, want: Callable[[int], bool] | None = None
              ) -> Iterator[tuple[int, bytearray | None]]:
     """A DATA record's target blocks from its pages, in order: (k, block k's bytes, a whole
-    block). fetch(kind, page) gives a PAGE_SAME page (page: its number in the target) or a
-    PAGE_MOVED one (page: its source in the base). Blocks for which want(k) is false, or
-    that need fetch when it is None, are (k, None): skipped, not read."""
+    block). fetch(kind, page, hash) gives a PAGE_SAME page (page: its number in the target)
+    or a PAGE_MOVED one (page: its source in the base); hash is the page hash the record
+    carries for it. Blocks for which want(k) is false, or that need fetch when it is None,
+    are (k, None): skipped, not read."""
     lit = memoryview(literal)
+    hashes = rec.page_hashes
     pos = 0
     moved = 0
+    hashed = 0
     sources = rec.sources
     per = rec.pages
     for k in range(rec.count):
@@ -221,6 +227,7 @@ def assemble(header: PatchHeader, rec: Record, literal: bytes | memoryview,
         if (want is not None and not want(k)) or (fetch is None and needs_fetch):
             pos += literal_here << PAGE_SHIFT
             moved += moved_here
+            hashed += moved_here + kinds.count(PAGE_SAME)
             yield k, None
             continue
         block = bytearray(per << PAGE_SHIFT)
@@ -234,24 +241,45 @@ def assemble(header: PatchHeader, rec: Record, literal: bytes | memoryview,
                 continue
             else:
                 assert fetch is not None
+                h = hashes[hashed * HASH_LEN : (hashed + 1) * HASH_LEN]
+                hashed += 1
                 if kind == PAGE_SAME:
-                    page = fetch(PAGE_SAME, page0 + p)
+                    page = fetch(PAGE_SAME, page0 + p, h)
                 else:
-                    page = fetch(PAGE_MOVED, sources[moved])
+                    page = fetch(PAGE_MOVED, sources[moved], h)
                     moved += 1
                 block[at : at + PAGE_SIZE] = page
         yield k, block
 
 
+def page_hash_list(rec: Record, literal: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+    """(k, the page hashes of DATA block k), from the record alone: its literal pages
+    hashed, ZERO_HASH for zero pages, and the hashes it carries for SAME and MOVED pages."""
+    lit = memoryview(literal)
+    hashes = rec.page_hashes
+    pos = hashed = 0
+    for k in range(rec.count):
+        out = []
+        for kind in rec.page_kinds(k):
+            if kind == PAGE_LITERAL:
+                out.append(page_hash(lit[pos : pos + PAGE_SIZE]))
+                pos += PAGE_SIZE
+            elif kind == PAGE_ZERO:
+                out.append(ZERO_HASH)
+            else:
+                out.append(hashes[hashed * HASH_LEN : (hashed + 1) * HASH_LEN])
+                hashed += 1
+        yield k, b"".join(out)
+
+
 def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
-    """A DATA record's literal bytes, decoded, and every block made of literal and zero pages
-    alone checked against its target hash (a block with same or moved pages needs the base:
-    apply checks it)."""
+    """A DATA record's literal bytes, decoded, and every block checked against its target
+    hash: the tree hash of its page hashes, from its literal and the hashes the record
+    carries for its SAME and MOVED pages (apply checks those pages against them)."""
     assert rec.kind == REC_DATA
     data = decoder.decode(rec)
-    bs = decoder.h.block_size
-    for k, block in assemble(decoder.h, rec, data, None):
-        if block is not None and hash_block(block, bs) != rec.target_hash(k):
+    for k, pages in page_hash_list(rec, data):
+        if tree_hash(pages) != rec.target_hash(k):
             raise ChecksumMismatch(
                 f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
                 "after decompression"

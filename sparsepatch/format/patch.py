@@ -20,6 +20,8 @@ from .base import (
     KNOWN_PATCH_FLAGS,
     MAC_LEN,
     PAGE_LITERAL,
+    PAGE_MOVED,
+    PAGE_SAME,
     PAGE_SIZE,
     PATCH_HEADER,
     PATCH_MAGIC,
@@ -103,9 +105,10 @@ def decode_patch_header(buf: bytes) -> PatchHeader:
 class Record:
     """One patch record (spec 5.2). meta holds, per block: base hash, then target hash for
     DATA and COPY, then for DATA the kinds of its pages; after the blocks, a DATA record's
-    moved-page sources (u64 each). A STAGE record's meta is one page hash per base page it
-    lists. last is the header's last u64: a COPY's source block, a DATA record's moved
-    pages. pages: pages per block (block_size / 4096)."""
+    moved-page sources (u64 each), then the page hash of each of its SAME and MOVED pages.
+    A STAGE record's meta is one page hash per base page it lists. last is the header's
+    last u64: a COPY's source block, a DATA record's moved pages.
+    pages: pages per block (block_size / 4096)."""
 
     kind: int
     first_block: int
@@ -164,10 +167,18 @@ class Record:
     def sources(self) -> array:
         """A DATA record's moved-page sources: base page numbers, one per MOVED page."""
         out = array("Q")
-        out.frombytes(self.meta[self.count * self.meta_width :])
+        at = self.count * self.meta_width
+        out.frombytes(self.meta[at : at + 8 * self.moved_pages])
         if sys.byteorder != "little":
             out.byteswap()
         return out
+
+    @property
+    def page_hashes(self) -> bytes:
+        """A DATA record's hashes of its SAME and MOVED pages, in block then page order."""
+        if self.kind != REC_DATA:
+            return b""
+        return self.meta[self.count * self.meta_width + 8 * self.moved_pages :]
 
     @property
     def literal_pages(self) -> int:
@@ -178,7 +189,8 @@ class Record:
 
 
 def meta_length(kind: int, count: int, last: int, pages: int) -> int:
-    """Meta bytes of a record from its header: what the reader reads after the header."""
+    """Meta bytes of a record from its header: what the reader reads after the header (a
+    DATA record's page hashes follow: hashed_pages of its kinds)."""
     if kind in (REC_ZERO, REC_STAGE):
         return count * HASH_LEN
     if kind == REC_COPY:
@@ -186,13 +198,19 @@ def meta_length(kind: int, count: int, last: int, pages: int) -> int:
     return count * (2 * HASH_LEN + pages) + 8 * last
 
 
-def data_meta(blocks: list[tuple[bytes, bytes, bytes]], sources: list[int] | array) -> bytes:
-    """A DATA record's meta from (base hash, target hash, page kinds) per block and the
-    moved-page sources."""
+def hashed_pages(kinds: bytes) -> int:
+    """Pages of DATA page kinds whose hash the meta carries: the SAME and MOVED ones."""
+    return kinds.count(PAGE_SAME) + kinds.count(PAGE_MOVED)
+
+
+def data_meta(blocks: list[tuple[bytes, bytes, bytes]], sources: list[int] | array,
+              hashes: bytes = b"") -> bytes:
+    """A DATA record's meta from (base hash, target hash, page kinds) per block, the
+    moved-page sources and the hashes of the SAME and MOVED pages."""
     src = array("Q", sources)
     if sys.byteorder != "little":
         src.byteswap()
-    return b"".join(b + t + k for b, t, k in blocks) + src.tobytes()
+    return b"".join(b + t + k for b, t, k in blocks) + src.tobytes() + hashes
 
 
 def encode_record(rec: Record) -> bytes:
@@ -290,6 +308,11 @@ class PatchReader:
             where = rules.record_header(f"{self.name} record {n}", at, k, flags, rest[1:3],
                                         first, count, payload_len, source)
             meta = r.exact(meta_length(k, count, source, pages), f"record {n} meta")
+            if k == REC_DATA:
+                # At most count * P hashes (one per page): bounded by rule 9 like the rest.
+                hashed = hashed_pages(Record(k, first, count, meta, source, pages=pages).kinds)
+                if hashed:
+                    meta += r.exact(hashed * HASH_LEN, f"record {n} page hashes")
             crc = CRC.unpack(r.exact(CRC.size, f"record {n} CRC"))[0]
             check_crc(kind + rest + meta, crc, where, at)
             rec = Record(k, first, count, meta, source, b"", at, n, self.name, flags, pages)

@@ -435,6 +435,13 @@ class PatchRules:
         if kinds.count(PAGE_MOVED) != rec.moved_pages:
             raise FormatError(f"{where}: {kinds.count(PAGE_MOVED)} pages are moved, the header "
                               f"says {rec.moved_pages}")
+        hashes = rec.page_hashes
+        zero_at = hashes.find(ZERO_HASH)
+        while zero_at >= 0:
+            if zero_at % HASH_LEN == 0:
+                raise FormatError(f"{where}: the hash of same or moved page {zero_at // HASH_LEN} "
+                                  "of the record is the zero hash: a zero page is ZERO")
+            zero_at = hashes.find(ZERO_HASH, (zero_at // HASH_LEN + 1) * HASH_LEN)
         first_page = rec.first_block * self.pages
         past = kinds[max(0, self.target_pages - first_page) :]
         if past.count(PAGE_ZERO) != len(past):
