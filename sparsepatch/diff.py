@@ -267,12 +267,18 @@ def _recheck(raw: bytes, changes: Changes, k: int, m: int, shift: int, first: in
 def _literal_pages(raw: bytes | bytearray, kinds: list[bytes]) -> bytes:
     """The LITERAL pages of blocks of target bytes (clipped at the target's end): whole
     pages, the last one zero-padded."""
+    pages = sum(len(k) for k in kinds)
+    if all(kind == PAGE_LITERAL for k in kinds for kind in k):
+        # The common case (every page new): no copy page by page, only the padding.
+        return bytes(raw) + bytes(pages * PAGE_SIZE - len(raw))
+    view = memoryview(raw)
     parts = []
     at = 0
     for k in kinds:
         for kind in k:
             if kind == PAGE_LITERAL:
-                parts.append(bytes(raw[at : at + PAGE_SIZE]).ljust(PAGE_SIZE, b"\0"))
+                page = view[at : at + PAGE_SIZE]
+                parts.append(page if len(page) == PAGE_SIZE else bytes(page).ljust(PAGE_SIZE, b"\0"))
             at += PAGE_SIZE
     return b"".join(parts)
 
@@ -403,7 +409,7 @@ class _ReadAhead:
     are raised to the consumer in order. Leaving the with block (an error of the
     consumer's, Ctrl-C) stops the thread before returning."""
 
-    AHEAD = 3  # batches: a record is at most 8 MiB (16 at 16 MiB blocks)
+    AHEAD = 2  # batches: a record is at most 8 MiB (16 at 16 MiB blocks); each held costs that
 
     def __init__(self, items: Iterator[list[_Planned]]):
         import queue

@@ -452,7 +452,7 @@ def test_bash_completion_script() -> None:
 
 @pytest.mark.parametrize(("words_", "cword", "expected"), [
     (["sparsepatch", "ap"], 1, ["apply"]),
-    (["sparsepatch", ""], 1, ["apply", "diff", "info", "signature", "verify"]),
+    (["sparsepatch", ""], 1, ["apply", "diff", "info", "merge", "signature", "verify"]),
     (["sparsepatch", "apply", "--j"], 2, ["--journal", "--json"]),
     (["sparsepatch", "signature", "--progress", ""], 3, ["auto", "bar", "lines", "none"]),
 ])

@@ -264,10 +264,10 @@ def test_an_error_while_writing_stops_the_reading_thread(
 
     from sparsepatch.errors import IOFailure
 
-    diff_module = sys.modules["sparsepatch.diff"]
+    writer_module = sys.modules["sparsepatch.writer"]  # diff writes its records through it
     base, target = _changed_pair(tmp_path)
     sparsepatch.signature(str(base), str(tmp_path / "b.sig"))
-    real = diff_module.encode_record
+    real = writer_module.encode_record
     written = []
 
     def full_disk(rec: object) -> bytes:
@@ -276,7 +276,7 @@ def test_an_error_while_writing_stops_the_reading_thread(
             raise IOFailure("p.patch: write failed: No space left on device")
         return bytes(real(rec))
 
-    monkeypatch.setattr(diff_module, "encode_record", full_disk)
+    monkeypatch.setattr(writer_module, "encode_record", full_disk)
     with pytest.raises(IOFailure, match="No space left on device"):
         sparsepatch.diff(str(tmp_path / "b.sig"), str(target), str(tmp_path / "p.patch"))
     assert threading.active_count() == 1
