@@ -27,6 +27,14 @@ def scratch_name(dest: str) -> str:
     return f".{os.path.basename(dest)}.sparsepatch-scratch"
 
 
+def shared_scratch_name(dest: str, st: os.stat_result) -> str:
+    """The name in `--scratch DIR`, which many destinations may share: the file name alone
+    would let an update of another `vm.img` take over (and empty) the scratch that holds
+    the only copy of an interrupted apply's staged pages. The destination's device and
+    inode tell them apart, and stay the same while its journal does."""
+    return f".{os.path.basename(dest)}.{st.st_dev:x}-{st.st_ino}.sparsepatch-scratch"
+
+
 def device_scratch_name(rdev: int, size: int) -> str:
     """Named like a device's journal (journal.device_journal_name), for the same reasons."""
     return f"blockdev-{os.major(rdev)}-{os.minor(rdev)}-{size}.scratch"
