@@ -250,10 +250,16 @@ def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
     assert rec.kind == REC_DATA
     data = decoder.decode(rec)
     bs = decoder.h.block_size
+    size = decoder.h.target_size
     for k, block in assemble(decoder.h, rec, data, None):
         if block is not None and hash_block(block, bs) != rec.target_hash(k):
             raise ChecksumMismatch(
                 f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
                 "after decompression"
             )
+        end = size - (rec.first_block + k) * bs
+        if block is not None and end < bs and block.count(0, end) != bs - end:
+            # Written clipped at target_size, it could never read back as its target.
+            raise FormatError(f"{rec.where()}: block {rec.first_block + k} holds non-zero bytes "
+                              f"past the target's end (byte {size}), where its target hash says zeros")
     return data

@@ -1,0 +1,90 @@
+"""Format version 2 in review: patches that pass every record check yet cannot be applied,
+found by reading the spec against apply. A patch file that apply refuses must leave the
+destination as it was, and say why in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+from conftest import KiB, error_line, make_sparse, pattern, run_cli
+
+from sparsepatch.format import (
+    REC_COPY,
+    REC_DATA,
+    REC_ZERO,
+    PatchHeader,
+    PatchReader,
+    PatchTrailer,
+    Record,
+    encode_patch_header,
+    encode_patch_trailer,
+    encode_record,
+)
+
+BS = 4 * KiB
+
+
+def _parse(blob: bytes) -> tuple[PatchHeader, list[Record]]:
+    r = PatchReader(io.BytesIO(blob).read)
+    return r.header, list(r.records())
+
+
+def _encode(h: PatchHeader, recs: list[Record]) -> bytes:
+    body = encode_patch_header(h) + b"".join(encode_record(r) for r in recs)
+    n = {k: sum(r.count for r in recs if r.kind == k) for k in (REC_DATA, REC_ZERO, REC_COPY)}
+    return body + encode_patch_trailer(PatchTrailer(len(recs), n[REC_DATA], n[REC_ZERO], n[REC_COPY],
+                                                    sum(len(r.payload) for r in recs), len(body)))
+
+
+def _world(tmp: Path, target_edit: dict[int, bytes]) -> tuple[Path, Path, bytes]:
+    """A 64 KiB base of data at 4 KiB blocks, the patch to a target with target_edit (offset:
+    bytes) written over it, and a copy of the base to apply to."""
+    base = make_sparse(tmp / "base.img", 64 * KiB, [(0, 64 * KiB)])
+    target = bytearray(base.read_bytes())
+    for off, piece in target_edit.items():
+        target[off : off + len(piece)] = piece
+    (tmp / "target.img").write_bytes(target)
+    run_cli("signature", str(base), "-o", str(tmp / "base.sig"), "-b", "4K")
+    run_cli("diff", str(tmp / "base.sig"), str(tmp / "target.img"), "-o", str(tmp / "t.patch"))
+    dest = tmp / "dest.img"
+    dest.write_bytes(base.read_bytes())
+    return tmp / "t.patch", dest, base.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["file", "stdin"])
+@pytest.mark.parametrize("kind", ["data", "copy"])
+def test_a_last_block_with_bytes_past_the_target_end_is_refused_before_writing(
+        tmp: Path, mode: str, kind: str) -> None:
+    """The target hash is that of the zero-padded last block, so its bytes past target_size
+    are zeros; apply writes the block clipped there. A patch whose header cuts the target
+    inside a block whose hash covers non-zero bytes there passed every check, had its block
+    written clipped, then failed the read-back (exit 8) with the journal kept: every rerun
+    failed the same way, and the destination was neither base nor target."""
+    if kind == "data":
+        patch, dest, base = _world(tmp, {15 * BS: pattern(BS, 7)})
+    else:  # the last block becomes a copy of block 0, which no record changes
+        patch, dest, base = _world(tmp, {15 * BS: pattern(64 * KiB, 0)[:BS]})  # make_sparse's bytes
+    h, recs = _parse(patch.read_bytes())
+    assert [r.kind for r in recs] == [REC_DATA if kind == "data" else REC_COPY]
+    evil = tmp / "evil.patch"
+    evil.write_bytes(_encode(dataclasses.replace(h, target_size=h.target_size - 100), recs))
+    if mode == "file":
+        r = run_cli("apply", str(evil), str(dest), check=False)
+    else:
+        r = run_cli("apply", "-", str(dest), input=evil.read_bytes(), check=False)
+    line = error_line(r, 4)
+    assert "past the target's end" in line, line
+    assert dest.read_bytes() == base
+
+
+def test_verify_alone_refuses_a_last_block_with_bytes_past_the_target_end(tmp: Path) -> None:
+    patch, _, _ = _world(tmp, {15 * BS: pattern(BS, 7)})
+    h, recs = _parse(patch.read_bytes())
+    evil = tmp / "evil.patch"
+    evil.write_bytes(_encode(dataclasses.replace(h, target_size=h.target_size - 100), recs))
+    run_cli("verify", str(patch))
+    line = error_line(run_cli("verify", str(evil), check=False), 4)
+    assert "past the target's end" in line, line
