@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import KiB, error_line, make_sparse, pattern, run_cli
 from sparsepatch.format import (
     REC_COPY,
     REC_DATA,
+    REC_STAGE,
     REC_ZERO,
     PatchHeader,
     PatchReader,
@@ -22,6 +24,7 @@ from sparsepatch.format import (
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    page_hash,
 )
 
 BS = 4 * KiB
@@ -88,3 +91,55 @@ def test_verify_alone_refuses_a_last_block_with_bytes_past_the_target_end(tmp: P
     run_cli("verify", str(patch))
     line = error_line(run_cli("verify", str(evil), check=False), 4)
     assert "past the target's end" in line, line
+
+
+def _rotated_pages(tmp: Path) -> tuple[Path, Path, bytes]:
+    """16 KiB blocks; the target has the pages of block 1 rotated by one: a patch with a
+    STAGE record. Returns the patch, a copy of the base and the base's bytes."""
+    big = 16 * KiB
+    base = pattern(6 * big, 600)
+    target = bytearray(base)
+    target[big : 2 * big] = base[big + BS : 2 * big] + base[big : big + BS]
+    (tmp / "base.img").write_bytes(base)
+    (tmp / "target.img").write_bytes(target)
+    run_cli("signature", str(tmp / "base.img"), "-o", str(tmp / "base.sig"))
+    run_cli("diff", str(tmp / "base.sig"), str(tmp / "target.img"), "-o", str(tmp / "t.patch"))
+    dest = tmp / "dest.img"
+    dest.write_bytes(base)
+    return tmp / "t.patch", dest, base
+
+
+def _sides(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if "sparsepatch-" in n)
+
+
+def test_staged_pages_no_moved_page_reads_are_refused_before_the_scratch(tmp: Path) -> None:
+    """A page the patch stages costs the scratch 4096 bytes for 16 in the patch. A patch
+    file listing pages no MOVED page reads (16 MiB of scratch per 256 KiB of patch, up to
+    the base's size) made apply fill the scratch's folder with them."""
+    patch, dest, base = _rotated_pages(tmp)
+    h, recs = _parse(patch.read_bytes())
+    assert recs[0].kind == REC_STAGE and recs[0].first_block < 8
+    extra = Record(REC_STAGE, 12, 8, b"".join(page_hash(base[p * BS : (p + 1) * BS])
+                                               for p in range(12, 20)), pages=recs[0].pages)
+    evil = tmp / "evil.patch"
+    evil.write_bytes(_encode(h, recs[:1] + [extra] + recs[1:]))
+    line = error_line(run_cli("apply", str(evil), str(dest), check=False), 4)
+    assert "lists base page 12 (byte 49152), which no MOVED page reads" in line, line
+    assert dest.read_bytes() == base and not _sides(tmp)
+    run_cli("apply", str(patch), str(dest))  # the patch as diff wrote it
+    assert dest.read_bytes() == (tmp / "target.img").read_bytes() and not _sides(tmp)
+
+
+def test_staged_pages_past_the_destination_end_are_refused_before_the_scratch(tmp: Path) -> None:
+    """From a stream the patch is not read ahead: a header claiming a 1 GiB base onto a
+    destination of the target's size, with STAGE records of 64 MiB each, had apply write
+    64 MiB of zeros into the scratch per 256 KiB of patch."""
+    patch, dest, base = _rotated_pages(tmp)
+    h, recs = _parse(patch.read_bytes())
+    stage = [Record(REC_STAGE, 100 + 16384 * i, 16384, pattern(16 * 16384, i), pages=recs[0].pages)
+             for i in range(2)]
+    evil = _encode(dataclasses.replace(h, base_size=1 << 30), recs[:1] + stage + recs[1:])
+    line = error_line(run_cli("apply", "-", str(dest), input=evil, check=False), 5)
+    assert "is 98304 bytes, but the patch stages its base page at byte" in line, line
+    assert dest.read_bytes() == base and not _sides(tmp)
