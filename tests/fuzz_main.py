@@ -1,9 +1,9 @@
 """Mutation fuzzer for the signature decoder, the patch decoder and apply.
 
 Valid signatures and patches between small files (4 KiB blocks: data, zero and copy records,
-growth and shrinkage, a full patch, an authenticated patch, an empty patch, moved content
-with STAGE records and sources read in place; 16 KiB blocks: pages LITERAL, ZERO, SAME and
-MOVED within a block, and a frame across records) are damaged by
+a frame across DATA records, growth and shrinkage, a full patch, an authenticated patch, an
+empty patch, moved content with STAGE records and sources read in place; 16 KiB blocks: pages
+LITERAL, ZERO, SAME and MOVED within a block) are damaged by
 truncation, byte flips, random overwrites, field-sized integers, records spliced in from
 other patches, and duplicated or removed ranges (some with their CRC recomputed, to get past
 the checksum to the checks behind it). Patches are also changed record by record (fields,
@@ -385,7 +385,7 @@ def _resize_meta(rec: Record, kind: int, count: int) -> bytes:
     per = rec.pages
     width = 16 if kind in (REC_ZERO, REC_STAGE) else 32 + per if kind == REC_DATA else 32
     w = rec.meta_width
-    entries = [rec.meta[i : i + w] for i in range(0, rec.count * w, w)]
+    entries = [rec.meta[i : i + w] for i in range(0, min(rec.count * w, len(rec.meta)), w)]
     entries = [((e[:16] + (e[16:32] or e[:16])) + (e[32:] or bytes(per)))[:width] for e in entries]
     entries = entries or [ZERO_HASH * 2 + bytes(per) if kind == REC_DATA else ZERO_HASH * (width // 16)]
     count = min(count, 4096)  # a count beyond the limit is refused before its hashes are read
