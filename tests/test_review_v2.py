@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 from pathlib import Path
 
@@ -143,3 +144,16 @@ def test_staged_pages_past_the_destination_end_are_refused_before_the_scratch(tm
     line = error_line(run_cli("apply", "-", str(dest), input=evil, check=False), 5)
     assert "is 98304 bytes, but the patch stages its base page at byte" in line, line
     assert dest.read_bytes() == base and not _sides(tmp)
+
+
+def test_verify_of_a_patch_with_moved_pages_does_not_claim_every_block_checked(tmp: Path) -> None:
+    """Without the base, verify cannot check a block made of same or moved pages; its
+    summary said "every block hash checked" for a patch made of nothing else."""
+    patch, _, _ = _rotated_pages(tmp)
+    r = run_cli("verify", str(patch))
+    assert "every block hash checked but 1 made with the base's pages (apply checks those)" in \
+        r.stderr.decode(), r.stderr
+    out = json.loads(run_cli("verify", str(patch), "--json").stdout)
+    assert out["base_blocks"] == 1
+    plain, _, _ = _world(tmp, {15 * BS: pattern(BS, 7)})
+    assert "every block hash checked, no MAC" in run_cli("verify", str(plain)).stderr.decode()
