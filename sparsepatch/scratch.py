@@ -112,8 +112,9 @@ class Scratch:
             raise WrongBase(
                 f"{self.path}: the scratch of the interrupted apply is missing: it held "
                 f"{pages} staged base pages ({mib(pages << PAGE_SHIFT)}) that the destination "
-                "may no longer have; restore it, or restore the destination to the base and "
-                "delete the journal"
+                "may no longer have; if the interrupted apply was given --scratch DIR, give it "
+                "again; else restore it, or restore the destination to the base and delete the "
+                "journal"
             )
         self._trust(fd)
         size = os.fstat(fd).st_size

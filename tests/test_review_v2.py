@@ -8,6 +8,8 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,25 @@ def test_verify_of_a_patch_with_moved_pages_does_not_claim_every_block_checked(t
     assert out["base_blocks"] == 1
     plain, _, _ = _world(tmp, {15 * BS: pattern(BS, 7)})
     assert "every block hash checked, no MAC" in run_cli("verify", str(plain)).stderr.decode()
+
+
+def test_a_rerun_without_the_scratch_dir_says_to_give_it_again(tmp: Path) -> None:
+    """The scratch of a run given --scratch DIR is not beside the destination: a rerun
+    without the option finds none, and must say where to look rather than only "restore"."""
+    patch, dest, base = _rotated_pages(tmp)
+    elsewhere = tmp / "scratch"
+    elsewhere.mkdir()
+    kill = ("import os, signal, sys\nfrom sparsepatch import sparse\nreal = sparse.pwrite_full\n"
+            "def cut(fd, data, off):\n    real(fd, data, off)\n"
+            "    if os.fstat(fd).st_size > 64 * 1024 and not os.path.basename(os.readlink("
+            "f'/proc/self/fd/{fd}')).startswith('.'):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "sparse.pwrite_full = cut\nsys.argv = ['sparsepatch', *sys.argv[1:]]\n"
+            "from sparsepatch.cli import main\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", kill, "apply", str(patch), str(dest), "--scratch",
+                        str(elsewhere)], capture_output=True)
+    assert r.returncode == -9, r.stderr
+    assert dest.read_bytes() != base and os.listdir(elsewhere)
+    line = error_line(run_cli("apply", str(patch), str(dest), check=False), 5)
+    assert "give it again" in line, line
+    run_cli("apply", str(patch), str(dest), "--scratch", str(elsewhere))
+    assert dest.read_bytes() == (tmp / "target.img").read_bytes() and not os.listdir(elsewhere)
