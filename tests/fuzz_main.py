@@ -457,7 +457,8 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
                  "base_pages-1": base_pages - 1, "staged": staged[op[4] % len(staged)],
                  "value": op[4]}[op[3]] % (1 << 64)
             at = n + 8 * j
-            recs[i] = dataclasses.replace(rec, meta=rec.meta[:at] + v.to_bytes(8, "little") + rec.meta[at + 8 :])
+            meta = rec.meta[:at] + v.to_bytes(8, "little") + rec.meta[at + 8 :]
+            recs[i] = dataclasses.replace(rec, meta=meta)
         elif kind == "s-hash":
             width = rec.meta_width
             n = rec.count if width * rec.count <= len(rec.meta) else len(rec.meta) // width
