@@ -161,21 +161,63 @@ def test_verify_of_a_patch_with_moved_pages_does_not_claim_every_block_checked(t
     assert "every block hash checked, no MAC" in run_cli("verify", str(plain)).stderr.decode()
 
 
+# apply, killed just after its first write to the destination (the scratch, whose name
+# starts with a dot, is written before it): the staged pages are in the scratch alone.
+KILL_AT_FIRST_WRITE = (
+    "import os, signal, sys\nfrom sparsepatch import sparse\nreal = sparse.pwrite_full\n"
+    "def cut(fd, data, off):\n    real(fd, data, off)\n"
+    "    if not os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith('.'):\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "sparse.pwrite_full = cut\nsys.argv = ['sparsepatch', *sys.argv[1:]]\n"
+    "from sparsepatch.cli import main\nmain()\n")
+
+
+def _killed_at_first_write(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_WRITE, *args], capture_output=True)
+    assert r.returncode == -9, r.stderr
+
+
+@pytest.mark.parametrize("swap", ["symlink", "fifo", "another user's file"])
+def test_a_scratch_swapped_between_runs_is_refused_not_followed(tmp: Path, swap: str) -> None:
+    """root applies to an image in a folder its owner (uid 1000) can write; between a killed
+    run and the rerun, that user (or another, uid 1001) replaces the scratch. Nothing is
+    followed, written through or blocked on; the destination stays as the kill left it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to own the apply and give files to other users")
+    folder = tmp / "user"
+    folder.mkdir()
+    patch, dest, base = _rotated_pages(folder)
+    os.chown(folder, 1000, 1000)
+    os.chown(dest, 1000, 1000)
+    _killed_at_first_write("apply", str(patch), str(dest))
+    scratch = folder / f".{dest.name}.sparsepatch-scratch"
+    size = scratch.stat().st_size
+    scratch.unlink()
+    victim = tmp / "victim"
+    victim.write_bytes(b"root's file")
+    if swap == "symlink":
+        os.symlink(victim, scratch)
+    elif swap == "fifo":
+        os.mkfifo(scratch)
+    else:
+        scratch.write_bytes(pattern(size, 3))
+        os.chown(scratch, 1001, 1001)
+    before = dest.read_bytes()
+    r = run_cli("apply", str(patch), str(dest), check=False, timeout=30)
+    line = error_line(r, 3)
+    assert str(scratch) in line, line
+    assert {"symlink": "symbolic link", "fifo": "not a regular file",
+            "another user's file": "owned by uid 1001"}[swap] in line, line
+    assert dest.read_bytes() == before and victim.read_bytes() == b"root's file"
+
+
 def test_a_rerun_without_the_scratch_dir_says_to_give_it_again(tmp: Path) -> None:
     """The scratch of a run given --scratch DIR is not beside the destination: a rerun
     without the option finds none, and must say where to look rather than only "restore"."""
     patch, dest, base = _rotated_pages(tmp)
     elsewhere = tmp / "scratch"
     elsewhere.mkdir()
-    kill = ("import os, signal, sys\nfrom sparsepatch import sparse\nreal = sparse.pwrite_full\n"
-            "def cut(fd, data, off):\n    real(fd, data, off)\n"
-            "    if os.fstat(fd).st_size > 64 * 1024 and not os.path.basename(os.readlink("
-            "f'/proc/self/fd/{fd}')).startswith('.'):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "sparse.pwrite_full = cut\nsys.argv = ['sparsepatch', *sys.argv[1:]]\n"
-            "from sparsepatch.cli import main\nmain()\n")
-    r = subprocess.run([sys.executable, "-c", kill, "apply", str(patch), str(dest), "--scratch",
-                        str(elsewhere)], capture_output=True)
-    assert r.returncode == -9, r.stderr
+    _killed_at_first_write("apply", str(patch), str(dest), "--scratch", str(elsewhere))
     assert dest.read_bytes() != base and os.listdir(elsewhere)
     line = error_line(run_cli("apply", str(patch), str(dest), check=False), 5)
     assert "give it again" in line, line
