@@ -119,7 +119,6 @@ class Applier:
         self.scratch_ready = resumed_pages >= 0
         self.stage_checked = False
         self.missing: set[int] = set()  # staged pages that were not the base's when staged
-        self.stage_used = bytearray()  # per staged page: a MOVED page reads it (dry run)
         self.scratch_bytes = self.moved = 0
         # Blocks ahead whose pages written blocks read in place: they must be durable
         # before such a block is overwritten, or a power cut could lose a written block
@@ -153,11 +152,8 @@ class Applier:
             return Decision(rec, None, [])
         if not self.stage_checked:
             self._check_stage()
-        if self.planning and rec.moved_pages and len(self.staged):
-            for s in rec.sources:
-                i = self.staged.find(s)
-                if i >= 0:
-                    self.stage_used[i] = 1
+        if self.planning:
+            self.staged.mark_read(rec)
         data: bytearray | None = None
         blocks = None
         current = bytearray()
@@ -215,7 +211,6 @@ class Applier:
         """At the first record that is not STAGE: the STAGE list is whole. A resumed run's
         scratch must hold exactly its pages."""
         self.stage_checked = True
-        self.stage_used = bytearray(len(self.staged))
         if self.resumed_pages >= 0 and self.resumed_pages != len(self.staged):
             where = self.scratch.path if self.scratch is not None else self.journal.path
             raise WrongBase(
@@ -352,13 +347,7 @@ class Applier:
             if d.runs:
                 cost = PUNCH_COST if rec.kind == REC_ZERO else d.blocks << self.shift
                 self.window.plan(d.first, d.end, cost)
-        unused = self.stage_used.find(0) if self.stage_checked else -1
-        if unused >= 0:
-            # Each staged page costs the scratch 4096 bytes for the patch's 16: pages no moved
-            # page reads would let a small patch fill the scratch's filesystem.
-            page = self.staged.pages[unused]
-            raise FormatError(f"{reader.name}: a STAGE record lists base page {page} (byte "
-                              f"{page << PAGE_SHIFT}), which no MOVED page reads")
+        self.staged.check_read(reader.name)
 
     def run(self, reader: PatchReader) -> int:
         """Apply every record; returns how many there were."""

@@ -17,7 +17,7 @@ import os
 from array import array
 
 from . import sparse
-from .errors import IOFailure, UsageError, WrongBase
+from .errors import FormatError, IOFailure, UsageError, WrongBase
 from .format import HASH_LEN, PAGE_SHIFT, PAGE_SIZE, Record
 
 STAGE_STEP = 256  # pages read and written at once while staging (1 MiB)
@@ -51,10 +51,30 @@ class Staged:
     def __init__(self) -> None:
         self.pages = array("Q")
         self.hashes = bytearray()
+        self.read = bytearray()  # per page: a MOVED page reads it (mark_read)
 
     def add(self, rec: Record) -> None:
         self.pages.extend(range(rec.first_block, rec.first_block + rec.count))
         self.hashes += rec.meta
+        self.read.extend(bytes(rec.count))
+
+    def mark_read(self, rec: Record) -> None:
+        """Note the staged pages that DATA record rec's moved pages read."""
+        if rec.moved_pages and self.pages:
+            for s in rec.sources:
+                i = self.find(s)
+                if i >= 0:
+                    self.read[i] = 1
+
+    def check_read(self, name: str) -> None:
+        """After the last record: every staged page is read by some moved page. Each costs
+        the scratch 4096 bytes for the patch's 16: pages nothing reads would let a small
+        patch fill the scratch's filesystem."""
+        unused = self.read.find(0)
+        if unused >= 0:
+            page = self.pages[unused]
+            raise FormatError(f"{name}: a STAGE record lists base page {page} (byte "
+                              f"{page << PAGE_SHIFT}), which no MOVED page reads")
 
     def __len__(self) -> int:
         return len(self.pages)

@@ -14,12 +14,14 @@ from .format import (
     PAGE_SAME,
     PAGE_ZERO,
     REC_DATA,
+    REC_STAGE,
     ZERO_HASH,
     FrameDecoder,
     PatchReader,
     Signature,
     decode_data,
 )
+from .scratch import Staged
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,18 @@ def verify_patch(reader: PatchReader) -> VerifyStats:
     patch alone determines."""
     n = raw = needs_base = 0
     frames = FrameDecoder(reader.header)
+    staged = Staged()
     for rec in reader.records():
+        if rec.kind == REC_STAGE:
+            staged.add(rec)
         if rec.kind == REC_DATA:
+            staged.mark_read(rec)
             raw += len(decode_data(frames, rec))
             if rec.kinds.count(PAGE_SAME) + rec.kinds.count(PAGE_MOVED):
                 needs_base += sum(1 for k in range(rec.count)
                                   if rec.page_kinds(k).translate(None, bytes((PAGE_LITERAL, PAGE_ZERO))))
         n += 1
+    staged.check_read(reader.name)
     return VerifyStats(n, raw, reader.mac is not None, needs_base)
 
 

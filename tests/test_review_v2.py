@@ -130,6 +130,8 @@ def test_staged_pages_no_moved_page_reads_are_refused_before_the_scratch(tmp: Pa
     line = error_line(run_cli("apply", str(evil), str(dest), check=False), 4)
     assert "lists base page 12 (byte 49152), which no MOVED page reads" in line, line
     assert dest.read_bytes() == base and not _sides(tmp)
+    line = error_line(run_cli("verify", str(evil), check=False), 4)  # no destination needed
+    assert "lists base page 12 (byte 49152), which no MOVED page reads" in line, line
     run_cli("apply", str(patch), str(dest))  # the patch as diff wrote it
     assert dest.read_bytes() == (tmp / "target.img").read_bytes() and not _sides(tmp)
 
