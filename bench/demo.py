@@ -384,8 +384,12 @@ def run(work: Path, seed: int) -> int:
     blocks = info["blocks"]
     print(f"{'block size':{w}} {human(info['block_size']):>16}")
     print(f"{'signature':{w}} {human(sig.stat().st_size):>16}")
-    print(f"{'changed data (raw)':{w}} {human(info['data_bytes']):>16}   "
+    # Since format 2 the patch carries only the pages it cannot find in the base: the rest
+    # of a data block is the same page, a moved one or zeros.
+    print(f"{'new data (raw)':{w}} {human(info['data_bytes']):>16}   "
           f"blocks: {blocks['data']:,} data, {blocks['zero']:,} zero, {blocks['copy']:,} copy")
+    print(f"{'moved from the base':{w}} {human(info['moved_pages'] * 4096):>16}   "
+          f"pages: {info['moved_pages']:,} moved, {info['stage_pages']:,} staged")
     print(f"{'patch':{w}} {human(patch.stat().st_size):>16}")
     print()
     for name, dt in steps:

@@ -152,6 +152,8 @@ class Applier:
             return Decision(rec, None, [])
         if not self.stage_checked:
             self._check_stage()
+        if self.planning:
+            self.staged.mark_read(rec)
         data: bytearray | None = None
         blocks = None
         current = bytearray()
@@ -256,8 +258,20 @@ class Applier:
             )
         return staged
 
+    def _check_tail(self, rec: Record, b: int, block: bytes | bytearray) -> None:
+        """A target hash is that of the zero-padded block, and the partial last block is
+        written clipped at target_size: bytes past it must be zeros, or the block would be
+        written and then never read back as its target (a rerun failing the same way)."""
+        end = self.h.target_size - ((rec.first_block + b) << self.shift)
+        if end < len(block) and block.count(0, end) != len(block) - end:
+            raise FormatError(
+                f"{rec.where()}: block {rec.first_block + b} holds non-zero bytes past the "
+                f"target's end (byte {self.h.target_size}), where its target hash says zeros"
+            )
+
     def _check_assembled(self, rec: Record, b: int, made: bytearray) -> None:
         if self.dest.hash(made) == rec.target_hash(b):
+            self._check_tail(rec, b, made)
             return
         kinds = rec.page_kinds(b)
         if kinds.count(PAGE_LITERAL) + kinds.count(PAGE_ZERO) == len(kinds):
@@ -291,6 +305,13 @@ class Applier:
             return
         scratch = self.scratch
         assert scratch is not None
+        size = self.dest.size()
+        last = self.staged.pages[-1]
+        if last << PAGE_SHIFT >= size:
+            # Not there, so not the base's: only a destination already the target (cut to
+            # its size) lacks them, and that one has nothing to write.
+            raise WrongBase(f"{self.dest.name}: is {size} bytes, but the patch stages its base "
+                            f"page at byte {last << PAGE_SHIFT}: it is not the patch's base")
         need = n << PAGE_SHIFT
         free, dev = scratch.free()
         growth = self.growth if dev == os.fstat(self.dest.fd).st_dev else 0
@@ -321,6 +342,7 @@ class Applier:
                 f"{self.dest.name}: copy source block at byte {src << self.shift} does not hold "
                 f"the expected content ({rec.where()})"
             )
+        self._check_tail(rec, k, data)
         return bytes(data)
 
     def precheck(self, reader: PatchReader) -> None:
@@ -335,6 +357,7 @@ class Applier:
             if d.runs:
                 cost = PUNCH_COST if rec.kind == REC_ZERO else d.blocks << self.shift
                 self.window.plan(d.first, d.end, cost)
+        self.staged.check_read(reader.name)
 
     def run(self, reader: PatchReader) -> int:
         """Apply every record; returns how many there were."""

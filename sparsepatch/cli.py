@@ -543,7 +543,15 @@ def verify(args: tuple[str, ...], against: str | None, key_file: str | None, qui
     auth = "MAC checked" if s.authenticated else "no MAC checked"
     _finish("verify", s, time.monotonic() - t,
             f"verify: {args[0]} is intact: {s.records:,} records, {human(s.data_bytes)} of data, "
-            f"every block hash checked, {auth}", quiet, stats_to)
+            f"{_checked(s.base_blocks)}, {auth}", quiet, stats_to)
+
+
+def _checked(base_blocks: int) -> str:
+    if not base_blocks:
+        return "every block hash checked"
+    # Not "every": a block made with the base's pages is checked only where the base is.
+    return (f"every block hash checked but {base_blocks:,} made with the base's pages "
+            "(apply checks those)")
 
 
 @main.command(epilog=EXIT_CODES)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from . import sparse
 from .errors import IOFailure, Locked, io_errors
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
-from .scratch import Scratch, device_scratch_name, scratch_name
+from .scratch import Scratch, device_scratch_name, scratch_name, shared_scratch_name
 
 
 def open_dest(dest: str, full: bool, mode: int = 0o666) -> tuple[int, NewDest | None]:
@@ -150,7 +150,10 @@ def open_scratch(dest: str, fd: int, folder: str | None, journal: Journal) -> Sc
     (open_journal), and it may not be any file the journal may not be."""
     st = os.fstat(fd)
     device = stat.S_ISBLK(st.st_mode)
-    name = device_scratch_name(st.st_rdev, sparse.file_size(fd)) if device else scratch_name(dest)
+    if device:
+        name = device_scratch_name(st.st_rdev, sparse.file_size(fd))
+    else:
+        name = scratch_name(dest) if folder is None else shared_scratch_name(dest, st)
     if folder is None and device:
         where = state_dir()
         return Scratch(open_private_dir(where), name, os.path.join(where, name),

@@ -17,7 +17,7 @@ import os
 from array import array
 
 from . import sparse
-from .errors import IOFailure, UsageError, WrongBase
+from .errors import FormatError, IOFailure, UsageError, WrongBase
 from .format import HASH_LEN, PAGE_SHIFT, PAGE_SIZE, Record
 
 STAGE_STEP = 256  # pages read and written at once while staging (1 MiB)
@@ -25,6 +25,14 @@ STAGE_STEP = 256  # pages read and written at once while staging (1 MiB)
 
 def scratch_name(dest: str) -> str:
     return f".{os.path.basename(dest)}.sparsepatch-scratch"
+
+
+def shared_scratch_name(dest: str, st: os.stat_result) -> str:
+    """The name in `--scratch DIR`, which many destinations may share: the file name alone
+    would let an update of another `vm.img` take over (and empty) the scratch that holds
+    the only copy of an interrupted apply's staged pages. The destination's device and
+    inode tell them apart, and stay the same while its journal does."""
+    return f".{os.path.basename(dest)}.{st.st_dev:x}-{st.st_ino}.sparsepatch-scratch"
 
 
 def device_scratch_name(rdev: int, size: int) -> str:
@@ -43,10 +51,30 @@ class Staged:
     def __init__(self) -> None:
         self.pages = array("Q")
         self.hashes = bytearray()
+        self.read = bytearray()  # per page: a MOVED page reads it (mark_read)
 
     def add(self, rec: Record) -> None:
         self.pages.extend(range(rec.first_block, rec.first_block + rec.count))
         self.hashes += rec.meta
+        self.read.extend(bytes(rec.count))
+
+    def mark_read(self, rec: Record) -> None:
+        """Note the staged pages that DATA record rec's moved pages read."""
+        if rec.moved_pages and self.pages:
+            for s in rec.sources:
+                i = self.find(s)
+                if i >= 0:
+                    self.read[i] = 1
+
+    def check_read(self, name: str) -> None:
+        """After the last record: every staged page is read by some moved page. Each costs
+        the scratch 4096 bytes for the patch's 16: pages nothing reads would let a small
+        patch fill the scratch's filesystem."""
+        unused = self.read.find(0)
+        if unused >= 0:
+            page = self.pages[unused]
+            raise FormatError(f"{name}: a STAGE record lists base page {page} (byte "
+                              f"{page << PAGE_SHIFT}), which no MOVED page reads")
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -104,8 +132,9 @@ class Scratch:
             raise WrongBase(
                 f"{self.path}: the scratch of the interrupted apply is missing: it held "
                 f"{pages} staged base pages ({mib(pages << PAGE_SHIFT)}) that the destination "
-                "may no longer have; restore it, or restore the destination to the base and "
-                "delete the journal"
+                "may no longer have; if the interrupted apply was given --scratch DIR, give it "
+                "again; else restore it, or restore the destination to the base and delete the "
+                "journal"
             )
         self._trust(fd)
         size = os.fstat(fd).st_size

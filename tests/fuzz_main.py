@@ -1,11 +1,14 @@
 """Mutation fuzzer for the signature decoder, the patch decoder and apply.
 
 Valid signatures and patches between small files (4 KiB blocks: data, zero and copy records,
-growth and shrinkage, a full patch, an authenticated patch, an empty patch) are damaged by
+a frame across DATA records, growth and shrinkage, a full patch, an authenticated patch, an
+empty patch, moved content with STAGE records and sources read in place; 16 KiB blocks: pages
+LITERAL, ZERO, SAME and MOVED within a block) are damaged by
 truncation, byte flips, random overwrites, field-sized integers, records spliced in from
 other patches, and duplicated or removed ranges (some with their CRC recomputed, to get past
 the checksum to the checks behind it). Patches are also changed record by record (fields,
-hashes, payloads; records repeated, dropped, swapped or taken from another patch) and
+hashes, payloads, frame flags, page kinds, moved sources, the header's window_log; records
+repeated, dropped, swapped or taken from another patch) and
 encoded again with every CRC, count and MAC right, so that the checks on meaning are reached
 as well as those on framing. Each damaged input goes to one target:
 
@@ -60,6 +63,7 @@ from sparsepatch.format import (
     REC_COPY,
     REC_DATA,
     REC_NAMES,
+    REC_STAGE,
     REC_ZERO,
     RECORD,
     SIG_HEADER,
@@ -137,6 +141,7 @@ class Pair:
     base: bytes | None  # None: no destination yet (a full patch creates it)
     target: bytes
     key: Path | None = None
+    block_size: int = BS
 
 
 @dataclass
@@ -237,24 +242,44 @@ def build_corpus(folder: Path) -> Corpus:
     long_run = blocks_of(long_spec, 40 * BS)
     key = folder / "key"
     key.write_bytes(pattern(32, 9))
+    # Moved content at 4 KiB: blocks 0 and 1 swapped (one source staged), block 4 taken from
+    # block 9, which a later record rewrites (read in place), block 6 zeroed.
+    moved_spec = dict(base_spec)
+    moved_spec.update({0: base_spec[1], 1: base_spec[0], 4: base_spec[9], 6: bytes(BS),
+                       9: pattern(BS, 509)})
+    moved = blocks_of(moved_spec, size)
+    # 16 KiB blocks: block 0 with one new page (the others SAME), block 1 with its pages
+    # rotated (MOVED within the block: staged), block 2 with a page zeroed, block 3 with a
+    # page of block 5.
+    big = 4 * BS
+    base16 = pattern(6 * big, 600)
+    t16 = bytearray(base16)
+    t16[BS : 2 * BS] = pattern(BS, 601)
+    t16[big : 2 * big] = base16[big + BS : 2 * big] + base16[big : big + BS]
+    t16[2 * big : 2 * big + BS] = bytes(BS)
+    t16[3 * big + 2 * BS : 3 * big + 3 * BS] = base16[5 * big : 5 * big + BS]
     pairs = [Pair("mixed", base, target), Pair("shrink", base, small), Pair("full", None, target),
-             Pair("signed", base, target, key), Pair("same", base, base), Pair("long-run", base, long_run)]
+             Pair("signed", base, target, key), Pair("same", base, base), Pair("long-run", base, long_run),
+             Pair("moves", base, moved), Pair("pages16k", base16, bytes(t16), block_size=4 * BS)]
     corpus = Corpus(folder)
     for p in pairs:
         write_sparse(folder / f"{p.name}.target", p.target)
         patch = folder / f"{p.name}.patch"
         if p.base is None:
-            api.diff(None, str(folder / f"{p.name}.target"), str(patch), full=True, block_size=BS)
+            api.diff(None, str(folder / f"{p.name}.target"), str(patch), full=True,
+                     block_size=p.block_size)
         else:
             write_sparse(folder / f"{p.name}.base", p.base)
             sig = folder / f"{p.name}.base.sig"
-            api.signature(str(folder / f"{p.name}.base"), str(sig), block_size=BS)
+            api.signature(str(folder / f"{p.name}.base"), str(sig), block_size=p.block_size)
             api.diff(str(sig), str(folder / f"{p.name}.target"), str(patch),
                      key_file=str(p.key) if p.key else None)
         data = patch.read_bytes()
         header, records = decode_patch(data)
         key_bytes = derive_mac_key(p.key.read_bytes()) if p.key else None
         assert encode_patch(header, records, key_bytes) == data
+        if p.name == "moves":
+            assert any(r.kind == REC_STAGE for r in records) and any(r.moved_pages for r in records)
         corpus.items.append(Item(f"{p.name}.patch", "patch", data, patch_units(data), p, header,
                                  records))
     write_sparse(folder / "empty", b"")
@@ -286,9 +311,11 @@ BYTE_OPS = (["flip"] * 20 + ["overwrite"] * 8 + ["int"] * 8 + ["field"] * 16 + [
             + ["splice"] * 10 + ["dup-unit"] * 5 + ["drop-unit"] * 5 + ["duplicate"] * 6
             + ["remove"] * 6)
 RECORD_OPS = (["s-field"] * 10 + ["s-hash"] * 5 + ["s-payload"] * 4 + ["s-dup"] * 2 + ["s-drop"] * 2
-              + ["s-swap"] * 2 + ["s-splice"] * 4 + ["s-header"] * 3)
-RECORD_FIELDS = ("first_block", "count", "source_block", "kind")
-HEADER_FIELDS = ("base_size", "target_size", "block_shift", "flags")
+              + ["s-swap"] * 2 + ["s-splice"] * 4 + ["s-header"] * 3 + ["s-kinds"] * 3
+              + ["s-source"] * 3)
+RECORD_FIELDS = ("first_block", "count", "source_block", "kind", "flags")
+HEADER_FIELDS = ("base_size", "target_size", "block_shift", "flags", "window_log")
+PAGE_KIND_VALUES = (0, 1, 2, 3, 4, 0xFF)
 
 
 def _value(c: Chooser) -> int:
@@ -334,6 +361,12 @@ def random_ops(c: Chooser, item: Item) -> list[Op]:
                 ops.append((kind, unit, name, "add", c.choice((-4096, -2, -1, 1, 2, 3, 4096))))
             else:
                 ops.append((kind, unit, name, "set", _value(c)))
+        elif kind == "s-kinds":
+            ops.append(("s-kinds", unit, c.randrange(1 << 16), c.choice(PAGE_KIND_VALUES)))
+        elif kind == "s-source":
+            ops.append(("s-source", unit, c.randrange(1 << 16),
+                        c.choice(("first", "last", "base_pages", "base_pages-1", "staged", "value")),
+                        _value(c)))
         elif kind == "s-hash":
             ops.append(("s-hash", unit, c.randrange(64), c.randrange(2),
                         c.choice(("zero", "other", "random", "same")), c.randrange(1 << 16)))
@@ -350,9 +383,9 @@ def _resize_meta(rec: Record, kind: int, count: int) -> bytes:
     """rec's block entries for a record of kind and count: cut, or padded with the last (a
     DATA block's page kinds kept, or all LITERAL when rec had none)."""
     per = rec.pages
-    width = 16 if kind == REC_ZERO else 32 + per if kind == REC_DATA else 32
+    width = 16 if kind in (REC_ZERO, REC_STAGE) else 32 + per if kind == REC_DATA else 32
     w = rec.meta_width
-    entries = [rec.meta[i : i + w] for i in range(0, rec.count * w, w)]
+    entries = [rec.meta[i : i + w] for i in range(0, min(rec.count * w, len(rec.meta)), w)]
     entries = [((e[:16] + (e[16:32] or e[:16])) + (e[32:] or bytes(per)))[:width] for e in entries]
     entries = entries or [ZERO_HASH * 2 + bytes(per) if kind == REC_DATA else ZERO_HASH * (width // 16)]
     count = min(count, 4096)  # a count beyond the limit is refused before its hashes are read
@@ -368,7 +401,8 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
             name = op[2]
             old = getattr(header, name)
             new = old + op[4] if op[3] == "add" else op[4]
-            limit = {"base_size": 1 << 64, "target_size": 1 << 64, "block_shift": 256, "flags": 1 << 16}
+            limit = {"base_size": 1 << 64, "target_size": 1 << 64, "block_shift": 256, "flags": 1 << 16,
+                     "window_log": 256}
             header = dataclasses.replace(header, **{name: new % limit[name]})
             continue
         if kind == "s-splice":
@@ -393,8 +427,8 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
         elif kind == "s-field":
             name = op[2]
             old = getattr(rec, name)
-            new = (old + op[4] if op[3] == "add" else op[4]) % (1 << (8 if name == "kind" else
-                                                                        32 if name == "count" else 64))
+            new = (old + op[4] if op[3] == "add" else op[4]) % (
+                1 << (8 if name in ("kind", "flags") else 32 if name == "count" else 64))
             fields: dict[str, Any] = {name: new}
             if name in ("count", "kind"):
                 k = new if name == "kind" else rec.kind
@@ -405,6 +439,26 @@ def _mutate_records(header: PatchHeader, records: list[Record], ops: list[Op],
                 elif name == "kind" and new != REC_DATA:
                     fields["payload"] = b""
             recs[i] = dataclasses.replace(rec, **fields)
+        elif kind == "s-kinds" and rec.kind == REC_DATA:
+            n = rec.count * rec.meta_width
+            if n <= len(rec.meta) and rec.count:
+                k = op[2] % (rec.count * rec.pages)
+                at = (k // rec.pages) * rec.meta_width + 32 + k % rec.pages
+                recs[i] = dataclasses.replace(rec, meta=rec.meta[:at] + bytes([op[3]]) + rec.meta[at + 1 :])
+        elif kind == "s-source" and rec.kind == REC_DATA and rec.moved_pages:
+            n = rec.count * rec.meta_width
+            srcs = (len(rec.meta) - n) // 8
+            if srcs <= 0:
+                continue
+            j = op[2] % srcs
+            base_pages = -(-header.base_size // BS)
+            staged = [r.first_block for r in recs if r.kind == REC_STAGE] or [0]
+            v = {"first": 0, "last": max(base_pages - 1, 0), "base_pages": base_pages,
+                 "base_pages-1": base_pages - 1, "staged": staged[op[4] % len(staged)],
+                 "value": op[4]}[op[3]] % (1 << 64)
+            at = n + 8 * j
+            meta = rec.meta[:at] + v.to_bytes(8, "little") + rec.meta[at + 8 :]
+            recs[i] = dataclasses.replace(rec, meta=meta)
         elif kind == "s-hash":
             width = rec.meta_width
             n = rec.count if width * rec.count <= len(rec.meta) else len(rec.meta) // width
@@ -595,7 +649,7 @@ def _check_dest(pair: Pair, dest: Path, accepted: bool, stream: bool, loose: boo
 
 def _reset(folder: Path, pair: Pair) -> Path:
     dest = folder / "dest.img"
-    for p in (dest, folder / ".dest.img.sparsepatch-journal"):
+    for p in (dest, folder / ".dest.img.sparsepatch-journal", folder / ".dest.img.sparsepatch-scratch"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     if pair.base is not None:

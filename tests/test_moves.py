@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -385,3 +386,49 @@ def test_a_moved_source_page_that_is_not_the_bases_is_named(tmp: Path) -> None:
     line = error_line(run_cli("apply", str(patch), str(dest), check=False), 5)
     assert f"moved source page at byte {src} does not hold the base's content" in line, line
     assert dest.read_bytes() == before
+
+
+def test_two_destinations_of_one_name_do_not_share_a_scratch_dir_entry(tmp: Path) -> None:
+    """`--scratch DIR` serves many destinations: one killed while its staged pages were in
+    the scratch alone must find them again after another destination of the same file name
+    (in another folder) was updated through the same DIR."""
+    shared = tmp / "scratch"
+    shared.mkdir()
+    runs = []
+    for sub in ("a", "b"):
+        (tmp / sub).mkdir()
+        base, target = build(tmp / sub, *SCENARIOS["rotate"][:3], [])
+        patch, _ = diff(tmp / sub, base, target)
+        runs.append((target, patch, dest_of(tmp / sub, base)))
+    (target_a, patch_a, dest_a), (target_b, patch_b, dest_b) = runs
+    assert dest_a.name == dest_b.name
+    killed(WRITES, 6 + 1 + 4, "before", "apply", str(patch_a), str(dest_a), "--scratch", str(shared))
+    run_cli("apply", str(patch_b), str(dest_b), "--scratch", str(shared), "-q")
+    check_target(dest_b, target_b)
+    run_cli("apply", str(patch_a), str(dest_a), "--scratch", str(shared), "-q")
+    check_target(dest_a, target_a)
+    assert not os.listdir(shared)
+
+
+def test_undo_of_moves_killed_at_random_moments_then_rerun(rotated: tuple[Path, Path, Path, Path]
+                                                           ) -> None:
+    """apply --undo of a patch with moves, killed while staging, at its first journal slot
+    or among its writes (spool and destination), then run again: the target, and an UNDO
+    that gives the base back bit for bit."""
+    base, target, patch, dest = rotated
+    undo = patch.parent / "u.patch"
+    rng = random.Random(20261130)
+    points = [("sparsepatch.scratch:Scratch.write", 2, "before"),
+              ("sparsepatch.journal:Journal.write", 1, "after")]
+    points += [(WRITES, rng.randrange(1, 24), rng.choice(("before", "after"))) for _ in range(3)]
+    for where, n, when in points:
+        for name in side_files(dest.parent):
+            (dest.parent / name).unlink()
+        undo.unlink(missing_ok=True)
+        dest = dest_of(dest.parent, base)
+        killed(where, n, when, "apply", str(patch), str(dest), "--undo", str(undo), surely=False)
+        run_cli("apply", str(patch), str(dest), "--undo", str(undo), "-q")
+        check_target(dest, target)
+        run_cli("apply", str(undo), str(dest), "-q")
+        assert dest.read_bytes() == base.read_bytes(), (where, n, when)
+        assert allocated_blocks(dest, BS) <= nonzero_blocks(base)
