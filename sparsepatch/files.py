@@ -134,14 +134,20 @@ def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequen
     if override is None:
         # The folder looked up by path must be the one the destination was opened in, or
         # the journal would guard another file.
-        try:
-            here = os.stat(os.path.basename(dest), dir_fd=dir_fd)
-        except OSError:
-            here = None
-        if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
-            os.close(dir_fd)
-            raise IOFailure(f"{dest}: was moved or replaced while apply opened it")
+        _check_folder_holds(dir_fd, dest, st)
     return Journal(dir_fd, name, path, owners, not_files)
+
+
+def _check_folder_holds(dir_fd: int, dest: str, st: os.stat_result) -> None:
+    """dir_fd, opened by path, must hold the destination apply opened (st): else the name
+    was moved or replaced meanwhile (dir_fd is closed then)."""
+    try:
+        here = os.stat(os.path.basename(dest), dir_fd=dir_fd)
+    except OSError:
+        here = None
+    if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+        os.close(dir_fd)
+        raise IOFailure(f"{dest}: was moved or replaced while apply opened it")
 
 
 def open_scratch(dest: str, fd: int, folder: str | None, journal: Journal) -> Scratch:
@@ -162,13 +168,7 @@ def open_scratch(dest: str, fd: int, folder: str | None, journal: Journal) -> Sc
     with io_errors(f"{where or '.'}: cannot open the scratch's folder"):
         dir_fd = sparse.open_dir(where)
     if folder is None:
-        try:
-            here = os.stat(os.path.basename(dest), dir_fd=dir_fd)
-        except OSError:
-            here = None
-        if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
-            os.close(dir_fd)
-            raise IOFailure(f"{dest}: was moved or replaced while apply opened it")
+        _check_folder_holds(dir_fd, dest, st)
     return Scratch(dir_fd, name, os.path.join(where, name), frozenset({os.geteuid(), st.st_uid}),
                    journal.not_files)
 

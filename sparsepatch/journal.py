@@ -15,7 +15,7 @@ import os
 import stat
 
 from . import sparse
-from .errors import IOFailure, UsageError
+from .errors import IOFailure, UsageError, io_errors
 from .format import JOURNAL_MAGIC, JOURNAL_SLOT_SIZE, JournalSlot, decode_journal, encode_journal_slot
 
 # Not /var/tmp (shared: anyone can put a file under a name we would open) and not /run
@@ -152,10 +152,8 @@ class Journal:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        try:
+        with io_errors(f"{self.path}: cannot remove the apply journal"):
             sparse.remove_side(self.dir_fd, self.name, fd)
-        except OSError as e:
-            raise IOFailure(f"{self.path}: cannot remove the apply journal: {e.strerror}") from None
 
     def close(self) -> None:
         """Close the descriptors; the journal, if any, stays on disk."""

@@ -17,7 +17,7 @@ import os
 from array import array
 
 from . import sparse
-from .errors import FormatError, IOFailure, UsageError, WrongBase
+from .errors import FormatError, IOFailure, UsageError, WrongBase, io_errors
 from .format import HASH_LEN, PAGE_SHIFT, PAGE_SIZE, Record
 
 STAGE_STEP = 256  # pages read and written at once while staging (1 MiB)
@@ -205,10 +205,8 @@ class Scratch:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        try:
+        with io_errors(f"{self.path}: cannot remove the scratch"):
             sparse.remove_side(self.dir_fd, self.name, fd)
-        except OSError as e:
-            raise IOFailure(f"{self.path}: cannot remove the scratch: {e.strerror}") from None
 
     def remove_leftover(self) -> None:
         """Remove a scratch no journal names: left by a run stopped after removing its

@@ -24,6 +24,7 @@ from .errors import (
     SparsePatchError,
     UsageError,
     WrongBase,
+    io_errors,
 )
 from .format import (
     CRC,
@@ -484,10 +485,8 @@ class Undo:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        try:
+        with io_errors(f"{self.spool_path}: cannot remove the undo spool"):
             sparse.remove_side(self.dir_fd, self.spool, fd)
-        except OSError as e:
-            raise IOFailure(f"{self.spool_path}: cannot remove the undo spool: {e.strerror}") from None
 
     def close(self) -> None:
         for fd in (self.fd, self.dir_fd):

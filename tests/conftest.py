@@ -104,3 +104,21 @@ def error_line(r: subprocess.CompletedProcess[bytes], code: int, *, warnings_ok:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each worker process started."""
+    started: list[int] = []
+    from sparsepatch import fork
+
+    start = fork._Worker.start
+
+    def counting(*a: object) -> object:
+        w = start(*a)  # type: ignore[arg-type]
+        if w is not None:
+            started.append(w.pid)
+        return w
+
+    monkeypatch.setattr(fork._Worker, "start", staticmethod(counting))
+    return started

@@ -22,22 +22,6 @@ EXTENTS = [(0, 3 * MiB), (5 * MiB, 9 * MiB + 4096), (16 * MiB, bytes(64 << 10) +
 SIZE = 48 * MiB + 100
 
 
-@pytest.fixture
-def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records each worker process started."""
-    started: list[int] = []
-    start = fork._Worker.start
-
-    def counting(*a: object) -> fork._Worker | None:
-        w = start(*a)  # type: ignore[arg-type]
-        if w is not None:
-            started.append(w.pid)
-        return w
-
-    monkeypatch.setattr(fork._Worker, "start", staticmethod(counting))
-    return started
-
-
 def no_children() -> bool:
     try:
         os.waitpid(-1, os.WNOHANG)
