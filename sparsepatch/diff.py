@@ -203,13 +203,19 @@ def _page_plan(sig: Signature, changes: Changes, sources: dict[bytes, int],
     def changed(block: int) -> bool:
         return block < target_blocks and changes.changed(block)
 
-    def every_base_page() -> Iterator[tuple[int, bytes]]:
-        for d, block in enumerate(di):
-            for p in range(per):
-                at = (d * per + p) * HASH_LEN
-                yield block * per + p, dp[at : at + HASH_LEN]
+    def wanted_base_pages() -> Iterator[tuple[int, bytes]]:
+        """(page number, hash) of the base's pages whose hash is wanted, ascending. The
+        signature's hashes are tested in slices of bytes, in a comprehension: once a page,
+        a generator step per page cost more than the whole test (0.17 s per 2 GiB)."""
+        step = 1 << 16  # pages per slice: 1 MiB of hashes at a time
+        total = len(di) * per
+        for a in range(0, total, step):
+            chunk = bytes(dp[a * HASH_LEN : min(total, a + step) * HASH_LEN])
+            for at in [i for i in range(0, len(chunk), HASH_LEN) if chunk[i : i + HASH_LEN] in wanted]:
+                j = a + at // HASH_LEN
+                yield di[j // per] * per + j % per, chunk[at : at + HASH_LEN]
 
-    found = find_sources(wanted, every_base_page(), changed, shift) if wanted else {}
+    found = find_sources(wanted, wanted_base_pages(), changed, shift) if wanted else {}
     plan = PagePlan()
     for k in data:
         block = changes.index[k]
