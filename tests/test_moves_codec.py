@@ -142,6 +142,15 @@ def test_pages_past_the_target_are_zero_pages() -> None:
         read(patch([data(7, [bytes([PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_ZERO])])], short))
 
 
+def test_same_pages_past_the_base_are_refused() -> None:
+    """A SAME page is the base's page at its own offset: past the base's end the base holds
+    zeros there, so the patch is malformed (exit 4), not a wrong base."""
+    grown = PatchHeader(0, SHIFT, SIZE - 2 * PAGE_SIZE, SIZE, b"\1" * 32, b"\2" * 32, window_log=20)
+    read(patch([data(7, [bytes([PAGE_SAME, PAGE_SAME, PAGE_LITERAL, PAGE_LITERAL])])], grown))
+    with pytest.raises(FormatError, match=r"same page 30 \(byte 122880\) lies beyond the base \(30 pages\)"):
+        read(patch([data(7, [bytes([PAGE_SAME, PAGE_LITERAL, PAGE_SAME, PAGE_LITERAL])])], grown))
+
+
 def test_payload_only_for_literal_pages() -> None:
     no_literal = bytes([PAGE_ZERO, PAGE_SAME, PAGE_MOVED, PAGE_ZERO])
     read(patch([data(1, [no_literal], [30])]))

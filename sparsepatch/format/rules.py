@@ -24,6 +24,7 @@ from .base import (
     MAX_WINDOW_LOG,
     MIN_WINDOW_LOG,
     PAGE_MOVED,
+    PAGE_SAME,
     PAGE_SHIFT,
     PAGE_ZERO,
     REC_COPY,
@@ -446,6 +447,13 @@ class PatchRules:
         past = kinds[max(0, self.target_pages - first_page) :]
         if past.count(PAGE_ZERO) != len(past):
             raise FormatError(f"{where}: a page past the target's end is not a zero page")
+        # A SAME page is the base's page at its own offset, equal in the target: past the
+        # base's end the base holds zeros there, and a zero page is ZERO, never SAME.
+        skip = max(0, self.base_pages - first_page)
+        if PAGE_SAME in kinds[skip:]:
+            at = first_page + kinds.index(PAGE_SAME, skip)
+            raise FormatError(f"{where}: same page {at} (byte {at << PAGE_SHIFT}) lies beyond the "
+                              f"base ({self.base_pages} pages), where the base holds zeros")
         sources = rec.sources
         if not sources:
             return
