@@ -42,7 +42,6 @@ from .format import (
     REC_DATA,
     REC_STAGE,
     REC_ZERO,
-    ZERO_PAGE,
     FrameDecoder,
     PatchHeader,
     PatchReader,
@@ -52,8 +51,9 @@ from .format import (
     pages_per_block,
 )
 from .journal import Journal
-from .scratch import Scratch, Staged, mib
+from .scratch import Scratch
 from .signature import write_signature
+from .staging import Stager
 from .undo import SYNC_BATCH, Undo
 from .window import PUNCH_COST, WriteWindow
 
@@ -111,15 +111,8 @@ class Applier:
     def __init__(self, h: PatchHeader, dest: Destination, journal: Journal, window: WriteWindow,
                  undo: Undo | None = None, scratch: Scratch | None = None, resumed_pages: int = -1):
         self.h = h
-        self.scratch = scratch
-        self.staged = Staged()
-        # Pages in the scratch the interrupted run left (-1: none, stage afresh). Until the
-        # scratch holds the staged pages, they are read from the destination, still the base.
-        self.resumed_pages = resumed_pages
-        self.scratch_ready = resumed_pages >= 0
-        self.stage_checked = False
-        self.missing: set[int] = set()  # staged pages that were not the base's when staged
-        self.scratch_bytes = self.moved = 0
+        self.stager = Stager(dest, journal, scratch, resumed_pages)
+        self.moved = 0
         # Blocks ahead whose pages written blocks read in place: they must be durable
         # before such a block is overwritten, or a power cut could lose a written block
         # and the page it needs with it.
@@ -148,12 +141,12 @@ class Applier:
         payload is bad, a block is neither base nor target, a copy source is wrong, or an
         assembled block is not its target."""
         if rec.kind == REC_STAGE:
-            self.staged.add(rec)
+            self.stager.add(rec)
             return Decision(rec, None, [])
-        if not self.stage_checked:
-            self._check_stage()
+        if not self.stager.checked:
+            self.stager.check_whole()
         if self.planning:
-            self.staged.mark_read(rec)
+            self.stager.staged.mark_read(rec)
         data: bytearray | None = None
         blocks = None
         current = bytearray()
@@ -167,7 +160,7 @@ class Applier:
                     at = (page % per) << PAGE_SHIFT
                     got: bytes | bytearray | memoryview = memoryview(current)[at : at + PAGE_SIZE]
                 else:
-                    got = self._moved_page(page, rec)
+                    got = self.stager.page(page, rec)
                 if page_hash(got) != h:
                     # The block would fail its target hash too; the page names where.
                     what = "same" if kind == PAGE_SAME else "moved source"
@@ -215,48 +208,7 @@ class Applier:
             lo = max(self.start_size, (rec.first_block + runs[0][0]) << self.shift)
             hi = min((rec.first_block + runs[-1][0] + runs[-1][1]) << self.shift, self.h.target_size)
             self.growth += max(0, hi - lo)
-        return Decision(rec, data, runs, self._pins(rec) if runs else frozenset(), moved)
-
-    def _check_stage(self) -> None:
-        """At the first record that is not STAGE: the STAGE list is whole. A resumed run's
-        scratch must hold exactly its pages."""
-        self.stage_checked = True
-        if self.resumed_pages >= 0 and self.resumed_pages != len(self.staged):
-            where = self.scratch.path if self.scratch is not None else self.journal.path
-            raise WrongBase(
-                f"{where}: the interrupted apply staged {self.resumed_pages} pages, this patch "
-                f"stages {len(self.staged)}; the journal does not belong to this patch's moves"
-            )
-
-    def _moved_page(self, page: int, rec: Record) -> bytes | bytearray:
-        """Base page `page`, the source of a moved page: from the scratch if it is staged
-        (or, before staging, from the destination, checked by its STAGE hash), else from
-        the destination, where the rules keep it as the base had it."""
-        i = self.staged.find(page)
-        if i < 0:
-            return self.dest.read_pages(page)
-        off = page << PAGE_SHIFT
-        if not self.scratch_ready:
-            data = self.dest.read_pages(page)
-            if page_hash(data) != self.staged.hash(i):
-                raise WrongBase(
-                    f"{self.dest.name}: base page at byte {off}, which the patch stages, does not "
-                    f"hold the base's content: it is not the patch's base ({rec.where()})"
-                )
-            return data
-        if i in self.missing:
-            raise WrongBase(
-                f"{self.dest.name}: base page at byte {off}, which the patch stages, did not hold "
-                f"the base's content when it was staged: it is not the patch's base ({rec.where()})"
-            )
-        assert self.scratch is not None
-        staged = self.scratch.read(i)
-        if page_hash(staged) != self.staged.hash(i):
-            raise WrongBase(
-                f"{self.scratch.path}: staged page {i} (base page at byte {off}) does not hold "
-                f"the content it was staged with: the scratch was damaged ({rec.where()})"
-            )
-        return staged
+        return Decision(rec, data, runs, self.stager.pins(rec, self.shift) if runs else frozenset(), moved)
 
     def _check_tail(self, rec: Record, b: int, block: bytes | bytearray) -> None:
         """A target hash is that of the zero-padded block, and the partial last block is
@@ -286,53 +238,6 @@ class Applier:
                 f"it reads are not the base's ({rec.where()})"
             )
 
-    def _pins(self, rec: Record) -> frozenset[int]:
-        if not rec.moved_pages:
-            return frozenset()
-        down = self.shift - PAGE_SHIFT
-        end = rec.first_block + rec.count
-        return frozenset(s >> down for s in rec.sources
-                         if s >> down >= end and self.staged.find(s) < 0)
-
-    def stage(self) -> None:
-        """Copy the staged base pages into the scratch, durably, before the first write:
-        room first, then each page read and checked by its STAGE hash (one that differs is
-        noted missing: the destination may already be the target there), then the
-        scratch synced and named in every journal slot from now on."""
-        n = len(self.staged)
-        self.scratch_ready = True
-        if not n:
-            return
-        scratch = self.scratch
-        assert scratch is not None
-        size = self.dest.size()
-        last = self.staged.pages[-1]
-        if last << PAGE_SHIFT >= size:
-            # Not there, so not the base's: only a destination already the target (cut to
-            # its size) lacks them, and that one has nothing to write.
-            raise WrongBase(f"{self.dest.name}: is {size} bytes, but the patch stages its base "
-                            f"page at byte {last << PAGE_SHIFT}: it is not the patch's base")
-        need = n << PAGE_SHIFT
-        free, dev = scratch.free()
-        growth = self.growth if dev == os.fstat(self.dest.fd).st_dev else 0
-        if free < need + growth:
-            also = f" (and {mib(growth)} for {self.dest.name} to grow)" if growth else ""
-            raise IOFailure(f"apply: scratch needs {mib(need)}{also} in {scratch.folder}, "
-                            f"{mib(free)} free")
-        scratch.create(need)
-        for i, page, count in self.staged.runs():
-            buf = self.dest.read_pages(page, count)
-            view = memoryview(buf)
-            for j in range(count):
-                piece = view[j << PAGE_SHIFT : (j + 1) << PAGE_SHIFT]
-                if page_hash(piece) != self.staged.hash(i + j):
-                    self.missing.add(i + j)
-                    piece[:] = ZERO_PAGE
-            scratch.write(i, memoryview(buf))
-        scratch.sync()
-        self.journal.scratch_pages = n
-        self.scratch_bytes = need
-
     def _source(self, rec: Record, k: int) -> bytes:
         """The bytes of copy source block k of rec, checked to hold its target content."""
         src = rec.source_block + k
@@ -357,14 +262,13 @@ class Applier:
             if d.runs:
                 cost = PUNCH_COST if rec.kind == REC_ZERO else d.blocks << self.shift
                 self.window.plan(d.first, d.end, cost)
-        self.staged.check_read(reader.name)
+        self.stager.staged.check_read(reader.name)
 
     def run(self, reader: PatchReader) -> int:
         """Apply every record; returns how many there were."""
         n = at = 0
         self.planning = False
-        self.staged = Staged()  # the dry run read the STAGE records once already
-        self.stage_checked = False
+        self.stager.restart()  # the dry run read the STAGE records once already
         self.frames = FrameDecoder(self.h)
         try:
             for rec in reader.records():
@@ -389,10 +293,7 @@ class Applier:
         if self.undo is not None:
             self.undo.finish()  # before the journal goes: a rerun must still find its way
         self.journal.remove()
-        if self.scratch is not None:
-            if self.scratch.fd is None and len(self.staged):
-                self.scratch.remove_leftover()
-            self.scratch.remove()  # after the journal: a journal without its scratch is stuck
+        self.stager.finish()  # after the journal: a journal without its scratch is stuck
         return n
 
     def _queue(self, d: Decision) -> None:
@@ -466,8 +367,8 @@ class Applier:
             self.skipped += rec.count - d.blocks
         if not d.runs:
             return
-        if not self.scratch_ready:
-            self.stage()
+        if not self.stager.ready:
+            self.stager.stage(self.growth)
         self.window.cover(d.first, d.end)
         self.moved += d.moved
         for b, m in d.runs:
@@ -599,7 +500,7 @@ def apply_patch(reader: PatchReader, fd: int, name: str, journal: Journal, *, cr
         warn(f"{name} was modified after the signature was taken (its mtime differs); "
              "blocks the patch touched were checked, others were not: use --verify")
     return ApplyStats(h.target_size, 1 << h.block_shift, n, a.written, a.punched, a.copied,
-                      a.skipped, a.bytes_written, accepted is not None, a.scratch_bytes, a.moved)
+                      a.skipped, a.bytes_written, accepted is not None, a.stager.scratch_bytes, a.moved)
 
 
 def _check_cut_off(h: PatchHeader, fd: int, name: str) -> None:
