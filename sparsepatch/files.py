@@ -9,7 +9,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from . import sparse
+from . import paths, sparse
 from .errors import IOFailure, Locked, io_errors
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
 from .scratch import Scratch, device_scratch_name, scratch_name, shared_scratch_name
@@ -29,7 +29,7 @@ def open_dest(dest: str, full: bool, mode: int = 0o666) -> tuple[int, NewDest | 
     if not name:
         raise IOFailure(f"{dest}: is a directory")
     try:
-        dir_fd = sparse.open_dir(folder)
+        dir_fd = paths.open_dir(folder)
     except OSError as e:
         raise _dest_error(dest, e) from None
     try:
@@ -130,7 +130,7 @@ def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequen
     path = override or journal_path(dest)
     folder, name = os.path.split(path)
     with io_errors(f"{folder or '.'}: cannot open the journal's folder"):
-        dir_fd = sparse.open_dir(folder)
+        dir_fd = paths.open_dir(folder)
     if override is None:
         # The folder looked up by path must be the one the destination was opened in, or
         # the journal would guard another file.
@@ -166,7 +166,7 @@ def open_scratch(dest: str, fd: int, folder: str | None, journal: Journal) -> Sc
                        frozenset({os.geteuid()}), journal.not_files)
     where = folder if folder is not None else os.path.dirname(dest)
     with io_errors(f"{where or '.'}: cannot open the scratch's folder"):
-        dir_fd = sparse.open_dir(where)
+        dir_fd = paths.open_dir(where)
     if folder is None:
         _check_folder_holds(dir_fd, dest, st)
     return Scratch(dir_fd, name, os.path.join(where, name), frozenset({os.geteuid(), st.st_uid}),
@@ -204,7 +204,7 @@ class NewDest:
 def _dest_error(dest: str, e: OSError) -> IOFailure:
     if isinstance(e, FileNotFoundError):
         return IOFailure(f"{dest}: no such file")
-    if isinstance(e, PermissionError):
+    if isinstance(e, PermissionError) and not isinstance(e, paths.LinkRefused):
         return IOFailure(f"{dest}: permission denied")
     return IOFailure(f"{dest}: {e.strerror}")
 

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 
-from . import sparse
+from . import paths, sparse
 from .errors import IOFailure, UsageError, io_errors
 from .format import JOURNAL_MAGIC, JOURNAL_SLOT_SIZE, JournalSlot, decode_journal, encode_journal_slot
 
@@ -56,7 +56,7 @@ def open_private_dir(path: str) -> int:
         raise IOFailure(f"{path}: cannot create the journal directory: {e.strerror}; "
                         "give --journal FILE") from None
     try:
-        fd = sparse.open_dir(path, nofollow=True)
+        fd = paths.open_dir(path, nofollow=True)
     except OSError as e:
         why = "is a symbolic link" if e.errno == errno.ELOOP else e.strerror
         raise IOFailure(f"{path}: cannot use as the journal directory: {why}") from None

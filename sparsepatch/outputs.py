@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO
 
-from . import sparse
+from . import paths, sparse
 from .errors import IOFailure, UsageError, io_errors, io_failure
 
 
@@ -61,7 +61,7 @@ def open_output(path: str | None, split: int | None = None,
         return
     folder, name = os.path.split(os.path.abspath(path))
     with io_errors(f"{path}: cannot create output"):
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dfd = paths.open_dir(folder)
     try:
         if split:
             _check_piece_size(dfd, folder, split)

@@ -495,13 +495,6 @@ def loop_devices_of(fd: int) -> list[str]:
     return [f"/dev/{n}" for n in names if _loop_backing(n) == (st.st_dev, st.st_ino)]
 
 
-def open_dir(path: str, nofollow: bool = False) -> int:
-    """A directory held open, so that names are looked up in it and not through a path
-    that may be renamed meanwhile."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
-    return os.open(path or ".", flags)
-
-
 def why_not_opened(e: OSError) -> str:
     """Why open_at refused a name, in words: its O_NOFOLLOW says ELOOP for a symbolic link,
     O_NONBLOCK ENXIO for a FIFO with no writer."""

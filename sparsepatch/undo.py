@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import sparse
+from . import paths, sparse
 from .errors import (
     AuthenticationError,
     FormatError,
@@ -103,7 +103,7 @@ class Undo:
         self.per = pages_per_block(1 << h.block_shift)
         self.base_blocks = blocks_for(h.base_size, h.block_shift)
         try:
-            self.dir_fd = sparse.open_dir(folder)
+            self.dir_fd = paths.open_dir(folder)
         except OSError as e:
             raise IOFailure(f"{path}: cannot write the undo patch there: {e.strerror}") from None
         self.fd: int | None = None

@@ -1,0 +1,82 @@
+"""Folders looked up as the kernel's fs.protected_symlinks=1 would, even where it is off.
+
+A root apply or diff names folders in places other users can write (/tmp, /var/tmp): a
+symbolic link another user planted there as a folder of an output, journal, scratch or
+destination path would send root's writes wherever that user likes. open_dir resolves a
+path one component at a time, and follows a symbolic link met in a sticky folder that
+others may write to only if the link belongs to the user running the command or to that
+folder's owner (the kernel's rule). Elsewhere links are followed as usual: only the
+folder's owner could have put them there."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+MAX_LINKS = 40  # as the kernel's limit on links followed in one lookup
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class LinkRefused(PermissionError):
+    """A symbolic link the rule above does not follow (errno EACCES)."""
+
+
+def _shared(st: os.stat_result) -> bool:
+    """A sticky folder that others may write to (/tmp), where anyone may plant a name."""
+    return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
+
+
+def _in_proc(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/proc/")
+    except OSError:
+        return False
+
+
+def open_dir(path: str, nofollow: bool = False) -> int:
+    """A directory held open, so that names are looked up in it and not through a path
+    that may be renamed meanwhile. With nofollow, its last component may not be a link.
+    Raises LinkRefused naming a link the rule above refuses."""
+    path = path or "."
+    cur = os.open("/" if path.startswith("/") else ".", DIR_FLAGS)
+    todo = list(reversed(path.split("/")))
+    links = 0
+    try:
+        while todo:
+            comp = todo.pop()
+            if comp in ("", "."):
+                continue
+            st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                nxt = os.open(comp, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=cur)
+                os.close(cur)
+                cur = nxt
+                continue
+            if nofollow and not any(c not in ("", ".") for c in todo):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            here = os.fstat(cur)
+            if _shared(here) and st.st_uid not in (os.geteuid(), here.st_uid):
+                raise LinkRefused(errno.EACCES,
+                                  f"refusing to follow the symbolic link {comp!r} owned by uid "
+                                  f"{st.st_uid} in a sticky folder others can write to")
+            links += 1
+            if links > MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            target = os.readlink(comp, dir_fd=cur)
+            if _in_proc(cur):
+                # /proc's links (/dev/fd/N leads there) may name nothing that resolves as
+                # text; only the kernel can follow them, and /proc is the kernel's.
+                nxt = os.open(comp, DIR_FLAGS, dir_fd=cur)
+                os.close(cur)
+                cur = nxt
+                continue
+            if target.startswith("/"):
+                nxt = os.open("/", DIR_FLAGS)
+                os.close(cur)
+                cur = nxt
+            todo.extend(reversed(target.split("/")))
+        return cur
+    except BaseException:
+        os.close(cur)
+        raise
