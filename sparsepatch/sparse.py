@@ -336,12 +336,6 @@ def sync_data(fd: int) -> None:
     os.fdatasync(fd)
 
 
-def create_new(path: str, mode: int = 0o666) -> int:
-    """Create path, which must not exist yet, for reading and writing. OSError as raised
-    (FileExistsError included): the caller decides what each means."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-
-
 def unlink(path: str, dir_fd: int | None = None) -> None:
     """Remove a name (relative to dir_fd if given); durable only after its folder is
     synced. OSError as raised."""

@@ -111,7 +111,7 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
     picks is neither done nor logged: the code under test without that line."""
     saved = {n: getattr(sparse, n) for n in (
         "pwrite_full", "punch_hole", "set_size", "sync", "sync_data", "sync_dir", "open_path",
-        "open_at", "create_new", "unlink", "reserve", "rename")}
+        "open_at", "unlink", "reserve", "rename")}
 
     def skip(name: str, caller: str) -> bool:
         return drop is not None and drop(name, caller)
@@ -176,12 +176,6 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
             log.append(Op("create", _path_of(fd), caller=caller))
         return fd
 
-    def create_new(path: str, mode: int = 0o666) -> int:
-        caller = _caller()
-        fd = int(saved["create_new"](path, mode))
-        log.append(Op("create", _path_of(fd), caller=caller))
-        return fd
-
     def unlink(path: str, dir_fd: int | None = None) -> None:
         caller = _caller()
         if skip("unlink", caller):
@@ -209,7 +203,7 @@ def recording(log: list[Op], drop: Drop | None = None) -> Iterator[None]:
 
     mine = {"pwrite_full": pwrite_full, "punch_hole": punch_hole, "set_size": set_size,
             "sync": syncer("sync"), "sync_data": syncer("sync_data"), "sync_dir": sync_dir,
-            "open_path": open_path, "open_at": open_at, "create_new": create_new, "unlink": unlink,
+            "open_path": open_path, "open_at": open_at, "unlink": unlink,
             "reserve": reserve, "rename": rename}
     for n, f in mine.items():
         setattr(sparse, n, f)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import KiB, MiB, error_line, make_sparse, run_cli
+from test_outputs import NOBODY, as_nobody
 
 from sparsepatch import api, paths
-from test_outputs import NOBODY, as_nobody
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
 

@@ -238,11 +238,14 @@ def test_set_size_and_file_size(tmp: Path, fd_of: object) -> None:
     assert p.read_bytes() == pattern(MiB, 0)[:100]
 
 
-def test_create_new_refuses_an_existing_name(tmp: Path) -> None:
-    fd = sparse.create_new(str(tmp / "f"))
-    os.close(fd)
-    with pytest.raises(FileExistsError):
-        sparse.create_new(str(tmp / "f"))
+def test_open_at_with_excl_refuses_an_existing_name(tmp: Path) -> None:
+    dfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.close(sparse.open_at(dfd, "f", os.O_RDWR | os.O_CREAT | os.O_EXCL))
+        with pytest.raises(FileExistsError):
+            sparse.open_at(dfd, "f", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    finally:
+        os.close(dfd)
     sparse.unlink(str(tmp / "f"))
     sparse.sync_dir(str(tmp))
     assert not (tmp / "f").exists()
