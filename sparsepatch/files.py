@@ -250,7 +250,9 @@ def _follow_dest_link(dir_fd: int, name: str, st: os.stat_result, dest: str,
         raise IOFailure(f"{dest}: is a directory")
     if parent:
         try:
-            nxt = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+            # The link is trusted, the folders its text names are not: one of them may be
+            # another user's link in /tmp.
+            nxt = paths.open_dir(parent, dir_fd=dir_fd)
         except OSError as e:
             raise _dest_error(dest, e) from None
         os.close(dir_fd)

@@ -34,12 +34,13 @@ def _in_proc(fd: int) -> bool:
         return False
 
 
-def open_dir(path: str, nofollow: bool = False) -> int:
+def open_dir(path: str, nofollow: bool = False, dir_fd: int | None = None) -> int:
     """A directory held open, so that names are looked up in it and not through a path
-    that may be renamed meanwhile. With nofollow, its last component may not be a link.
-    Raises LinkRefused naming a link the rule above refuses."""
+    that may be renamed meanwhile. With nofollow, its last component may not be a link;
+    with dir_fd, a relative path starts there. Raises LinkRefused naming a link the rule
+    above refuses."""
     path = path or "."
-    cur = os.open("/" if path.startswith("/") else ".", DIR_FLAGS)
+    cur = os.open("/" if path.startswith("/") else ".", DIR_FLAGS, dir_fd=dir_fd)
     todo = list(reversed(path.split("/")))
     links = 0
     try:
