@@ -284,17 +284,22 @@ def merge(patches: list[str], output: str | None = None, *, key_file: str | None
     outputs.refuse_overwrite(output, *every, key_file)
     size = sum(inputs.input_size(p) or 0 for p in every)
     with contextlib.ExitStack() as stack:
-        readers = []
+        readers, chains = [], []
         for path, ps in zip(patches, pieces, strict=True):
             chain = stack.enter_context(inputs.open_inputs(ps))
+            chains.append(chain)
             name = "patch" if path == "-" else path
             read = chain.read if progress is None else inputs.counting(chain.read, progress)
             readers.append(PatchReader(read, name, key, unauthenticated_ok))
         sink: list[Callable[[bytes], object]] = []
 
         def opened() -> None:
-            sink.append(stack.enter_context(outputs.open_output(output, split,
-                                                                outputs.output_mode(*every))))
+            # Every piece was read by now: the mode of the files read, not of whatever
+            # their paths name now (a secret patch renamed away for a public one meanwhile).
+            mode = 0o666
+            for c in chains:
+                mode &= c.mode
+            sink.append(stack.enter_context(outputs.open_output(output, split, mode)))
 
         return merge_patches(readers, lambda b: sink[0](b), key=key, level=level,
                              window_log=window_log, opened=opened, input_bytes=size)

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import error_line, run_cli
+from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
+from test_outputs import NOBODY, as_nobody
 from test_paths import _update, needs_root, plant
+
+from sparsepatch import api
 
 
 @pytest.fixture
@@ -55,3 +59,42 @@ def test_a_destination_link_whose_folder_is_a_planted_link_is_refused(shared: Pa
     run_cli("apply", "-q", str(patch), str(home / "vm.img"))
     assert (shared / "private" / "vm.img").read_bytes() != before
 
+
+
+@needs_root
+def test_merge_gives_the_mode_of_the_patches_it_read(shared: Path) -> None:
+    """Root merges a private patch (0600) and a public one (0644), kept in a folder another
+    user owns (a transfer account's outbox). That user renames the private one away, once
+    merge has it open, and puts a public file under its name. Before: the merged patch, which holds the
+    private patch's data, took the mode of the file the path named by then (0644)."""
+    box = shared / "box"
+    box.mkdir()
+    base = make_sparse(box / "a.img", 4 * MiB, [(0, pattern(256 * KiB, 1))])
+    mid = make_sparse(box / "b.img", 4 * MiB, [(0, pattern(256 * KiB, 2))])
+    new = make_sparse(box / "c.img", 4 * MiB, [(0, pattern(256 * KiB, 3))])
+    for old, img, name in ((base, mid, "p1"), (mid, new, "p2")):
+        api.signature(str(old), str(box / "sig"))
+        api.diff(str(box / "sig"), str(img), str(box / name))
+    (box / "p1").chmod(0o600)
+    (box / "p2").chmod(0o644)  # the next update is public; p1 is not
+    os.chown(box, NOBODY, NOBODY)
+    out = shared / "shared" / "merged"
+    swapped: list[bool] = []
+
+    def swap() -> None:
+        os.rename(box / "p1", box / "p1.old")
+        (box / "p1").write_bytes(b"public\n")
+        (box / "p1").chmod(0o644)
+
+    def progress(n: int) -> None:
+        if not swapped:
+            as_nobody(swap)
+            swapped.append(True)
+
+    old_mask = os.umask(0o022)
+    try:
+        api.merge([str(box / "p1"), str(box / "p2")], str(out), progress=progress)
+    finally:
+        os.umask(old_mask)
+    assert swapped
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
