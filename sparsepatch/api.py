@@ -87,15 +87,21 @@ def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str |
     the -o of a split patch, whose pieces are its outputs too."""
     if stats is None or stats == "-":
         return
-    if split_of and split_of != "-":
-        stem, piece = os.path.abspath(split_of) + ".", os.path.abspath(stats)
-        if piece.startswith(stem) and piece[len(stem):].isdigit():
-            raise UsageError(f"{stats}: the stats would replace a piece of the split patch {split_of}")
+    if _is_piece(stats, split_of):
+        raise UsageError(f"{stats}: the stats would replace a piece of the split patch {split_of}")
     for path in outs:
         # An output may not exist yet: compare the names too.
         if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):
             raise UsageError(f"{stats}: the stats would replace the output {path}")
     outputs.refuse_overwrite(stats, *outs, *ins)
+
+
+def _is_piece(path: str, split_of: str | None) -> bool:
+    """Whether path names a piece of the split patch written to split_of (-o with --split)."""
+    if not split_of or split_of == "-" or path == "-":
+        return False
+    stem, piece = os.path.abspath(split_of) + ".", os.path.abspath(path)
+    return piece.startswith(stem) and piece[len(stem):].isdigit()
 
 
 def _read_signature(path: str) -> tuple[Signature, int]:
@@ -155,6 +161,10 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
             raise UsageError("--next-signature - and the patch cannot both go to standard output")
         if output not in (None, "-") and os.path.abspath(next_signature) == os.path.abspath(output):
             raise UsageError(f"{next_signature}: --next-signature names the patch's own output")
+        if split and _is_piece(next_signature, output):
+            # Committed after the pieces, it would replace one of them.
+            raise UsageError(f"{next_signature}: --next-signature names a piece of the split "
+                             f"patch {output}")
         outputs.refuse_overwrite(next_signature, sig, source, key_file)
     key = load_key(key_file) if key_file else None
     signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)

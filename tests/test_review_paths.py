@@ -98,3 +98,21 @@ def test_merge_gives_the_mode_of_the_patches_it_read(shared: Path) -> None:
         os.umask(old_mask)
     assert swapped
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+
+
+def test_next_signature_may_not_name_a_piece_of_the_split_patch(tmp_path: Path) -> None:
+    """Committed after the pieces, the next signature was renamed over the piece it named:
+    exit 0, and a patch whose first piece is a signature."""
+    base = make_sparse(tmp_path / "base.img", 4 * MiB, [(0, pattern(64 * KiB, 1))])
+    target = make_sparse(tmp_path / "target.img", 4 * MiB, [(0, pattern(3 * MiB, 2))])
+    run_cli("signature", str(base), "-o", str(tmp_path / "sig"))
+    out = tmp_path / "p"
+    for name in ("p.000", "p.001"):
+        r = run_cli("diff", str(tmp_path / "sig"), str(target), "-o", str(out), "--split", "1M",
+                    "--next-signature", str(tmp_path / name), check=False)
+        assert f"--next-signature names a piece of the split patch {out}" in error_line(r, 2)
+    assert not list(tmp_path.glob("p*"))
+    run_cli("diff", str(tmp_path / "sig"), str(target), "-o", str(out), "--split", "1M",
+            "--next-signature", str(tmp_path / "p.sig"))
+    run_cli("apply", str(tmp_path / "p.000"), str(base))
+    assert base.read_bytes() == target.read_bytes()
