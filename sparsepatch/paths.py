@@ -61,6 +61,14 @@ def open_dir(path: str, nofollow: bool = False, dir_fd: int | None = None) -> in
                 raise LinkRefused(errno.EACCES,
                                   f"refusing to follow the symbolic link {comp!r} owned by uid "
                                   f"{st.st_uid} in a sticky folder others can write to")
+            if _shared(here) and st.st_nlink > 1:
+                # A hard link of someone's link from elsewhere keeps its owner: where the
+                # kernel's fs.protected_hardlinks is off, any user can put one of root's
+                # links (/var/lock, or /lib, relative) here.
+                raise LinkRefused(errno.EACCES,
+                                  f"refusing to follow the symbolic link {comp!r}, which has "
+                                  f"{st.st_nlink} hard links, in a sticky folder others can "
+                                  "write to")
             links += 1
             if links > MAX_LINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))

@@ -116,3 +116,24 @@ def test_next_signature_may_not_name_a_piece_of_the_split_patch(tmp_path: Path) 
             "--next-signature", str(tmp_path / "p.sig"))
     run_cli("apply", str(tmp_path / "p.000"), str(base))
     assert base.read_bytes() == target.read_bytes()
+
+
+@needs_root
+def test_a_hard_link_of_a_trusted_link_in_a_sticky_folder_is_not_followed(shared: Path) -> None:
+    """Where fs.protected_hardlinks is 0, any user may hard-link one of root's symbolic
+    links (/var/lock -> /run/lock) into /tmp: the link there is root's, so the owner rule
+    trusts it. This machine's kernel forbids that to nobody, so root makes the link the
+    attacker would. Before: root's output went where root's other link led."""
+    target = shared / "private" / "spool"
+    target.mkdir()
+    os.symlink(target, shared / "private" / "lock")
+    os.link(shared / "private" / "lock", shared / "shared" / "evil", follow_symlinks=False)
+    img = make_sparse(shared / "img", 1 * MiB, [(0, 64 * KiB)])
+    r = run_cli("signature", str(img), "-o", str(shared / "shared" / "evil" / "out"), check=False)
+    assert "refusing to follow the symbolic link 'evil', which has 2 hard links" in error_line(r, 3)
+    assert os.listdir(target) == []
+    # Root's link of one name in the sticky folder is still followed.
+    os.unlink(shared / "shared" / "evil")
+    os.symlink(target, shared / "shared" / "mine")
+    run_cli("signature", str(img), "-o", str(shared / "shared" / "mine" / "out"))
+    assert os.listdir(target) == ["out"]
