@@ -292,6 +292,9 @@ def merge(patches: list[str], output: str | None = None, *, key_file: str | None
     pieces = [inputs.patch_pieces([p]) for p in patches]
     every = [p for ps in pieces for p in ps]
     outputs.refuse_overwrite(output, *every, key_file)
+    for path in every if split else ():
+        if _is_piece(path, output):
+            raise UsageError(f"{output}: the output's pieces would replace the input {path}")
     size = sum(inputs.input_size(p) or 0 for p in every)
     with contextlib.ExitStack() as stack:
         readers, chains = [], []

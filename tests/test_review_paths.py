@@ -137,3 +137,21 @@ def test_a_hard_link_of_a_trusted_link_in_a_sticky_folder_is_not_followed(shared
     os.symlink(target, shared / "shared" / "mine")
     run_cli("signature", str(img), "-o", str(shared / "shared" / "mine" / "out"))
     assert os.listdir(target) == ["out"]
+
+
+def test_merge_split_output_may_not_replace_the_pieces_it_reads(tmp_path: Path) -> None:
+    """`merge P.000 Q -o P --split N`: the output's pieces are named like the input's.
+    Before: exit 0, and the input patch was gone, replaced piece by piece."""
+    base = make_sparse(tmp_path / "base.img", 4 * MiB, [(0, pattern(64 * KiB, 1))])
+    mid = make_sparse(tmp_path / "mid.img", 4 * MiB, [(0, pattern(256 * KiB, 2))])
+    new = make_sparse(tmp_path / "new.img", 4 * MiB, [(0, pattern(256 * KiB, 3))])
+    run_cli("signature", str(base), "-o", str(tmp_path / "s1"))
+    run_cli("signature", str(mid), "-o", str(tmp_path / "s2"))
+    run_cli("diff", str(tmp_path / "s1"), str(mid), "-o", str(tmp_path / "p"), "--split", "64K")
+    run_cli("diff", str(tmp_path / "s2"), str(new), "-o", str(tmp_path / "q"))
+    before = {f.name: f.read_bytes() for f in tmp_path.glob("p.*")}
+    assert len(before) > 1
+    r = run_cli("merge", str(tmp_path / "p.000"), str(tmp_path / "q"), "-o", str(tmp_path / "p"),
+                "--split", "64K", check=False)
+    assert f"the output's pieces would replace the input {tmp_path / 'p.000'}" in error_line(r, 2)
+    assert {f.name: f.read_bytes() for f in tmp_path.glob("p.*")} == before
