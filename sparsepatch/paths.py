@@ -5,8 +5,9 @@ symbolic link another user planted there as a folder of an output, journal, scra
 destination path would send root's writes wherever that user likes. open_dir resolves a
 path one component at a time, and follows a symbolic link met in a sticky folder that
 others may write to only if the link belongs to the user running the command or to that
-folder's owner (the kernel's rule). Elsewhere links are followed as usual: only the
-folder's owner could have put them there."""
+folder's owner (the kernel's rule), and has one name (a hard link of root's own link from
+elsewhere would pass for root's). Elsewhere links are followed as usual: a folder that is
+not sticky is in the hands of whoever may write it, link or no link."""
 
 from __future__ import annotations
 
