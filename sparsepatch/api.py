@@ -234,7 +234,9 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         if undo is not None and h.full:
             raise UsageError(f"{name}: a full patch creates {dest} from nothing; its undo would be "
                              "removing the file, so --undo is for patches that update one")
-        fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces))
+        # The pieces read so far by what was read (a path may name another file by now),
+        # the rest by their paths.
+        fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces) & chain.mode)
         journal_: Journal | None = None
         undo_: Undo | None = None
         scratch_: Scratch | None = None

@@ -155,3 +155,36 @@ def test_merge_split_output_may_not_replace_the_pieces_it_reads(tmp_path: Path) 
                 "--split", "64K", check=False)
     assert f"the output's pieces would replace the input {tmp_path / 'p.000'}" in error_line(r, 2)
     assert {f.name: f.read_bytes() for f in tmp_path.glob("p.*")} == before
+
+
+@needs_root
+def test_a_first_copy_gets_the_mode_of_the_patch_read(shared: Path) -> None:
+    """As for merge: a private full patch in a folder another user owns, swapped for a
+    public file once apply has it open. Read once (precheck off, as the API allows), the
+    swap goes unseen. Before: the new image, made of the private patch's data, was 0644."""
+    box = shared / "box"
+    box.mkdir()
+    img = make_sparse(box / "src.img", 4 * MiB, [(0, pattern(256 * KiB, 1))])
+    api.diff(None, str(img), str(box / "full"), full=True)
+    (box / "full").chmod(0o600)
+    os.chown(box, NOBODY, NOBODY)
+    swapped: list[bool] = []
+
+    def swap() -> None:
+        os.rename(box / "full", box / "full.old")
+        (box / "full").write_bytes(b"public\n")
+        (box / "full").chmod(0o644)
+
+    def progress(n: int) -> None:
+        if not swapped:
+            as_nobody(swap)
+            swapped.append(True)
+
+    dest = shared / "private" / "new.img"
+    old_mask = os.umask(0o022)
+    try:
+        api.apply(str(box / "full"), str(dest), precheck=False, progress=progress)
+    finally:
+        os.umask(old_mask)
+    assert swapped and dest.read_bytes() == img.read_bytes()
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
