@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import files, fork, inputs, outputs
+from . import files, fork, inputs, outputs, paths
 from . import since as since_
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
@@ -91,7 +91,7 @@ def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str |
         raise UsageError(f"{stats}: the stats would replace a piece of the split patch {split_of}")
     for path in outs:
         # An output may not exist yet: compare the names too.
-        if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):
+        if path and path != "-" and paths.absolute(path) == paths.absolute(stats):
             raise UsageError(f"{stats}: the stats would replace the output {path}")
     outputs.refuse_overwrite(stats, *outs, *ins)
 
@@ -100,7 +100,7 @@ def _is_piece(path: str, split_of: str | None) -> bool:
     """Whether path names a piece of the split patch written to split_of (-o with --split)."""
     if not split_of or split_of == "-" or path == "-":
         return False
-    stem, piece = os.path.abspath(split_of) + ".", os.path.abspath(path)
+    stem, piece = paths.absolute(split_of) + ".", paths.absolute(path)
     return piece.startswith(stem) and piece[len(stem):].isdigit()
 
 
@@ -159,7 +159,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     if next_signature is not None:
         if next_signature == "-" and output in (None, "-"):
             raise UsageError("--next-signature - and the patch cannot both go to standard output")
-        if output not in (None, "-") and os.path.abspath(next_signature) == os.path.abspath(output):
+        if output not in (None, "-") and paths.absolute(next_signature) == paths.absolute(output):
             raise UsageError(f"{next_signature}: --next-signature names the patch's own output")
         if split and _is_piece(next_signature, output):
             # Committed after the pieces, it would replace one of them.

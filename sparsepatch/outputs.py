@@ -59,7 +59,7 @@ def open_output(path: str | None, split: int | None = None,
         with _direct(_stdout(), "standard output") as out:
             yield out
         return
-    folder, name = os.path.split(os.path.abspath(path))
+    folder, name = os.path.split(paths.absolute(path))
     with io_errors(f"{path}: cannot create output"):
         dfd = paths.open_dir(folder)
     try:

@@ -15,12 +15,23 @@ import errno
 import os
 import stat
 
+from .errors import IOFailure
+
 MAX_LINKS = 40  # as the kernel's limit on links followed in one lookup
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class LinkRefused(PermissionError):
     """A symbolic link the rule above does not follow (errno EACCES)."""
+
+
+def absolute(path: str) -> str:
+    """os.path.abspath, with one line for a relative path when the current folder was
+    removed (another user may remove one of theirs that root works in)."""
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:
+        raise IOFailure(f"{path}: the current folder was removed: give an absolute path") from None
 
 
 def _shared(st: os.stat_result) -> bool:

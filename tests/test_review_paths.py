@@ -188,3 +188,25 @@ def test_a_first_copy_gets_the_mode_of_the_patch_read(shared: Path) -> None:
         os.umask(old_mask)
     assert swapped and dest.read_bytes() == img.read_bytes()
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("args", [
+    ["signature", "{img}", "-o", "out"],
+    ["signature", "-q", "{img}", "-o", "-", "--stats", "st"],
+    ["diff", "{sig}", "{img}", "-o", "-", "--next-signature", "next"],
+    ["apply", "{patch}", "{dest}", "--undo", "u"],
+])
+def test_relative_paths_from_a_removed_folder_are_one_line(tmp_path: Path, args: list[str]) -> None:
+    """Root working in a folder that was removed meanwhile (one of another user's, say).
+    Before: a traceback from os.path.abspath, exit 1."""
+    base, _, patch = _update(tmp_path)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    names = {"img": str(base), "sig": str(tmp_path / "sig"), "patch": str(patch), "dest": str(base)}
+
+    def removed() -> None:
+        os.chdir(gone)
+        os.rmdir(gone)
+
+    r = run_cli(*(a.format(**names) for a in args), check=False, preexec_fn=removed)
+    assert "the current folder was removed: give an absolute path" in error_line(r, 3)
