@@ -210,3 +210,25 @@ def test_relative_paths_from_a_removed_folder_are_one_line(tmp_path: Path, args:
 
     r = run_cli(*(a.format(**names) for a in args), check=False, preexec_fn=removed)
     assert "the current folder was removed: give an absolute path" in error_line(r, 3)
+
+
+def test_an_output_path_ending_in_a_slash_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Before: `-o DIR/ --split N` wrote the pieces as .000, .001, ... into DIR's parent,
+    exit 0; `-o NEW/` failed only after the whole run; `--undo NEW/` wrote the file NEW."""
+    base, target, patch = _update(tmp_path)
+    (tmp_path / "dir").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    for out in (f"{tmp_path}/{name}" for name in ("dir/", "new/", "dir/.", "dir/..")):
+        r = run_cli("diff", str(tmp_path / "sig"), str(target), "-o", out, "--split", "16K",
+                    check=False)
+        assert f"{out}: names a folder; name the file to write" in error_line(r, 3)
+        r = run_cli("signature", "-q", str(base), "-o", "-", "--stats", out, check=False)
+        assert f"{out}: names a folder; name the file to write" in error_line(r, 3)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert os.listdir(tmp_path / "dir") == []
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(base.read_bytes())
+    r = run_cli("apply", str(patch), str(copy), "--undo", f"{tmp_path}/new/", check=False)
+    assert "is a folder; --undo names the file to write" in error_line(r, 2)
+    assert copy.read_bytes() == base.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "copy.img"])
