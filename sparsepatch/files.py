@@ -10,7 +10,7 @@ import stat
 from collections.abc import Sequence
 
 from . import paths, sparse
-from .errors import IOFailure, Locked, io_errors
+from .errors import IOFailure, Locked, UsageError, io_errors
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
 from .scratch import Scratch, device_scratch_name, scratch_name, shared_scratch_name
 
@@ -129,6 +129,9 @@ def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequen
                        frozenset({os.geteuid()}), not_files)
     path = override or journal_path(dest)
     folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        # Found only at the first journal write, after the scratch is staged.
+        raise UsageError(f"{path}: is a folder; --journal names the file to write")
     with io_errors(f"{folder or '.'}: cannot open the journal's folder"):
         dir_fd = paths.open_dir(folder)
     if override is None:

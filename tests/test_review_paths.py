@@ -214,7 +214,8 @@ def test_relative_paths_from_a_removed_folder_are_one_line(tmp_path: Path, args:
 
 def test_an_output_path_ending_in_a_slash_is_refused_before_any_work(tmp_path: Path) -> None:
     """Before: `-o DIR/ --split N` wrote the pieces as .000, .001, ... into DIR's parent,
-    exit 0; `-o NEW/` failed only after the whole run; `--undo NEW/` wrote the file NEW."""
+    exit 0; `-o NEW/` failed only after the whole run; `--undo NEW/` wrote the file NEW;
+    `--journal DIR/` failed after staging, and left the scratch."""
     base, target, patch = _update(tmp_path)
     (tmp_path / "dir").mkdir()
     before = sorted(os.listdir(tmp_path))
@@ -232,3 +233,17 @@ def test_an_output_path_ending_in_a_slash_is_refused_before_any_work(tmp_path: P
     assert "is a folder; --undo names the file to write" in error_line(r, 2)
     assert copy.read_bytes() == base.read_bytes()
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "copy.img"])
+    # --journal DIR/: refused only at the first journal write, after the scratch of a patch
+    # that moves content was staged, and that scratch was left behind.
+    moving = tmp_path / "moving.img"
+    make_sparse(moving, 4 * MiB, [(0, pattern(MiB, 1)), (2 * MiB, pattern(MiB, 2))])
+    swapped = make_sparse(tmp_path / "swapped.img", 4 * MiB,
+                          [(0, pattern(MiB, 2)), (2 * MiB, pattern(MiB, 1))])
+    api.signature(str(moving), str(tmp_path / "msig"))
+    api.diff(str(tmp_path / "msig"), str(swapped), str(tmp_path / "mpatch"))
+    before = sorted(os.listdir(tmp_path))
+    for journal in (f"{tmp_path}/dir/", f"{tmp_path}/dir/.."):
+        r = run_cli("apply", str(tmp_path / "mpatch"), str(moving), "--journal", journal,
+                    check=False)
+        assert f"{journal}: is a folder; --journal names the file to write" in error_line(r, 2)
+    assert sorted(os.listdir(tmp_path)) == before
