@@ -241,6 +241,11 @@ def _follow_dest_link(dir_fd: int, name: str, st: os.stat_result, dest: str,
         raise IOFailure(f"{dest}: refusing to follow a symbolic link owned by uid {st.st_uid} "
                         f"(only links of uid {os.geteuid()} or root are followed): give its "
                         "target's path")
+    if st.st_nlink > 1 and paths.shared(os.fstat(dir_fd)):
+        # Root's own link from elsewhere (to a golden image, say), hard-linked here by
+        # another user where fs.protected_hardlinks is off.
+        raise IOFailure(f"{dest}: refusing to follow a symbolic link with {st.st_nlink} hard "
+                        "links in a sticky folder others can write to: give its target's path")
     try:
         target = os.readlink(name, dir_fd=dir_fd)
         again = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)

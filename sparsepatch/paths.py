@@ -34,7 +34,7 @@ def absolute(path: str) -> str:
         raise IOFailure(f"{path}: the current folder was removed: give an absolute path") from None
 
 
-def _shared(st: os.stat_result) -> bool:
+def shared(st: os.stat_result) -> bool:
     """A sticky folder that others may write to (/tmp), where anyone may plant a name."""
     return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
 
@@ -69,11 +69,11 @@ def open_dir(path: str, nofollow: bool = False, dir_fd: int | None = None) -> in
             if nofollow and not any(c not in ("", ".") for c in todo):
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             here = os.fstat(cur)
-            if _shared(here) and st.st_uid not in (os.geteuid(), here.st_uid):
+            if shared(here) and st.st_uid not in (os.geteuid(), here.st_uid):
                 raise LinkRefused(errno.EACCES,
                                   f"refusing to follow the symbolic link {comp!r} owned by uid "
                                   f"{st.st_uid} in a sticky folder others can write to")
-            if _shared(here) and st.st_nlink > 1:
+            if shared(here) and st.st_nlink > 1:
                 # A hard link of someone's link from elsewhere keeps its owner: where the
                 # kernel's fs.protected_hardlinks is off, any user can put one of root's
                 # links (/var/lock, or /lib, relative) here.

@@ -247,3 +247,19 @@ def test_an_output_path_ending_in_a_slash_is_refused_before_any_work(tmp_path: P
                     check=False)
         assert f"{journal}: is a folder; --journal names the file to write" in error_line(r, 2)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@needs_root
+def test_a_hard_link_of_root_s_link_at_the_destination_is_not_followed(shared: Path) -> None:
+    """As for folders: root's link to its golden image, hard-linked into /tmp as the name
+    root updates (what any user can do where fs.protected_hardlinks is 0; root makes it
+    here). The link is root's, so it was followed. Before: the golden image was patched."""
+    base, _, patch = _update(shared)
+    golden = shared / "private" / "golden.img"
+    shutil.copy(base, golden)
+    before = golden.read_bytes()
+    os.symlink(golden, shared / "private" / "current")
+    os.link(shared / "private" / "current", shared / "shared" / "vm.img", follow_symlinks=False)
+    r = run_cli("apply", "-q", str(patch), str(shared / "shared" / "vm.img"), check=False)
+    assert "refusing to follow a symbolic link with 2 hard links" in error_line(r, 3)
+    assert golden.read_bytes() == before
