@@ -1,6 +1,8 @@
-"""Another local user (nobody) against a root apply, diff or merge: the ways around the
-protected_symlinks rule of paths.open_dir, and the modes of merge's outputs, that a review
-found open."""
+"""Another local user (nobody) against a root apply, diff or merge, as a review found them
+open: ways around the protected_symlinks rule of paths.open_dir (a destination link's
+folders, hard links of root's links), output modes taken from paths looked up again (merge,
+a first copy), and output names that end in a folder, name a piece of a split patch, or are
+relative to a removed folder."""
 
 from __future__ import annotations
 
