@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import files, fork, inputs, outputs
+from . import files, fork, inputs, outputs, paths
 from . import since as since_
 from .apply import ApplyStats, apply_patch
 from .diff import DEFAULT_LEVEL, DiffStats, write_patch
@@ -87,15 +87,21 @@ def refuse_stats_over(stats: str | None, outs: list[str | None], ins: list[str |
     the -o of a split patch, whose pieces are its outputs too."""
     if stats is None or stats == "-":
         return
-    if split_of and split_of != "-":
-        stem, piece = os.path.abspath(split_of) + ".", os.path.abspath(stats)
-        if piece.startswith(stem) and piece[len(stem):].isdigit():
-            raise UsageError(f"{stats}: the stats would replace a piece of the split patch {split_of}")
+    if _is_piece(stats, split_of):
+        raise UsageError(f"{stats}: the stats would replace a piece of the split patch {split_of}")
     for path in outs:
         # An output may not exist yet: compare the names too.
-        if path and path != "-" and os.path.abspath(path) == os.path.abspath(stats):
+        if path and path != "-" and paths.absolute(path) == paths.absolute(stats):
             raise UsageError(f"{stats}: the stats would replace the output {path}")
     outputs.refuse_overwrite(stats, *outs, *ins)
+
+
+def _is_piece(path: str, split_of: str | None) -> bool:
+    """Whether path names a piece of the split patch written to split_of (-o with --split)."""
+    if not split_of or split_of == "-" or path == "-":
+        return False
+    stem, piece = paths.absolute(split_of) + ".", paths.absolute(path)
+    return piece.startswith(stem) and piece[len(stem):].isdigit()
 
 
 def _read_signature(path: str) -> tuple[Signature, int]:
@@ -153,8 +159,12 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     if next_signature is not None:
         if next_signature == "-" and output in (None, "-"):
             raise UsageError("--next-signature - and the patch cannot both go to standard output")
-        if output not in (None, "-") and os.path.abspath(next_signature) == os.path.abspath(output):
+        if output not in (None, "-") and paths.absolute(next_signature) == paths.absolute(output):
             raise UsageError(f"{next_signature}: --next-signature names the patch's own output")
+        if split and _is_piece(next_signature, output):
+            # Committed after the pieces, it would replace one of them.
+            raise UsageError(f"{next_signature}: --next-signature names a piece of the split "
+                             f"patch {output}")
         outputs.refuse_overwrite(next_signature, sig, source, key_file)
     key = load_key(key_file) if key_file else None
     signature_, mode = (empty_signature(block_size), 0o666) if sig is None else _read_signature(sig)
@@ -224,7 +234,9 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
         if undo is not None and h.full:
             raise UsageError(f"{name}: a full patch creates {dest} from nothing; its undo would be "
                              "removing the file, so --undo is for patches that update one")
-        fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces))
+        # The pieces read so far by what was read (a path may name another file by now),
+        # the rest by their paths.
+        fd, created = files.open_dest(dest, h.full, outputs.output_mode(*pieces) & chain.mode)
         journal_: Journal | None = None
         undo_: Undo | None = None
         scratch_: Scratch | None = None
@@ -282,19 +294,27 @@ def merge(patches: list[str], output: str | None = None, *, key_file: str | None
     pieces = [inputs.patch_pieces([p]) for p in patches]
     every = [p for ps in pieces for p in ps]
     outputs.refuse_overwrite(output, *every, key_file)
+    for path in every if split else ():
+        if _is_piece(path, output):
+            raise UsageError(f"{output}: the output's pieces would replace the input {path}")
     size = sum(inputs.input_size(p) or 0 for p in every)
     with contextlib.ExitStack() as stack:
-        readers = []
+        readers, chains = [], []
         for path, ps in zip(patches, pieces, strict=True):
             chain = stack.enter_context(inputs.open_inputs(ps))
+            chains.append(chain)
             name = "patch" if path == "-" else path
             read = chain.read if progress is None else inputs.counting(chain.read, progress)
             readers.append(PatchReader(read, name, key, unauthenticated_ok))
         sink: list[Callable[[bytes], object]] = []
 
         def opened() -> None:
-            sink.append(stack.enter_context(outputs.open_output(output, split,
-                                                                outputs.output_mode(*every))))
+            # Every piece was read by now: the mode of the files read, not of whatever
+            # their paths name now (a secret patch renamed away for a public one meanwhile).
+            mode = 0o666
+            for c in chains:
+                mode &= c.mode
+            sink.append(stack.enter_context(outputs.open_output(output, split, mode)))
 
         return merge_patches(readers, lambda b: sink[0](b), key=key, level=level,
                              window_log=window_log, opened=opened, input_bytes=size)

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Sequence
 
 from . import paths, sparse
-from .errors import IOFailure, Locked, io_errors
+from .errors import IOFailure, Locked, UsageError, io_errors
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
 from .scratch import Scratch, device_scratch_name, scratch_name, shared_scratch_name
 
@@ -129,6 +129,9 @@ def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequen
                        frozenset({os.geteuid()}), not_files)
     path = override or journal_path(dest)
     folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        # Found only at the first journal write, after the scratch is staged.
+        raise UsageError(f"{path}: is a folder; --journal names the file to write")
     with io_errors(f"{folder or '.'}: cannot open the journal's folder"):
         dir_fd = paths.open_dir(folder)
     if override is None:
@@ -238,6 +241,11 @@ def _follow_dest_link(dir_fd: int, name: str, st: os.stat_result, dest: str,
         raise IOFailure(f"{dest}: refusing to follow a symbolic link owned by uid {st.st_uid} "
                         f"(only links of uid {os.geteuid()} or root are followed): give its "
                         "target's path")
+    if st.st_nlink > 1 and paths.shared(os.fstat(dir_fd)):
+        # Root's own link from elsewhere (to a golden image, say), hard-linked here by
+        # another user where fs.protected_hardlinks is off.
+        raise IOFailure(f"{dest}: refusing to follow a symbolic link with {st.st_nlink} hard "
+                        "links in a sticky folder others can write to: give its target's path")
     try:
         target = os.readlink(name, dir_fd=dir_fd)
         again = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -250,7 +258,9 @@ def _follow_dest_link(dir_fd: int, name: str, st: os.stat_result, dest: str,
         raise IOFailure(f"{dest}: is a directory")
     if parent:
         try:
-            nxt = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+            # The link is trusted, the folders its text names are not: one of them may be
+            # another user's link in /tmp.
+            nxt = paths.open_dir(parent, dir_fd=dir_fd)
         except OSError as e:
             raise _dest_error(dest, e) from None
         os.close(dir_fd)

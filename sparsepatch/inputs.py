@@ -17,7 +17,7 @@ import blake3
 from . import sparse
 from .errors import FormatError, IOFailure, Truncated, UsageError
 from .format import sniff
-from .outputs import old_piece_name, piece_name
+from .outputs import old_piece_name, piece_name, read_mode
 
 
 def _stdin() -> IO[bytes]:
@@ -101,10 +101,12 @@ class Chain:
     have more pieces than a process may open). rewind() starts again from the first
     byte; a piece opened again must be the same file (device, inode) with the size the
     first pass read, so that a second pass reads what the first did even if a path is
-    replaced meanwhile."""
+    replaced meanwhile. mode: the permission bits an output made from the pieces opened so
+    far may have (outputs.read_mode), from the files read, not their paths looked up again."""
 
     def __init__(self, paths: list[str]):
         self.paths = paths
+        self.mode = 0o666
         self.seen: list[tuple[int, int, int]] = []  # (st_dev, st_ino, bytes read) per piece
         self.current = 0
         self.f: IO[bytes] | None = None
@@ -113,11 +115,13 @@ class Chain:
     def _open(self) -> IO[bytes]:
         path = self.paths[self.current]
         if path == "-":
+            self.mode &= read_mode(None)
             return _stdin()
         try:
             fd = open_file(path)
         except IOFailure as e:
             raise IOFailure(f"{e}{missing_patch_hint(path)}") from None
+        self.mode &= read_mode(fd)
         st = os.fstat(fd)
         if self.current < len(self.seen):
             dev, ino, size = self.seen[self.current]

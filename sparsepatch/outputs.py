@@ -59,7 +59,11 @@ def open_output(path: str | None, split: int | None = None,
         with _direct(_stdout(), "standard output") as out:
             yield out
         return
-    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.basename(path) in ("", ".", ".."):
+        # abspath drops such an ending: the file (or a split patch's pieces, as .000, .001)
+        # would be written beside the folder named, in its parent.
+        raise IOFailure(f"{path}: names a folder; name the file to write")
+    folder, name = os.path.split(paths.absolute(path))
     with io_errors(f"{path}: cannot create output"):
         dfd = paths.open_dir(folder)
     try:

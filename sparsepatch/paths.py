@@ -5,14 +5,17 @@ symbolic link another user planted there as a folder of an output, journal, scra
 destination path would send root's writes wherever that user likes. open_dir resolves a
 path one component at a time, and follows a symbolic link met in a sticky folder that
 others may write to only if the link belongs to the user running the command or to that
-folder's owner (the kernel's rule). Elsewhere links are followed as usual: only the
-folder's owner could have put them there."""
+folder's owner (the kernel's rule), and has one name (a hard link of root's own link from
+elsewhere would pass for root's). Elsewhere links are followed as usual: a folder that is
+not sticky is in the hands of whoever may write it, link or no link."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+
+from .errors import IOFailure
 
 MAX_LINKS = 40  # as the kernel's limit on links followed in one lookup
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -22,7 +25,16 @@ class LinkRefused(PermissionError):
     """A symbolic link the rule above does not follow (errno EACCES)."""
 
 
-def _shared(st: os.stat_result) -> bool:
+def absolute(path: str) -> str:
+    """os.path.abspath, with one line for a relative path when the current folder was
+    removed (another user may remove one of theirs that root works in)."""
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:
+        raise IOFailure(f"{path}: the current folder was removed: give an absolute path") from None
+
+
+def shared(st: os.stat_result) -> bool:
     """A sticky folder that others may write to (/tmp), where anyone may plant a name."""
     return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
 
@@ -34,12 +46,13 @@ def _in_proc(fd: int) -> bool:
         return False
 
 
-def open_dir(path: str, nofollow: bool = False) -> int:
+def open_dir(path: str, nofollow: bool = False, dir_fd: int | None = None) -> int:
     """A directory held open, so that names are looked up in it and not through a path
-    that may be renamed meanwhile. With nofollow, its last component may not be a link.
-    Raises LinkRefused naming a link the rule above refuses."""
+    that may be renamed meanwhile. With nofollow, its last component may not be a link;
+    with dir_fd, a relative path starts there. Raises LinkRefused naming a link the rule
+    above refuses."""
     path = path or "."
-    cur = os.open("/" if path.startswith("/") else ".", DIR_FLAGS)
+    cur = os.open("/" if path.startswith("/") else ".", DIR_FLAGS, dir_fd=dir_fd)
     todo = list(reversed(path.split("/")))
     links = 0
     try:
@@ -56,10 +69,18 @@ def open_dir(path: str, nofollow: bool = False) -> int:
             if nofollow and not any(c not in ("", ".") for c in todo):
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             here = os.fstat(cur)
-            if _shared(here) and st.st_uid not in (os.geteuid(), here.st_uid):
+            if shared(here) and st.st_uid not in (os.geteuid(), here.st_uid):
                 raise LinkRefused(errno.EACCES,
                                   f"refusing to follow the symbolic link {comp!r} owned by uid "
                                   f"{st.st_uid} in a sticky folder others can write to")
+            if shared(here) and st.st_nlink > 1:
+                # A hard link of someone's link from elsewhere keeps its owner: where the
+                # kernel's fs.protected_hardlinks is off, any user can put one of root's
+                # links (/var/lock, or /lib, relative) here.
+                raise LinkRefused(errno.EACCES,
+                                  f"refusing to follow the symbolic link {comp!r}, which has "
+                                  f"{st.st_nlink} hard links, in a sticky folder others can "
+                                  "write to")
             links += 1
             if links > MAX_LINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))

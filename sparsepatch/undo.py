@@ -91,7 +91,9 @@ class Undo:
     def __init__(self, path: str, h: PatchHeader, key: bytes | None, dest_name: str,
                  not_files: dict[tuple[int, int], str] | None = None):
         self.path = path
-        folder, self.name = os.path.split(os.path.abspath(path))
+        if os.path.basename(path) in ("", ".", ".."):
+            raise UsageError(f"{path}: is a folder; --undo names the file to write")
+        folder, self.name = os.path.split(paths.absolute(path))
         self.spool = spool_name(self.name)
         self.spool_path = os.path.join(folder, self.spool)
         self.dest_name = dest_name
