@@ -30,6 +30,7 @@ from .errors import (
     UsageError,
     VerifyMismatch,
     WrongBase,
+    io_errors,
 )
 from .format import (
     PAGE_LITERAL,
@@ -316,10 +317,8 @@ class Applier:
             self._apply(d)
 
     def _extents(self, start: int, end: int) -> list[tuple[int, int]]:
-        try:
+        with io_errors(f"{self.dest.name}: cannot find its data at byte {start}"):
             return [(a, b) for a, b in sparse.data_extents(self.dest.fd, end, start)]
-        except OSError as e:
-            raise IOFailure(f"{self.dest.name}: cannot find its data at byte {start}: {e.strerror}") from None
 
     def sync(self) -> None:
         """Make the writes durable and check that they read back as the target: storage

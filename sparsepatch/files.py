@@ -10,7 +10,7 @@ import stat
 from collections.abc import Sequence
 
 from . import paths, sparse
-from .errors import IOFailure, Locked, io_errors
+from .errors import IOFailure, Locked, io_errors, io_failure
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
 from .scratch import Scratch, device_scratch_name, scratch_name, shared_scratch_name
 
@@ -223,7 +223,7 @@ def _create_dest(dir_fd: int, name: str, dest: str, mode: int) -> int | None:
         sparse.sync_dir(dir_fd)
     except OSError as e:
         os.close(fd)
-        raise IOFailure(f"{dest}: cannot sync its folder: {e.strerror}") from None
+        raise io_failure(e, f"{dest}: cannot sync its folder") from None
     return fd
 
 

@@ -167,11 +167,9 @@ def _open_special(dfd: int, name: str, path: str) -> int | None:
             if stat.S_ISDIR(st.st_mode):
                 if last:
                     raise IOFailure(f"{path}: is a directory")
-                try:
+                with io_errors(f"{path}: cannot open"):
                     nxt = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                   dir_fd=cur)
-                except OSError as e:
-                    raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
                 os.close(cur)
                 cur = nxt
                 continue
