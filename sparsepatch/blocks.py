@@ -26,6 +26,7 @@ from .format import (
     PAGE_SHIFT,
     PAGE_SIZE,
     ZERO_HASH,
+    ZERO_PAGE,
     SigHeader,
     Signature,
     SignatureEncoder,
@@ -99,7 +100,6 @@ def block_ranges(fd: int, size: int, shift: int,
         yield cur
 
 
-_ZERO_PAGE = bytes(PAGE_SIZE)
 KNOWN_CHUNK = 4096  # blocks per chunk taken from the signature (diff --since)
 
 
@@ -267,7 +267,7 @@ class Scanner:
         full = n << shift
         if want < full:
             buf[want:full] = self._zero[: full - want]
-        zero, hasher = _ZERO_PAGE, blake3.blake3
+        zero, hasher = ZERO_PAGE, blake3.blake3
         # Every page of the chunk in one comprehension: the per-page cost on top of read and
         # hash is then a slice, a memcmp and the hash call. This is format.hash_pages
         # inlined (the last block is padded above).

@@ -64,6 +64,7 @@ from .base import (
     SIG_TRAILER,
     VERSION,
     ZERO_HASH,
+    ZERO_PAGE,
     Reader,
     block_hash,
     blocks_for,
@@ -83,7 +84,7 @@ from .base import (
     tree_hash,
     valid_shift,
 )
-from .frame import ZERO_PAGE, FrameDecoder, assemble, decode_data
+from .frame import FrameDecoder, assemble, decode_data
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (

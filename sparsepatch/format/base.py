@@ -74,7 +74,7 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     return int(_crc32c(data, crc))
 
 
-_ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_HASHES = bytes(HASH_LEN << (MAX_SHIFT - PAGE_SHIFT))  # a 16 MiB block's page hashes
 
 
@@ -89,7 +89,7 @@ def hash_pages(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
     block_size bytes; a short last block of a file) is padded with zeros to block_size,
     and a page of zeros is ZERO_HASH."""
     view = memoryview(block)
-    zero, hasher = _ZERO_PAGE, blake3.blake3
+    zero, hasher = ZERO_PAGE, blake3.blake3
     out = []
     for pos in range(0, block_size, PAGE_SIZE):
         page = view[pos : pos + PAGE_SIZE]
@@ -131,7 +131,7 @@ def pages_per_block(block_size: int) -> int:
 def page_hash(page: bytes | bytearray | memoryview) -> bytes:
     """The hash of one whole 4 KiB page (spec section 1): BLAKE3 truncated to 128 bits,
     ZERO_HASH for zeros."""
-    if _ZERO_PAGE == page:
+    if ZERO_PAGE == page:
         return ZERO_HASH
     digest: bytes = blake3.blake3(page).digest(length=HASH_LEN)
     return digest

@@ -31,7 +31,6 @@ from .base import (
 )
 from .patch import PatchHeader, Record, raw_length
 
-ZERO_PAGE = bytes(PAGE_SIZE)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW, _RLE, _COMPRESSED, _RESERVED = 0, 1, 2, 3
 
