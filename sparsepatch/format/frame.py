@@ -68,20 +68,19 @@ class FrameDecoder:
         ChecksumMismatch naming the record and the byte. (A payload that does not end at a
         block boundary is corrupt, not truncated: the reader read all payload_len bytes.)"""
         raw = raw_length(self.h, rec)
+        # Records come from PatchReader, whose rule 11 (rules.rule_11_literal) refused flags
+        # or a payload without literal, and a frame opened or continued out of turn.
         if raw == 0:
-            if rec.payload or rec.flags:
-                raise FormatError(f"{rec.where()}: carries no literal but has a payload or flags")
+            assert not rec.payload and not rec.flags
             return b""
         p = rec.payload
         where = rec.where()
         pos = 0
         if rec.flags & FRAME_START:
-            if self.dobj is not None:
-                raise FormatError(f"{where}: opens a frame while the frame opened by {self.opened} "
-                                  "is not closed")
+            assert self.dobj is None
             pos = self._open(rec)
-        elif self.dobj is None:
-            raise FormatError(f"{where}: continues a frame, but no frame is open")
+        else:
+            assert self.dobj is not None
         end = bool(rec.flags & FRAME_END)
         out: list[bytes] = []
         got = 0
