@@ -50,6 +50,7 @@ from .format import (
     assemble,
     page_hash,
     pages_per_block,
+    rule_16_clipped_tail,
 )
 from .journal import Journal
 from .scratch import Scratch
@@ -211,20 +212,9 @@ class Applier:
             self.growth += max(0, hi - lo)
         return Decision(rec, data, runs, self.stager.pins(rec, self.shift) if runs else frozenset(), moved)
 
-    def _check_tail(self, rec: Record, b: int, block: bytes | bytearray) -> None:
-        """A target hash is that of the zero-padded block, and the partial last block is
-        written clipped at target_size: bytes past it must be zeros, or the block would be
-        written and then never read back as its target (a rerun failing the same way)."""
-        end = self.h.target_size - ((rec.first_block + b) << self.shift)
-        if end < len(block) and block.count(0, end) != len(block) - end:
-            raise FormatError(
-                f"{rec.where()}: block {rec.first_block + b} holds non-zero bytes past the "
-                f"target's end (byte {self.h.target_size}), where its target hash says zeros"
-            )
-
     def _check_assembled(self, rec: Record, b: int, made: bytearray) -> None:
         if self.dest.hash(made) == rec.target_hash(b):
-            self._check_tail(rec, b, made)
+            rule_16_clipped_tail(self.h, rec, b, made)
             return
         kinds = rec.page_kinds(b)
         if kinds.count(PAGE_LITERAL) + kinds.count(PAGE_ZERO) == len(kinds):
@@ -248,7 +238,7 @@ class Applier:
                 f"{self.dest.name}: copy source block at byte {src << self.shift} does not hold "
                 f"the expected content ({rec.where()})"
             )
-        self._check_tail(rec, k, data)
+        rule_16_clipped_tail(self.h, rec, k, data)
         return bytes(data)
 
     def precheck(self, reader: PatchReader) -> None:

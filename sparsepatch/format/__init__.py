@@ -84,7 +84,7 @@ from .base import (
     tree_hash,
     valid_shift,
 )
-from .frame import FrameDecoder, assemble, decode_data
+from .frame import FrameDecoder, assemble, decode_data, rule_16_clipped_tail
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (
@@ -127,8 +127,8 @@ __all__ = [
     "decode_journal_slot", "decode_patch_header", "decode_sig_header", "derive_mac_key",
     "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
     "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot",
-    "payload_limit", "raw_length", "read_signature", "shift_for_block_size", "sig_run_limit",
-    "sniff", "tree_hash", "tree_hashes", "valid_shift",
+    "payload_limit", "raw_length", "read_signature", "rule_16_clipped_tail", "shift_for_block_size",
+    "sig_run_limit", "sniff", "tree_hash", "tree_hashes", "valid_shift",
     "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
     "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "hashed_pages", "meta_length",
     "page_hash",

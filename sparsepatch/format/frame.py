@@ -282,15 +282,23 @@ def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
                 f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
                 "after decompression"
             )
-    # A partial last block is written clipped at target_size: bytes past it that are not
-    # zeros could never read back as the target (a patch that would fail every rerun).
     bs, size = decoder.h.block_size, decoder.h.target_size
     last = (size - 1) // bs if size else -1
     if rec.first_block <= last < rec.first_block + rec.count and size % bs:
         k = last - rec.first_block
         block = dict(assemble(decoder.h, rec, data, None, want=lambda j: j == k)).get(k)
-        end = size - last * bs
-        if block is not None and block.count(0, end) != bs - end:
-            raise FormatError(f"{rec.where()}: block {last} holds non-zero bytes past the "
-                              f"target's end (byte {size}), where its target hash says zeros")
+        if block is not None:
+            rule_16_clipped_tail(decoder.h, rec, k, block)
     return data
+
+
+def rule_16_clipped_tail(header: PatchHeader, rec: Record, k: int, block: bytes | bytearray) -> None:
+    """Block k of rec, whole: a target hash is that of the zero-padded block, and the
+    partial last block is written clipped at target_size, so bytes past it that are not
+    zeros could never read back as the target (a patch that would fail every rerun)."""
+    end = header.target_size - ((rec.first_block + k) << header.block_shift)
+    if end < len(block) and block.count(0, end) != len(block) - end:
+        raise FormatError(
+            f"{rec.where()}: block {rec.first_block + k} holds non-zero bytes past the "
+            f"target's end (byte {header.target_size}), where its target hash says zeros"
+        )
