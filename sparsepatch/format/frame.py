@@ -270,18 +270,26 @@ def page_hash_list(rec: Record, literal: bytes | memoryview) -> Iterator[tuple[i
         yield k, b"".join(out)
 
 
+def checked_page_hashes(rec: Record, literal: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+    """page_hash_list, each block's tree hash checked against its target hash first (rule
+    16 without a destination: verify, merge)."""
+    for k, pages in page_hash_list(rec, literal):
+        if tree_hash(pages) != rec.target_hash(k):
+            raise ChecksumMismatch(
+                f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
+                "after decompression"
+            )
+        yield k, pages
+
+
 def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
     """A DATA record's literal bytes, decoded, and every block checked against its target
     hash: the tree hash of its page hashes, from its literal and the hashes the record
     carries for its SAME and MOVED pages (apply checks those pages against them)."""
     assert rec.kind == REC_DATA
     data = decoder.decode(rec)
-    for k, pages in page_hash_list(rec, data):
-        if tree_hash(pages) != rec.target_hash(k):
-            raise ChecksumMismatch(
-                f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
-                "after decompression"
-            )
+    for _ in checked_page_hashes(rec, data):
+        pass
     bs, size = decoder.h.block_size, decoder.h.target_size
     last = (size - 1) // bs if size else -1
     if rec.first_block <= last < rec.first_block + rec.count and size % bs:
