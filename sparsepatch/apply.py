@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import sparse
+from .blocks import identity_of
 from .destination import Destination
 from .errors import (
     ChecksumMismatch,
@@ -54,7 +55,6 @@ from .format import (
 )
 from .journal import Journal
 from .scratch import Scratch
-from .signature import write_signature
 from .staging import Stager
 from .undo import SYNC_BATCH, Undo
 from .window import PUNCH_COST, WriteWindow
@@ -496,10 +496,10 @@ def _check_cut_off(h: PatchHeader, fd: int, name: str) -> None:
     """A shrink truncates away the blocks past the target size, and the patch has no hash
     for them: only the base identity can say they are the base's. With no journal, a
     destination of the base size has not been written to, so it must be the base whole."""
-    found = write_signature(fd, h.block_shift, name, lambda b: None)
-    if found.identity != h.base_identity.hex():
+    _, identity = identity_of(fd, h.block_shift, name)
+    if identity != h.base_identity.hex():
         raise WrongBase(
-            f"{name}: is not this patch's base (identity {found.identity[:16]}..., the patch's "
+            f"{name}: is not this patch's base (identity {identity[:16]}..., the patch's "
             f"base is {h.base_identity.hex()[:16]}...); the patch would cut off its last "
             f"{h.base_size - h.target_size} bytes unchecked"
         )
@@ -510,8 +510,8 @@ def _full_onto_existing(reader: PatchReader, fd: int, name: str) -> ApplyStats:
     check an existing file block by block. Accept it only when the file already is the
     target (a repeated first copy); anything else is refused before writing."""
     h = reader.header
-    found = write_signature(fd, h.block_shift, name, lambda b: None)
-    if found.file_size != h.target_size or found.identity != h.target_identity.hex():
+    size, identity = identity_of(fd, h.block_shift, name)
+    if size != h.target_size or identity != h.target_identity.hex():
         raise WrongBase(
             f"{name}: exists and is not this patch's target; a full patch only creates a file "
             "(or resumes its interrupted creation): remove it, or update it with a signature"

@@ -448,3 +448,20 @@ class SignatureBuilder:
     @property
     def data_blocks(self) -> int:
         return self.enc.data_blocks if self.enc is not None else len(self.index)
+
+
+def scan_into(scan: Scanner, out: SignatureBuilder) -> None:
+    """Every block scan reads, into out."""
+    with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
+        for _, index, digests, _ in chunks:
+            out.add_many(index, digests)
+
+
+def identity_of(fd: int, shift: int, name: str) -> tuple[int, str]:
+    """(size, identity in hex) of what fd holds now, as its signature would give them (a
+    zero mtime), with no signature written: apply's checks that a file is a whole base
+    or target."""
+    scan = Scanner(fd, shift, name)
+    out = SignatureBuilder(shift, scan.size if scan.seekable else None)
+    scan_into(scan, out)
+    return scan.size, out.finish(scan.size).hex()
