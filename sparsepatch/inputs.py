@@ -17,7 +17,7 @@ import blake3
 from . import sparse
 from .errors import FormatError, IOFailure, Truncated, UsageError
 from .format import sniff
-from .outputs import old_piece_name, piece_name
+from .paths import old_piece_name, piece_name
 
 
 def _stdin() -> IO[bytes]:

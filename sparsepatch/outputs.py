@@ -16,29 +16,13 @@ from typing import IO
 
 from . import paths, sparse
 from .errors import IOFailure, UsageError, io_errors, io_failure
+from .paths import old_piece_name, piece_name
 
 
 def _stdout() -> IO[bytes]:
     if sys.stdout is None:  # started with descriptor 1 closed (`>&-`)
         raise IOFailure("standard output is closed")
     return sys.stdout.buffer
-
-
-def piece_name(stem: str, k: int) -> str:
-    """The name of piece k of a split patch. Pieces 0-899 are STEM.000-STEM.899; after
-    that, like split(1), each further group starts with one more 9 and is one digit
-    wider (STEM.90000-STEM.98999, then STEM.9900000-...), so names sort in piece order
-    in every locale and `cat STEM.*` reads them in order however many there are."""
-    width, count, prefix = 3, 900, ""
-    while k >= count:
-        k -= count
-        width, count, prefix = width + 1, count * 10, prefix + "9"
-    return f"{stem}.{prefix}{k:0{width}d}"
-
-
-def old_piece_name(stem: str, k: int) -> str:
-    """The names sparsepatch 0.1.0 gave: on from STEM.900 to STEM.999, STEM.1000, ..."""
-    return f"{stem}.{k:03d}"
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@ destination path would send root's writes wherever that user likes. open_dir res
 path one component at a time, and follows a symbolic link met in a sticky folder that
 others may write to only if the link belongs to the user running the command or to that
 folder's owner (the kernel's rule). Elsewhere links are followed as usual: only the
-folder's owner could have put them there."""
+folder's owner could have put them there.
+
+Also the names of a split patch's pieces, which outputs writes and inputs reads."""
 
 from __future__ import annotations
 
@@ -80,3 +82,20 @@ def open_dir(path: str, nofollow: bool = False) -> int:
     except BaseException:
         os.close(cur)
         raise
+
+
+def piece_name(stem: str, k: int) -> str:
+    """The name of piece k of a split patch. Pieces 0-899 are STEM.000-STEM.899; after
+    that, like split(1), each further group starts with one more 9 and is one digit
+    wider (STEM.90000-STEM.98999, then STEM.9900000-...), so names sort in piece order
+    in every locale and `cat STEM.*` reads them in order however many there are."""
+    width, count, prefix = 3, 900, ""
+    while k >= count:
+        k -= count
+        width, count, prefix = width + 1, count * 10, prefix + "9"
+    return f"{stem}.{prefix}{k:0{width}d}"
+
+
+def old_piece_name(stem: str, k: int) -> str:
+    """The names sparsepatch 0.1.0 gave: on from STEM.900 to STEM.999, STEM.1000, ..."""
+    return f"{stem}.{k:03d}"
