@@ -47,12 +47,12 @@ from .format import (
     PatchReader,
     Record,
     blocks_for,
+    checked_page_hashes,
     data_meta,
     data_record_max_blocks,
     pages_per_block,
     tree_hash,
 )
-from .format.frame import checked_page_hashes
 from .moves import PagePlan
 from .writer import PatchWriter, frame_sizes, window_log_for
 

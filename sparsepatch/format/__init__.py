@@ -84,7 +84,7 @@ from .base import (
     tree_hash,
     valid_shift,
 )
-from .frame import FrameDecoder, assemble, decode_data, rule_16_clipped_tail
+from .frame import FrameDecoder, assemble, checked_page_hashes, decode_data, rule_16_clipped_tail
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (
@@ -123,7 +123,7 @@ __all__ = [
     "VERSION", "ZERO_HASH", "CopySources", "FrameDecoder", "JournalSlot", "MacChain", "PatchHeader",
     "PatchReader", "PatchRules", "PatchTrailer", "RangeSet", "Reader", "Record", "SigHeader",
     "Signature", "SignatureEncoder", "SignatureRules", "block_hash", "blocks_for", "check_shift",
-    "check_size", "crc32c", "data_record_max_blocks", "decode_data", "decode_journal",
+    "check_size", "checked_page_hashes", "crc32c", "data_record_max_blocks", "decode_data", "decode_journal",
     "decode_journal_slot", "decode_patch_header", "decode_sig_header", "derive_mac_key",
     "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
     "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot",
