@@ -35,7 +35,6 @@ REC_DATA, REC_ZERO, REC_COPY, REC_STAGE, REC_END = 1, 2, 3, 4, 0xFF
 REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy", REC_STAGE: "stage"}
 # Page kinds of a DATA block (spec 5.2): where each 4 KiB page of the target block comes from.
 PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_MOVED = 0, 1, 2, 3
-PAGE_KIND_NAMES = ("literal", "zero", "same", "moved")
 
 FLAG_FULL = 0x0001  # made without a signature: the base is the empty file
 FLAG_MAC = 0x0002  # every element is followed by a keyed BLAKE3 tag chained over the patch
@@ -117,11 +116,6 @@ def hash_block(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
     """The block hash of spec section 1 (the tree hash of its page hashes): block (at most
     block_size bytes) is padded with zeros to block_size, and a block of zeros is ZERO_HASH."""
     return tree_hash(hash_pages(block, block_size))
-
-
-def block_hash(block: bytes | bytearray | memoryview) -> bytes:
-    """hash_block of a full block (block_size = its length)."""
-    return hash_block(block, len(block))
 
 
 def pages_per_block(block_size: int) -> int:
