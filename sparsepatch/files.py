@@ -86,23 +86,6 @@ def claim_dest(fd: int, dest: str, allow_in_use: bool = False) -> None:
                      "--allow-in-use applies anyway")
 
 
-def default_journal(dest: str) -> str:
-    """Beside a file; for a block device (whose /dev folder is not durable) in a private
-    state directory, named by device number and size."""
-    try:
-        st = os.stat(dest)
-    except OSError:
-        return journal_path(dest)
-    if stat.S_ISBLK(st.st_mode):
-        fd = sparse.open_path(dest, os.O_RDONLY)
-        try:
-            size = sparse.file_size(fd)
-        finally:
-            os.close(fd)
-        return os.path.join(state_dir(), device_journal_name(st.st_rdev, size))
-    return journal_path(dest)
-
-
 def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequence[str] = (),
                  key_file: str | None = None) -> Journal:
     """The journal for the destination open on fd (not yet read): override, or beside a
