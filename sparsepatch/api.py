@@ -67,7 +67,7 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
     shift = block_shift(block_size)
     outputs.refuse_overwrite(output, dest)
     with fork.jobs(jobs), inputs.open_source(dest) as fd:
-        mode = outputs.read_mode(None if dest == "-" else fd)
+        mode = paths.read_mode(None if dest == "-" else fd)
         with outputs.open_output(output, mode=mode) as write:
             return write_signature(fd, shift, dest, write, progress, None,
                                    source_check=source_check, warn=warn)
@@ -108,7 +108,7 @@ def _read_signature(path: str) -> tuple[Signature, int]:
     """The signature at path, and the mode an output made from it may have (read_mode)."""
     with inputs.open_input(path) as f:
         name = "signature" if path == "-" else path
-        mode = outputs.read_mode(None if path == "-" else f.fileno())
+        mode = paths.read_mode(None if path == "-" else f.fileno())
         return read_signature(f.read, name), mode
 
 
@@ -171,7 +171,7 @@ def diff(sig: str | None, source: str, output: str | None = None, *, full: bool 
     if since is not None and (sig is None or source == "-"):
         raise UsageError("--since needs a signature and a source file (not --full, not stdin)")
     with fork.jobs(jobs), inputs.open_source(source) as fd:
-        mode &= outputs.read_mode(None if source == "-" else fd)
+        mode &= paths.read_mode(None if source == "-" else fd)
         changed = None if since is None else _since_ranges(since, fd, source, signature_.header.file_size)
         # The next signature is committed only after the patch is: never one without the other
         # (a signature of a target no patch leads to would make the next diff's patch useless).

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import sparse
+from .blocks import identity_of
 from .destination import Destination
 from .errors import (
     ChecksumMismatch,
@@ -30,6 +31,7 @@ from .errors import (
     UsageError,
     VerifyMismatch,
     WrongBase,
+    io_errors,
 )
 from .format import (
     PAGE_LITERAL,
@@ -49,10 +51,10 @@ from .format import (
     assemble,
     page_hash,
     pages_per_block,
+    rule_16_clipped_tail,
 )
 from .journal import Journal
 from .scratch import Scratch
-from .signature import write_signature
 from .staging import Stager
 from .undo import SYNC_BATCH, Undo
 from .window import PUNCH_COST, WriteWindow
@@ -210,20 +212,9 @@ class Applier:
             self.growth += max(0, hi - lo)
         return Decision(rec, data, runs, self.stager.pins(rec, self.shift) if runs else frozenset(), moved)
 
-    def _check_tail(self, rec: Record, b: int, block: bytes | bytearray) -> None:
-        """A target hash is that of the zero-padded block, and the partial last block is
-        written clipped at target_size: bytes past it must be zeros, or the block would be
-        written and then never read back as its target (a rerun failing the same way)."""
-        end = self.h.target_size - ((rec.first_block + b) << self.shift)
-        if end < len(block) and block.count(0, end) != len(block) - end:
-            raise FormatError(
-                f"{rec.where()}: block {rec.first_block + b} holds non-zero bytes past the "
-                f"target's end (byte {self.h.target_size}), where its target hash says zeros"
-            )
-
     def _check_assembled(self, rec: Record, b: int, made: bytearray) -> None:
         if self.dest.hash(made) == rec.target_hash(b):
-            self._check_tail(rec, b, made)
+            rule_16_clipped_tail(self.h, rec, b, made)
             return
         kinds = rec.page_kinds(b)
         if kinds.count(PAGE_LITERAL) + kinds.count(PAGE_ZERO) == len(kinds):
@@ -247,7 +238,7 @@ class Applier:
                 f"{self.dest.name}: copy source block at byte {src << self.shift} does not hold "
                 f"the expected content ({rec.where()})"
             )
-        self._check_tail(rec, k, data)
+        rule_16_clipped_tail(self.h, rec, k, data)
         return bytes(data)
 
     def precheck(self, reader: PatchReader) -> None:
@@ -316,10 +307,8 @@ class Applier:
             self._apply(d)
 
     def _extents(self, start: int, end: int) -> list[tuple[int, int]]:
-        try:
+        with io_errors(f"{self.dest.name}: cannot find its data at byte {start}"):
             return [(a, b) for a, b in sparse.data_extents(self.dest.fd, end, start)]
-        except OSError as e:
-            raise IOFailure(f"{self.dest.name}: cannot find its data at byte {start}: {e.strerror}") from None
 
     def sync(self) -> None:
         """Make the writes durable and check that they read back as the target: storage
@@ -507,10 +496,10 @@ def _check_cut_off(h: PatchHeader, fd: int, name: str) -> None:
     """A shrink truncates away the blocks past the target size, and the patch has no hash
     for them: only the base identity can say they are the base's. With no journal, a
     destination of the base size has not been written to, so it must be the base whole."""
-    found = write_signature(fd, h.block_shift, name, lambda b: None)
-    if found.identity != h.base_identity.hex():
+    _, identity = identity_of(fd, h.block_shift, name)
+    if identity != h.base_identity.hex():
         raise WrongBase(
-            f"{name}: is not this patch's base (identity {found.identity[:16]}..., the patch's "
+            f"{name}: is not this patch's base (identity {identity[:16]}..., the patch's "
             f"base is {h.base_identity.hex()[:16]}...); the patch would cut off its last "
             f"{h.base_size - h.target_size} bytes unchecked"
         )
@@ -521,8 +510,8 @@ def _full_onto_existing(reader: PatchReader, fd: int, name: str) -> ApplyStats:
     check an existing file block by block. Accept it only when the file already is the
     target (a repeated first copy); anything else is refused before writing."""
     h = reader.header
-    found = write_signature(fd, h.block_shift, name, lambda b: None)
-    if found.file_size != h.target_size or found.identity != h.target_identity.hex():
+    size, identity = identity_of(fd, h.block_shift, name)
+    if size != h.target_size or identity != h.target_identity.hex():
         raise WrongBase(
             f"{name}: exists and is not this patch's target; a full patch only creates a file "
             "(or resumes its interrupted creation): remove it, or update it with a signature"

@@ -26,6 +26,7 @@ from .format import (
     PAGE_SHIFT,
     PAGE_SIZE,
     ZERO_HASH,
+    ZERO_PAGE,
     SigHeader,
     Signature,
     SignatureEncoder,
@@ -99,7 +100,6 @@ def block_ranges(fd: int, size: int, shift: int,
         yield cur
 
 
-_ZERO_PAGE = bytes(PAGE_SIZE)
 KNOWN_CHUNK = 4096  # blocks per chunk taken from the signature (diff --since)
 
 
@@ -267,7 +267,7 @@ class Scanner:
         full = n << shift
         if want < full:
             buf[want:full] = self._zero[: full - want]
-        zero, hasher = _ZERO_PAGE, blake3.blake3
+        zero, hasher = ZERO_PAGE, blake3.blake3
         # Every page of the chunk in one comprehension: the per-page cost on top of read and
         # hash is then a slice, a memcmp and the hash call. This is format.hash_pages
         # inlined (the last block is padded above).
@@ -448,3 +448,20 @@ class SignatureBuilder:
     @property
     def data_blocks(self) -> int:
         return self.enc.data_blocks if self.enc is not None else len(self.index)
+
+
+def scan_into(scan: Scanner, out: SignatureBuilder) -> None:
+    """Every block scan reads, into out."""
+    with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
+        for _, index, digests, _ in chunks:
+            out.add_many(index, digests)
+
+
+def identity_of(fd: int, shift: int, name: str) -> tuple[int, str]:
+    """(size, identity in hex) of what fd holds now, as its signature would give them (a
+    zero mtime), with no signature written: apply's checks that a file is a whole base
+    or target."""
+    scan = Scanner(fd, shift, name)
+    out = SignatureBuilder(shift, scan.size if scan.seekable else None)
+    scan_into(scan, out)
+    return scan.size, out.finish(scan.size).hex()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 from . import sparse
-from .errors import IOFailure
+from .errors import IOFailure, io_errors
 from .format import PAGE_SHIFT, hash_block
 
 WRITE_STEP = 1 << 20  # bytes reserved and written at once
@@ -34,30 +34,24 @@ class Destination:
         off = block << self.shift
         want = self.bs if limit is None else max(0, min(self.bs, limit - off))
         buf = bytearray(self.bs)
-        try:
+        with io_errors(f"{self.name}: read failed at byte {off}"):
             sparse.pread_full(self.fd, memoryview(buf)[:want], off)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
         return buf  # a short read leaves the rest as it was made: zeros
 
     def read_pages(self, page: int, count: int = 1) -> bytearray:
         """count 4 KiB pages from page number page on, zero-padded past the end of the file."""
         off = page << PAGE_SHIFT
         buf = bytearray(count << PAGE_SHIFT)
-        try:
+        with io_errors(f"{self.name}: read failed at byte {off}"):
             sparse.pread_full(self.fd, memoryview(buf), off)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
         return buf
 
     def states(self, first: int, count: int, limit: int) -> list[bytes]:
         """The hashes of blocks [first, first + count), read in one go up to byte limit."""
         off = first << self.shift
         buf = bytearray(count << self.shift)
-        try:
+        with io_errors(f"{self.name}: read failed at byte {off}"):
             sparse.pread_full(self.fd, memoryview(buf)[: max(0, min(len(buf), limit - off))], off)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: read failed at byte {off}: {e.strerror}") from None
         view = memoryview(buf)
         return [self.hash(view[k << self.shift : (k + 1) << self.shift]) for k in range(count)]
 
@@ -99,10 +93,8 @@ class Destination:
         return True
 
     def _pwrite(self, data: bytes | memoryview, off: int) -> None:
-        try:
+        with io_errors(f"{self.name}: write failed at byte {off}"):
             sparse.pwrite_full(self.fd, data, off)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: write failed at byte {off}: {e.strerror}") from None
 
     def write_zeros(self, first: int, count: int, limit: int) -> int:
         """Zeros over blocks [first, first + count), clipped at byte limit. Returns bytes written."""
@@ -125,10 +117,8 @@ class Destination:
         length = min(count << self.shift, end - off)
         if length <= 0:
             return 0
-        try:
+        with io_errors(f"{self.name}: cannot punch a hole at byte {off}"):
             ok = self.punch_ok and sparse.punch_hole(self.fd, off, length, self.discard)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: cannot punch a hole at byte {off}: {e.strerror}") from None
         if ok:
             return self._zero_lies(first, count, limit)
         # The filesystem cannot deallocate: zeros are the only way to get the content right.
@@ -140,10 +130,8 @@ class Destination:
         block that still holds data: FUSE, network and thin-provisioned storage may report
         a punch done and keep the data (a qcow2 image does for a partial cluster)."""
         start, end = first << self.shift, min((first + count) << self.shift, limit)
-        try:
+        with io_errors(f"{self.name}: cannot read back the hole at byte {start}"):
             ranges = list(sparse.data_extents(self.fd, end, start))
-        except OSError as e:
-            raise IOFailure(f"{self.name}: cannot read back the hole at byte {start}: {e.strerror}") from None
         n = 0
         for a, b in ranges:
             for block in range(a >> self.shift, ((b - 1) >> self.shift) + 1):
@@ -153,16 +141,12 @@ class Destination:
         return n
 
     def size(self) -> int:
-        try:
+        with io_errors(f"{self.name}: cannot read its size"):
             return sparse.file_size(self.fd)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: cannot read its size: {e.strerror}") from None
 
     def sync_data(self) -> None:
-        try:
+        with io_errors(f"{self.name}: fdatasync failed"):
             sparse.sync_data(self.fd)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: fdatasync failed: {e.strerror}") from None
 
     def finish(self, size: int) -> None:
         """Set the final size (regular files only) and make everything durable."""
@@ -171,7 +155,5 @@ class Destination:
         except OSError as e:
             if not self._fill_to(size, e):
                 raise IOFailure(f"{self.name}: cannot truncate to {size} bytes: {e.strerror}") from None
-        try:
+        with io_errors(f"{self.name}: cannot finish (fsync)"):
             sparse.sync(self.fd)
-        except OSError as e:
-            raise IOFailure(f"{self.name}: cannot finish (fsync): {e.strerror}") from None

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Sequence
 
 from . import paths, sparse
-from .errors import IOFailure, Locked, UsageError, io_errors
+from .errors import IOFailure, Locked, UsageError, io_errors, io_failure
 from .journal import Journal, device_journal_name, journal_path, open_private_dir, state_dir
 from .scratch import Scratch, device_scratch_name, scratch_name, shared_scratch_name
 
@@ -84,23 +84,6 @@ def claim_dest(fd: int, dest: str, allow_in_use: bool = False) -> None:
     if loops:
         raise Locked(f"{dest}: in use: backing file of {', '.join(loops)}; "
                      "--allow-in-use applies anyway")
-
-
-def default_journal(dest: str) -> str:
-    """Beside a file; for a block device (whose /dev folder is not durable) in a private
-    state directory, named by device number and size."""
-    try:
-        st = os.stat(dest)
-    except OSError:
-        return journal_path(dest)
-    if stat.S_ISBLK(st.st_mode):
-        fd = sparse.open_path(dest, os.O_RDONLY)
-        try:
-            size = sparse.file_size(fd)
-        finally:
-            os.close(fd)
-        return os.path.join(state_dir(), device_journal_name(st.st_rdev, size))
-    return journal_path(dest)
 
 
 def open_journal(dest: str, fd: int, override: str | None = None, inputs: Sequence[str] = (),
@@ -226,7 +209,7 @@ def _create_dest(dir_fd: int, name: str, dest: str, mode: int) -> int | None:
         sparse.sync_dir(dir_fd)
     except OSError as e:
         os.close(fd)
-        raise IOFailure(f"{dest}: cannot sync its folder: {e.strerror}") from None
+        raise io_failure(e, f"{dest}: cannot sync its folder") from None
     return fd
 
 

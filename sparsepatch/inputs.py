@@ -17,7 +17,7 @@ import blake3
 from . import sparse
 from .errors import FormatError, IOFailure, Truncated, UsageError
 from .format import sniff
-from .outputs import old_piece_name, piece_name, read_mode
+from .paths import old_piece_name, piece_name, read_mode
 
 
 def _stdin() -> IO[bytes]:
@@ -102,7 +102,7 @@ class Chain:
     byte; a piece opened again must be the same file (device, inode) with the size the
     first pass read, so that a second pass reads what the first did even if a path is
     replaced meanwhile. mode: the permission bits an output made from the pieces opened so
-    far may have (outputs.read_mode), from the files read, not their paths looked up again."""
+    far may have (paths.read_mode), from the files read, not their paths looked up again."""
 
     def __init__(self, paths: list[str]):
         self.paths = paths

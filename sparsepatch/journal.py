@@ -15,7 +15,7 @@ import os
 import stat
 
 from . import paths, sparse
-from .errors import IOFailure, UsageError, io_errors
+from .errors import IOFailure, UsageError, io_errors, io_failure
 from .format import JOURNAL_MAGIC, JOURNAL_SLOT_SIZE, JournalSlot, decode_journal, encode_journal_slot
 
 # Not /var/tmp (shared: anyone can put a file under a name we would open) and not /run
@@ -109,7 +109,7 @@ class Journal:
                 )
         except OSError as e:
             os.close(fd)
-            raise IOFailure(f"{self.path}: cannot read the apply journal: {e.strerror}") from None
+            raise io_failure(e, f"{self.path}: cannot read the apply journal") from None
         except BaseException:
             os.close(fd)
             raise
@@ -133,18 +133,14 @@ class Journal:
     def write(self, base: bytes, target: bytes, start: int, end: int) -> None:
         if self.fd is None:
             self.fd = sparse.create_side(self.dir_fd, self.name, self.path, "apply journal")
-            try:
+            with io_errors(f"{self.path}: cannot sync its folder"):
                 sparse.sync_dir(self.dir_fd)  # a journal lost to power is no journal
-            except OSError as e:
-                raise IOFailure(f"{self.path}: cannot sync its folder: {e.strerror}") from None
         self.seq += 1
         slot = encode_journal_slot(JournalSlot(self.seq, base, target, start, end,
                                                self.scratch_pages))
-        try:
+        with io_errors(f"{self.path}: cannot write the apply journal"):
             sparse.pwrite_full(self.fd, slot, (self.seq % 2) * JOURNAL_SLOT_SIZE)
             sparse.sync(self.fd)
-        except OSError as e:
-            raise IOFailure(f"{self.path}: cannot write the apply journal: {e.strerror}") from None
 
     def remove(self) -> None:
         """Unlink the journal this run opened or created, if the name still is that file

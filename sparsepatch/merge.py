@@ -23,7 +23,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .errors import ChecksumMismatch, UsageError, WrongBase, io_errors
+from .errors import UsageError, WrongBase, io_errors
 from .format import (
     FLAG_FULL,
     FLAG_MAC,
@@ -47,12 +47,12 @@ from .format import (
     PatchReader,
     Record,
     blocks_for,
+    checked_page_hashes,
     data_meta,
     data_record_max_blocks,
     pages_per_block,
     tree_hash,
 )
-from .format.frame import page_hash_list
 from .moves import PagePlan
 from .writer import PatchWriter, frame_sizes, window_log_for
 
@@ -283,11 +283,8 @@ class Chain:
         at = self.spool.add(literal)
         sources = iter(rec.sources)
         lit = 0
-        for k, hashes in page_hash_list(rec, literal):
+        for k, hashes in checked_page_hashes(rec, literal):
             target = rec.target_hash(k)
-            if tree_hash(hashes) != target:
-                raise ChecksumMismatch(f"{where}: block {rec.first_block + k} does not match its "
-                                       "target hash after decompression")
             pages: list[Page] = []
             q0 = (rec.first_block + k) * per
             for i, kind in enumerate(rec.page_kinds(k)):

@@ -16,29 +16,13 @@ from typing import IO
 
 from . import paths, sparse
 from .errors import IOFailure, UsageError, io_errors, io_failure
+from .paths import old_piece_name, piece_name
 
 
 def _stdout() -> IO[bytes]:
     if sys.stdout is None:  # started with descriptor 1 closed (`>&-`)
         raise IOFailure("standard output is closed")
     return sys.stdout.buffer
-
-
-def piece_name(stem: str, k: int) -> str:
-    """The name of piece k of a split patch. Pieces 0-899 are STEM.000-STEM.899; after
-    that, like split(1), each further group starts with one more 9 and is one digit
-    wider (STEM.90000-STEM.98999, then STEM.9900000-...), so names sort in piece order
-    in every locale and `cat STEM.*` reads them in order however many there are."""
-    width, count, prefix = 3, 900, ""
-    while k >= count:
-        k -= count
-        width, count, prefix = width + 1, count * 10, prefix + "9"
-    return f"{stem}.{prefix}{k:0{width}d}"
-
-
-def old_piece_name(stem: str, k: int) -> str:
-    """The names sparsepatch 0.1.0 gave: on from STEM.900 to STEM.999, STEM.1000, ..."""
-    return f"{stem}.{k:03d}"
 
 
 @contextlib.contextmanager
@@ -171,11 +155,9 @@ def _open_special(dfd: int, name: str, path: str) -> int | None:
             if stat.S_ISDIR(st.st_mode):
                 if last:
                     raise IOFailure(f"{path}: is a directory")
-                try:
+                with io_errors(f"{path}: cannot open"):
                     nxt = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                   dir_fd=cur)
-                except OSError as e:
-                    raise IOFailure(f"{path}: cannot open: {e.strerror}") from None
                 os.close(cur)
                 cur = nxt
                 continue
@@ -422,15 +404,3 @@ def _write_error(e: OSError) -> str:
     if e.errno == errno.EPERM:
         return "no space left (or the filesystem refused the write)"
     return e.strerror or str(e)
-
-
-def read_mode(fd: int | None) -> int:
-    """The permission bits an output made from what was read on fd may have (see
-    output_mode); None for a stream. From the descriptor read, not a path looked up again:
-    a path swapped in between would give a secret's output a public file's mode."""
-    if fd is None:
-        return 0o600
-    st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        return st.st_mode & 0o666
-    return 0o600

@@ -7,7 +7,10 @@ path one component at a time, and follows a symbolic link met in a sticky folder
 others may write to only if the link belongs to the user running the command or to that
 folder's owner (the kernel's rule), and has one name (a hard link of root's own link from
 elsewhere would pass for root's). Elsewhere links are followed as usual: a folder that is
-not sticky is in the hands of whoever may write it, link or no link."""
+not sticky is in the hands of whoever may write it, link or no link.
+
+Also what inputs and outputs share: the names of a split patch's pieces, which outputs
+writes and inputs reads, and the mode an output made from a file read may have."""
 
 from __future__ import annotations
 
@@ -101,3 +104,32 @@ def open_dir(path: str, nofollow: bool = False, dir_fd: int | None = None) -> in
     except BaseException:
         os.close(cur)
         raise
+
+
+def piece_name(stem: str, k: int) -> str:
+    """The name of piece k of a split patch. Pieces 0-899 are STEM.000-STEM.899; after
+    that, like split(1), each further group starts with one more 9 and is one digit
+    wider (STEM.90000-STEM.98999, then STEM.9900000-...), so names sort in piece order
+    in every locale and `cat STEM.*` reads them in order however many there are."""
+    width, count, prefix = 3, 900, ""
+    while k >= count:
+        k -= count
+        width, count, prefix = width + 1, count * 10, prefix + "9"
+    return f"{stem}.{prefix}{k:0{width}d}"
+
+
+def old_piece_name(stem: str, k: int) -> str:
+    """The names sparsepatch 0.1.0 gave: on from STEM.900 to STEM.999, STEM.1000, ..."""
+    return f"{stem}.{k:03d}"
+
+
+def read_mode(fd: int | None) -> int:
+    """The permission bits an output made from what was read on fd may have (see
+    output_mode); None for a stream. From the descriptor read, not a path looked up again:
+    a path swapped in between would give a secret's output a public file's mode."""
+    if fd is None:
+        return 0o600
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return st.st_mode & 0o666
+    return 0o600

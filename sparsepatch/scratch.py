@@ -17,7 +17,7 @@ import os
 from array import array
 
 from . import sparse
-from .errors import FormatError, IOFailure, UsageError, WrongBase, io_errors
+from .errors import FormatError, IOFailure, UsageError, WrongBase, io_errors, io_failure
 from .format import HASH_LEN, PAGE_SHIFT, PAGE_SIZE, Record
 
 STAGE_STEP = 256  # pages read and written at once while staging (1 MiB)
@@ -149,12 +149,9 @@ class Scratch:
 
     def free(self) -> tuple[int, int]:
         """(bytes free for us in the scratch's folder, its st_dev)."""
-        try:
+        with io_errors(f"{self.folder}: cannot tell the free space for the scratch"):
             st = os.fstatvfs(self.dir_fd)
             dev = os.fstat(self.dir_fd).st_dev
-        except OSError as e:
-            raise IOFailure(f"{self.folder}: cannot tell the free space for the scratch: "
-                            f"{e.strerror}") from None
         return st.f_bavail * st.f_frsize, dev
 
     def create(self, size: int) -> None:
@@ -172,8 +169,7 @@ class Scratch:
                 sparse.reserve(fd, 0, size)
         except OSError as e:
             self.remove()
-            raise IOFailure(f"{self.path}: cannot write the scratch ({mib(size)}): "
-                            f"{e.strerror}") from None
+            raise io_failure(e, f"{self.path}: cannot write the scratch ({mib(size)})") from None
 
     def write(self, index: int, data: bytes | memoryview) -> None:
         assert self.fd is not None
@@ -181,23 +177,19 @@ class Scratch:
             sparse.pwrite_full(self.fd, data, index << PAGE_SHIFT)
         except OSError as e:
             self.remove()
-            raise IOFailure(f"{self.path}: cannot write the scratch: {e.strerror}") from None
+            raise io_failure(e, f"{self.path}: cannot write the scratch") from None
 
     def sync(self) -> None:
         """The pages and the scratch's name durable: before the journal names it."""
         assert self.fd is not None
-        try:
+        with io_errors(f"{self.path}: cannot sync the scratch"):
             sparse.sync(self.fd)
             sparse.sync_dir(self.dir_fd)
-        except OSError as e:
-            raise IOFailure(f"{self.path}: cannot sync the scratch: {e.strerror}") from None
 
     def read(self, index: int) -> bytes:
         assert self.fd is not None
-        try:
+        with io_errors(f"{self.path}: cannot read the scratch"):
             page = os.pread(self.fd, PAGE_SIZE, index << PAGE_SHIFT)
-        except OSError as e:
-            raise IOFailure(f"{self.path}: cannot read the scratch: {e.strerror}") from None
         return page.ljust(PAGE_SIZE, b"\0")
 
     def remove(self) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 
-from .blocks import Scanner, SignatureBuilder, Stamp
+from .blocks import Scanner, SignatureBuilder, Stamp, scan_into
 from .format import blocks_for
 
 
@@ -36,9 +35,7 @@ def write_signature(fd: int, shift: int, name: str, write: Callable[[bytes], obj
         mtime_ns = stamp.mtime_ns
     scan = Scanner(fd, shift, name, progress=progress, warn=warn)
     out = SignatureBuilder(shift, scan.size if scan.seekable else None, write)
-    with closing(scan.chunks()) as chunks:  # closed at once on error: its worker is reaped
-        for _, index, digests, _ in chunks:
-            out.add_many(index, digests)
+    scan_into(scan, out)
     if source_check is not None:
         stamp.verify(name, "signature")
     identity = out.finish(scan.size, mtime_ns)

@@ -104,10 +104,8 @@ class Undo:
         self.shift = h.block_shift
         self.per = pages_per_block(1 << h.block_shift)
         self.base_blocks = blocks_for(h.base_size, h.block_shift)
-        try:
+        with io_errors(f"{path}: cannot write the undo patch there"):
             self.dir_fd = paths.open_dir(folder)
-        except OSError as e:
-            raise IOFailure(f"{path}: cannot write the undo patch there: {e.strerror}") from None
         self.fd: int | None = None
         self.pos = 0  # bytes of the spool that hold valid elements
         self.mac: MacChain | None = None
@@ -216,10 +214,8 @@ class Undo:
         if good and self.key is not None:
             self.mac = MacChain(self.key)
             self.mac.tag = tag
-        try:
+        with io_errors(f"{self.spool_path}: cannot cut its torn tail"):
             sparse.set_size(fd, good)
-        except OSError as e:
-            raise IOFailure(f"{self.spool_path}: cannot cut its torn tail: {e.strerror}") from None
 
     def _records(self, read: Callable[[int], bytes]) -> tuple[int, bytes]:
         """Walk the spool's records; returns the byte length of its valid prefix and the
@@ -406,10 +402,8 @@ class Undo:
 
     def _write(self, data: bytes) -> None:
         assert self.fd is not None
-        try:
+        with io_errors(f"{self.spool_path}: cannot write the undo spool"):
             sparse.pwrite_full(self.fd, data, self.pos)
-        except OSError as e:
-            raise IOFailure(f"{self.spool_path}: cannot write the undo spool: {e.strerror}") from None
         self.pos += len(data)
         self.unsynced += len(data)
 
@@ -418,10 +412,8 @@ class Undo:
         if self.fd is None:
             self.fd = sparse.create_side(self.dir_fd, self.spool, self.spool_path, "undo spool")
             self._lock(self.fd)
-            try:
+            with io_errors(f"{self.spool_path}: cannot sync its folder"):
                 sparse.sync_dir(self.dir_fd)
-            except OSError as e:
-                raise IOFailure(f"{self.spool_path}: cannot sync its folder: {e.strerror}") from None
         self.mac = MacChain(self.key) if self.key is not None else None
         head = encode_patch_header(self.uh)
         self._write(head)
@@ -433,10 +425,8 @@ class Undo:
         self._close()
         if self.fd is None or not self.unsynced:
             return
-        try:
+        with io_errors(f"{self.spool_path}: cannot sync the undo spool"):
             sparse.sync(self.fd)
-        except OSError as e:
-            raise IOFailure(f"{self.spool_path}: cannot sync the undo spool: {e.strerror}") from None
         self.unsynced = 0
 
     def tail(self, read: Callable[[int], bytearray],
@@ -477,11 +467,9 @@ class Undo:
                          self.payload_bytes, self.pos)
         self._emit(encode_patch_trailer(t))
         self.sync()
-        try:
+        with io_errors(f"{self.path}: cannot rename the undo spool into place"):
             sparse.rename(self.spool, self.name, self.dir_fd)
             sparse.sync_dir(self.dir_fd)
-        except OSError as e:
-            raise IOFailure(f"{self.path}: cannot rename the undo spool into place: {e.strerror}") from None
 
     def _drop_spool(self) -> None:
         if self.fd is None:

@@ -5,14 +5,28 @@ from __future__ import annotations
 import errno
 import os
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sparsepatch import journal
+
 KiB = 1 << 10
 MiB = 1 << 20
+
+
+def default_journal(dest: str) -> str:
+    """Where apply keeps the journal for dest unless told otherwise: beside a file; for a
+    block device in the private state directory, named by device number and size."""
+    st = os.stat(dest)
+    if not stat.S_ISBLK(st.st_mode):
+        return journal.journal_path(dest)
+    with open(dest, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+    return os.path.join(journal.state_dir(), journal.device_journal_name(st.st_rdev, size))
 
 
 def pattern(n: int, seed: int) -> bytes:

@@ -35,10 +35,10 @@ from sparsepatch.format import (
     PatchReader,
     PatchTrailer,
     Record,
-    block_hash,
     crc32c,
     encode_patch_trailer,
     encode_record,
+    hash_block,
 )
 
 BS = 4096
@@ -293,7 +293,7 @@ def _forge_record(s: Signed, w: World) -> None:
         rec = s.records[i]
         meta = s.raw[i][RECORD.size : RECORD.size + rec.meta_width * rec.count]
         if i == 3:
-            meta = meta[:16] + block_hash(EVIL) + bytes([PAGE_LITERAL])
+            meta = meta[:16] + hash_block(EVIL, len(EVIL)) + bytes([PAGE_LITERAL])
         last = i == data[-1]
         payload = cobj.compress(literal[i]) + cobj.flush(
             zstandard.COMPRESSOBJ_FLUSH_FINISH if last else zstandard.COMPRESSOBJ_FLUSH_BLOCK)

@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KiB, MiB, allocated, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, allocated, default_journal, make_sparse, pattern, run_cli
 
-from sparsepatch import files
 from sparsepatch.format import CRC, SIG_TRAILER, read_signature
 
 BS = 64 * KiB
@@ -84,7 +83,7 @@ def _renew(dev: str) -> None:
 
 def device_journal(dev: str) -> str:
     """Where apply keeps the journal for dev unless told otherwise."""
-    path = files.default_journal(dev)
+    path = default_journal(dev)
     assert os.path.dirname(path) == "/var/lib/sparsepatch"
     return path
 

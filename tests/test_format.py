@@ -69,7 +69,6 @@ from sparsepatch.format import (
     Record,
     SigHeader,
     SignatureEncoder,
-    block_hash,
     crc32c,
     data_record_max_blocks,
     decode_data,
@@ -260,7 +259,7 @@ def with_sig_trailer(data: bytes, index: int, value: Any) -> bytes:
 def block_state(content: bytes, block: int, bs: int) -> bytes:
     """The hash the format gives a block of content: ZERO_HASH for zeros or a hole."""
     blk = content[block * bs : (block + 1) * bs].ljust(bs, b"\0")
-    return ZERO_HASH if blk == bytes(bs) else block_hash(blk)
+    return ZERO_HASH if blk == bytes(bs) else hash_block(blk, bs)
 
 
 def payload_ranges(records: list[Record]) -> list[range]:
@@ -327,12 +326,14 @@ def test_signature_describes_its_file(name: str, file: str) -> None:
     assert (sig.block_size, sig.header.file_size, sig.mtime_ns) == (bs, spec["size"], mtime)
     states = [block_state(content, i, bs) for i in range(sig.header.block_count)]
     assert list(sig.data_index) == [i for i, h in enumerate(states) if h != ZERO_HASH]
-    assert [sig.hash_at(k) for k in range(len(sig.data_index))] == [h for h in states if h != ZERO_HASH]
+    assert bytes(sig.hashes) == b"".join(h for h in states if h != ZERO_HASH)
     # What the signature stores: the page hashes of each data block, the block hash their tree hash.
+    width = bs // PAGE_SIZE * HASH_LEN
     for k, i in enumerate(sig.data_index):
         blk = content[i * bs : (i + 1) * bs]
-        assert sig.pages_at(k) == hash_pages(blk, bs)
-        assert sig.hash_at(k) == tree_hash(sig.pages_at(k))
+        pages = sig.pages[k * width : (k + 1) * width]
+        assert pages == hash_pages(blk, bs)
+        assert sig.hashes[k * HASH_LEN : (k + 1) * HASH_LEN] == tree_hash(pages)
     assert len(sig.pages) == len(sig.data_index) * (bs // PAGE_SIZE) * HASH_LEN
 
 
@@ -754,7 +755,7 @@ def test_a_data_block_needs_one_non_zero_page_hash() -> None:
     some = ZERO_HASH + h + ZERO_HASH * 2
     ok = make_sig(14, 2 * bs, [(SIG_DATA, 0, 2, some + h * 4)], 2, 2)
     sig = parse_sig(ok)
-    assert sig.pages_at(0) == some and sig.hash_at(0) == tree_hash(some) != ZERO_HASH
+    assert sig.pages[: len(some)] == some and sig.hashes[:HASH_LEN] == tree_hash(some) != ZERO_HASH
     # A zero page hash straddling two blocks is not a zero block either.
     straddle = make_sig(14, 2 * bs, [(SIG_DATA, 0, 2, h * 2 + ZERO_HASH * 2 + ZERO_HASH * 2 + h * 2)],
                         2, 2)
@@ -1150,8 +1151,8 @@ def test_a_mac_patch_without_a_key_says_so_in_codec_words() -> None:
 def test_hash_block_pads_the_last_block_and_knows_zeros() -> None:
     bs = 16384
     assert hash_block(b"", bs) == hash_block(bytes(100), bs) == hash_block(bytes(bs), bs) == ZERO_HASH
-    assert hash_block(b"x" * 100, bs) == block_hash(b"x" * 100 + bytes(bs - 100))
-    assert hash_block(memoryview(b"y" * bs), bs) == block_hash(b"y" * bs)
+    assert hash_block(b"x" * 100, bs) == hash_block(b"x" * 100 + bytes(bs - 100), bs)
+    assert hash_block(memoryview(b"y" * bs), bs) == hash_block(b"y" * bs, bs)
     assert hash_block(b"x" * 100, 4096) != hash_block(b"x" * 100, bs)
 
 

@@ -38,11 +38,11 @@ from sparsepatch.format import (
     PatchHeader,
     PatchTrailer,
     Record,
-    block_hash,
     crc32c,
     encode_patch_header,
     encode_patch_trailer,
     encode_record,
+    hash_block,
     payload_limit,
 )
 
@@ -57,7 +57,7 @@ LITERAL = bytes([PAGE_LITERAL])  # the page kind of a 4 KiB block carried in the
 
 def state(block: bytes) -> bytes:
     block = block.ljust(BS, b"\0")
-    return ZERO_HASH if not any(block) else block_hash(block)
+    return ZERO_HASH if not any(block) else hash_block(block, len(block))
 
 
 FRAME = FRAME_START | FRAME_END  # a record that is a frame of its own

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import error_line, make_sparse, pattern, run_cli
+from conftest import default_journal, error_line, make_sparse, pattern, run_cli
 
-from sparsepatch import api, files, journal
+from sparsepatch import api, journal
 from sparsepatch.errors import IOFailure
 from sparsepatch.format import JournalSlot, encode_journal_slot
 
@@ -284,7 +284,7 @@ def loop(backing: Path) -> Iterator[str]:
     if r.returncode != 0:
         pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
     dev = r.stdout.strip()
-    journal_ = files.default_journal(dev)
+    journal_ = default_journal(dev)
     try:
         yield dev
     finally:
@@ -353,7 +353,7 @@ def test_a_forged_device_journal_does_not_switch_off_the_base_check(world: World
 def test_device_journal_lives_in_a_private_directory(world: World) -> None:
     backing, patch = device_world(world)
     with loop(backing) as dev:
-        path = Path(files.default_journal(dev))
+        path = Path(default_journal(dev))
         assert path.parent == Path("/var/lib/sparsepatch")
         assert str(os.major(os.stat(dev).st_rdev)) in path.name and str(SIZE) in path.name
         # A journal left for the same device number at another size (a loop device since

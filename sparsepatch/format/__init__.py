@@ -38,7 +38,6 @@ from .base import (
     MIN_KEY_FILE,
     MIN_SHIFT,
     MIN_WINDOW_LOG,
-    PAGE_KIND_NAMES,
     PAGE_LITERAL,
     PAGE_MOVED,
     PAGE_SAME,
@@ -64,8 +63,8 @@ from .base import (
     SIG_TRAILER,
     VERSION,
     ZERO_HASH,
+    ZERO_PAGE,
     Reader,
-    block_hash,
     blocks_for,
     check_shift,
     check_size,
@@ -83,7 +82,7 @@ from .base import (
     tree_hash,
     valid_shift,
 )
-from .frame import ZERO_PAGE, FrameDecoder, assemble, decode_data
+from .frame import FrameDecoder, assemble, checked_page_hashes, decode_data, rule_16_clipped_tail
 from .journal import JournalSlot, decode_journal, decode_journal_slot, encode_journal_slot, newer_slot
 from .mac import MacChain, derive_mac_key
 from .patch import (
@@ -121,14 +120,14 @@ __all__ = [
     "SIG_DATA", "SIG_END", "SIG_HEADER", "SIG_HOLE", "SIG_MAGIC", "SIG_RUN", "SIG_TRAILER",
     "VERSION", "ZERO_HASH", "CopySources", "FrameDecoder", "JournalSlot", "MacChain", "PatchHeader",
     "PatchReader", "PatchRules", "PatchTrailer", "RangeSet", "Reader", "Record", "SigHeader",
-    "Signature", "SignatureEncoder", "SignatureRules", "block_hash", "blocks_for", "check_shift",
-    "check_size", "crc32c", "data_record_max_blocks", "decode_data", "decode_journal",
+    "Signature", "SignatureEncoder", "SignatureRules", "blocks_for", "check_shift",
+    "check_size", "checked_page_hashes", "crc32c", "data_record_max_blocks", "decode_data", "decode_journal",
     "decode_journal_slot", "decode_patch_header", "decode_sig_header", "derive_mac_key",
     "encode_journal_slot", "encode_patch_header", "encode_patch_trailer", "encode_record",
     "encode_sig_header", "hash_block", "hash_pages", "identity_hasher", "newer_slot",
-    "payload_limit", "raw_length", "read_signature", "shift_for_block_size", "sig_run_limit",
-    "sniff", "tree_hash", "tree_hashes", "valid_shift",
-    "MAX_STAGE_PAGES", "PAGE_KIND_NAMES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
+    "payload_limit", "raw_length", "read_signature", "rule_16_clipped_tail", "shift_for_block_size",
+    "sig_run_limit", "sniff", "tree_hash", "tree_hashes", "valid_shift",
+    "MAX_STAGE_PAGES", "PAGE_LITERAL", "PAGE_MOVED", "PAGE_SAME",
     "PAGE_ZERO", "REC_STAGE", "ZERO_PAGE", "assemble", "data_meta", "hashed_pages", "meta_length",
     "page_hash",
     "pages_per_block",

@@ -35,7 +35,6 @@ REC_DATA, REC_ZERO, REC_COPY, REC_STAGE, REC_END = 1, 2, 3, 4, 0xFF
 REC_NAMES = {REC_DATA: "data", REC_ZERO: "zero", REC_COPY: "copy", REC_STAGE: "stage"}
 # Page kinds of a DATA block (spec 5.2): where each 4 KiB page of the target block comes from.
 PAGE_LITERAL, PAGE_ZERO, PAGE_SAME, PAGE_MOVED = 0, 1, 2, 3
-PAGE_KIND_NAMES = ("literal", "zero", "same", "moved")
 
 FLAG_FULL = 0x0001  # made without a signature: the base is the empty file
 FLAG_MAC = 0x0002  # every element is followed by a keyed BLAKE3 tag chained over the patch
@@ -74,7 +73,7 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     return int(_crc32c(data, crc))
 
 
-_ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_HASHES = bytes(HASH_LEN << (MAX_SHIFT - PAGE_SHIFT))  # a 16 MiB block's page hashes
 
 
@@ -89,7 +88,7 @@ def hash_pages(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
     block_size bytes; a short last block of a file) is padded with zeros to block_size,
     and a page of zeros is ZERO_HASH."""
     view = memoryview(block)
-    zero, hasher = _ZERO_PAGE, blake3.blake3
+    zero, hasher = ZERO_PAGE, blake3.blake3
     out = []
     for pos in range(0, block_size, PAGE_SIZE):
         page = view[pos : pos + PAGE_SIZE]
@@ -119,11 +118,6 @@ def hash_block(block: bytes | bytearray | memoryview, block_size: int) -> bytes:
     return tree_hash(hash_pages(block, block_size))
 
 
-def block_hash(block: bytes | bytearray | memoryview) -> bytes:
-    """hash_block of a full block (block_size = its length)."""
-    return hash_block(block, len(block))
-
-
 def pages_per_block(block_size: int) -> int:
     return block_size >> PAGE_SHIFT
 
@@ -131,7 +125,7 @@ def pages_per_block(block_size: int) -> int:
 def page_hash(page: bytes | bytearray | memoryview) -> bytes:
     """The hash of one whole 4 KiB page (spec section 1): BLAKE3 truncated to 128 bits,
     ZERO_HASH for zeros."""
-    if _ZERO_PAGE == page:
+    if ZERO_PAGE == page:
         return ZERO_HASH
     digest: bytes = blake3.blake3(page).digest(length=HASH_LEN)
     return digest

@@ -31,7 +31,6 @@ from .base import (
 )
 from .patch import PatchHeader, Record, raw_length
 
-ZERO_PAGE = bytes(PAGE_SIZE)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW, _RLE, _COMPRESSED, _RESERVED = 0, 1, 2, 3
 
@@ -69,20 +68,19 @@ class FrameDecoder:
         ChecksumMismatch naming the record and the byte. (A payload that does not end at a
         block boundary is corrupt, not truncated: the reader read all payload_len bytes.)"""
         raw = raw_length(self.h, rec)
+        # Records come from PatchReader, whose rule 11 (rules.rule_11_literal) refused flags
+        # or a payload without literal, and a frame opened or continued out of turn.
         if raw == 0:
-            if rec.payload or rec.flags:
-                raise FormatError(f"{rec.where()}: carries no literal but has a payload or flags")
+            assert not rec.payload and not rec.flags
             return b""
         p = rec.payload
         where = rec.where()
         pos = 0
         if rec.flags & FRAME_START:
-            if self.dobj is not None:
-                raise FormatError(f"{where}: opens a frame while the frame opened by {self.opened} "
-                                  "is not closed")
+            assert self.dobj is None
             pos = self._open(rec)
-        elif self.dobj is None:
-            raise FormatError(f"{where}: continues a frame, but no frame is open")
+        else:
+            assert self.dobj is not None
         end = bool(rec.flags & FRAME_END)
         out: list[bytes] = []
         got = 0
@@ -272,27 +270,43 @@ def page_hash_list(rec: Record, literal: bytes | memoryview) -> Iterator[tuple[i
         yield k, b"".join(out)
 
 
+def checked_page_hashes(rec: Record, literal: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+    """page_hash_list, each block's tree hash checked against its target hash first (rule
+    16 without a destination: verify, merge)."""
+    for k, pages in page_hash_list(rec, literal):
+        if tree_hash(pages) != rec.target_hash(k):
+            raise ChecksumMismatch(
+                f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
+                "after decompression"
+            )
+        yield k, pages
+
+
 def decode_data(decoder: FrameDecoder, rec: Record) -> bytes:
     """A DATA record's literal bytes, decoded, and every block checked against its target
     hash: the tree hash of its page hashes, from its literal and the hashes the record
     carries for its SAME and MOVED pages (apply checks those pages against them)."""
     assert rec.kind == REC_DATA
     data = decoder.decode(rec)
-    for k, pages in page_hash_list(rec, data):
-        if tree_hash(pages) != rec.target_hash(k):
-            raise ChecksumMismatch(
-                f"{rec.where()}: block {rec.first_block + k} does not match its target hash "
-                "after decompression"
-            )
-    # A partial last block is written clipped at target_size: bytes past it that are not
-    # zeros could never read back as the target (a patch that would fail every rerun).
+    for _ in checked_page_hashes(rec, data):
+        pass
     bs, size = decoder.h.block_size, decoder.h.target_size
     last = (size - 1) // bs if size else -1
     if rec.first_block <= last < rec.first_block + rec.count and size % bs:
         k = last - rec.first_block
         block = dict(assemble(decoder.h, rec, data, None, want=lambda j: j == k)).get(k)
-        end = size - last * bs
-        if block is not None and block.count(0, end) != bs - end:
-            raise FormatError(f"{rec.where()}: block {last} holds non-zero bytes past the "
-                              f"target's end (byte {size}), where its target hash says zeros")
+        if block is not None:
+            rule_16_clipped_tail(decoder.h, rec, k, block)
     return data
+
+
+def rule_16_clipped_tail(header: PatchHeader, rec: Record, k: int, block: bytes | bytearray) -> None:
+    """Block k of rec, whole: a target hash is that of the zero-padded block, and the
+    partial last block is written clipped at target_size, so bytes past it that are not
+    zeros could never read back as the target (a patch that would fail every rerun)."""
+    end = header.target_size - ((rec.first_block + k) << header.block_shift)
+    if end < len(block) and block.count(0, end) != len(block) - end:
+        raise FormatError(
+            f"{rec.where()}: block {rec.first_block + k} holds non-zero bytes past the "
+            f"target's end (byte {header.target_size}), where its target hash says zeros"
+        )

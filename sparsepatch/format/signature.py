@@ -209,14 +209,6 @@ class Signature:
     def hole_blocks(self) -> int:
         return self.header.block_count - len(self.data_index)
 
-    def hash_at(self, k: int) -> bytes:
-        return bytes(self.hashes[k * HASH_LEN : (k + 1) * HASH_LEN])
-
-    def pages_at(self, k: int) -> bytes:
-        """The page hashes of data block data_index[k]."""
-        width = HASH_LEN * self.pages_per_block
-        return bytes(self.pages[k * width : (k + 1) * width])
-
 
 def tree_hashes(pages: bytes | bytearray, width: int) -> bytes:
     """The block hashes of consecutive data blocks' page hashes (width bytes a block). A
