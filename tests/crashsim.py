@@ -444,6 +444,7 @@ class Scenario:
     undo: bool = False  # apply --undo: the undo must come out whole and lead back to the base
     undo_batch: int = apply_mod.SYNC_BATCH
     undo_elsewhere: bool = False  # UNDO in another folder than the destination and its journal
+    scratch_elsewhere: bool = False  # apply --scratch DIR: the scratch's folder is not the journal's
 
 
 def _blocks(n: int, bs: int) -> int:
@@ -549,6 +550,9 @@ def scenarios() -> list[Scenario]:
         out.append(Scenario(sc.name + "-undo", sc.block_size, sc.base, sc.target, sc.stream,
                             sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
                             undo_batch=4 * sc.block_size))
+    sc = scenario_in(out, "moves-16k-tight")
+    out.append(Scenario(sc.name + "-scratch-elsewhere", sc.block_size, sc.base, sc.target, sc.stream,
+                        sc.sync_budget, sc.lookahead, sc.write_step, scratch_elsewhere=True))
     sc = scenario_in(out, "inplace-16k-tight-undo")
     out.append(Scenario(sc.name + "-elsewhere", sc.block_size, sc.base, sc.target, sc.stream,
                         sc.sync_budget, sc.lookahead, sc.write_step, undo=True,
@@ -606,6 +610,12 @@ class Case:
         return os.path.join(folder, "update.undo")
 
     @property
+    def scratch(self) -> str | None:
+        if not self.sc.scratch_elsewhere:
+            return None
+        return os.path.join(os.path.dirname(self.folder), "s")
+
+    @property
     def spool(self) -> str:
         assert self.undo is not None
         return os.path.join(os.path.dirname(self.undo), ".update.undo.sparsepatch-undo")
@@ -626,12 +636,14 @@ class Case:
     def apply(self) -> None:
         with self.tuned():
             if not self.sc.stream:
-                api.apply(self.patch, self.dest, journal=self.journal, undo=self.undo)
+                api.apply(self.patch, self.dest, journal=self.journal, undo=self.undo,
+                          scratch=self.scratch)
                 return
             saved = sys.stdin
             sys.stdin = Stdin(self.patch_bytes)  # type: ignore[assignment]
             try:
-                api.apply("-", self.dest, journal=self.journal, undo=self.undo)
+                api.apply("-", self.dest, journal=self.journal, undo=self.undo,
+                          scratch=self.scratch)
             finally:
                 sys.stdin = saved
 
@@ -754,6 +766,8 @@ def setup(sc: Scenario, root: str) -> Case:
     journal = None
     if sc.undo_elsewhere:
         os.mkdir(os.path.join(folder, "u"))
+    if sc.scratch_elsewhere:
+        os.mkdir(os.path.join(folder, "s"))
     if sc.journal_elsewhere:
         os.mkdir(os.path.join(folder, "j"))
         journal = os.path.realpath(os.path.join(folder, "j", "dest.journal"))
