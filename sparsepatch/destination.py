@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 from . import sparse
-from .errors import IOFailure, io_errors
+from .errors import IOFailure, io_errors, io_failure
 from .format import PAGE_SHIFT, hash_block
 
 WRITE_STEP = 1 << 20  # bytes reserved and written at once
@@ -34,24 +34,30 @@ class Destination:
         off = block << self.shift
         want = self.bs if limit is None else max(0, min(self.bs, limit - off))
         buf = bytearray(self.bs)
-        with io_errors(f"{self.name}: read failed at byte {off}"):
+        try:
             sparse.pread_full(self.fd, memoryview(buf)[:want], off)
+        except OSError as e:
+            raise io_failure(e, f"{self.name}: read failed at byte {off}") from None
         return buf  # a short read leaves the rest as it was made: zeros
 
     def read_pages(self, page: int, count: int = 1) -> bytearray:
         """count 4 KiB pages from page number page on, zero-padded past the end of the file."""
         off = page << PAGE_SHIFT
         buf = bytearray(count << PAGE_SHIFT)
-        with io_errors(f"{self.name}: read failed at byte {off}"):
+        try:
             sparse.pread_full(self.fd, memoryview(buf), off)
+        except OSError as e:
+            raise io_failure(e, f"{self.name}: read failed at byte {off}") from None
         return buf
 
     def states(self, first: int, count: int, limit: int) -> list[bytes]:
         """The hashes of blocks [first, first + count), read in one go up to byte limit."""
         off = first << self.shift
         buf = bytearray(count << self.shift)
-        with io_errors(f"{self.name}: read failed at byte {off}"):
+        try:
             sparse.pread_full(self.fd, memoryview(buf)[: max(0, min(len(buf), limit - off))], off)
+        except OSError as e:
+            raise io_failure(e, f"{self.name}: read failed at byte {off}") from None
         view = memoryview(buf)
         return [self.hash(view[k << self.shift : (k + 1) << self.shift]) for k in range(count)]
 
@@ -93,8 +99,10 @@ class Destination:
         return True
 
     def _pwrite(self, data: bytes | memoryview, off: int) -> None:
-        with io_errors(f"{self.name}: write failed at byte {off}"):
+        try:
             sparse.pwrite_full(self.fd, data, off)
+        except OSError as e:
+            raise io_failure(e, f"{self.name}: write failed at byte {off}") from None
 
     def write_zeros(self, first: int, count: int, limit: int) -> int:
         """Zeros over blocks [first, first + count), clipped at byte limit. Returns bytes written."""
@@ -117,8 +125,10 @@ class Destination:
         length = min(count << self.shift, end - off)
         if length <= 0:
             return 0
-        with io_errors(f"{self.name}: cannot punch a hole at byte {off}"):
+        try:
             ok = self.punch_ok and sparse.punch_hole(self.fd, off, length, self.discard)
+        except OSError as e:
+            raise io_failure(e, f"{self.name}: cannot punch a hole at byte {off}") from None
         if ok:
             return self._zero_lies(first, count, limit)
         # The filesystem cannot deallocate: zeros are the only way to get the content right.

@@ -39,7 +39,9 @@ class io_errors:
     system's text; with short=True "no such file", "is a directory" or "permission denied"
     where those apply). A BrokenPipeError passes through: a reader that went away is no
     failure of ours, and the CLI exits quietly on it. A class, not contextlib's generator:
-    it guards every chunk a scan reads."""
+    it guards every chunk a scan reads. Calls made once per block use try/except with
+    io_failure instead: the with statement and its eagerly built message cost 0.45 us a
+    call against 0.03 us, 10% of a dense apply."""
 
     __slots__ = ("where", "short")
 

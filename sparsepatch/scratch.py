@@ -188,8 +188,10 @@ class Scratch:
 
     def read(self, index: int) -> bytes:
         assert self.fd is not None
-        with io_errors(f"{self.path}: cannot read the scratch"):
+        try:
             page = os.pread(self.fd, PAGE_SIZE, index << PAGE_SHIFT)
+        except OSError as e:
+            raise io_failure(e, f"{self.path}: cannot read the scratch") from None
         return page.ljust(PAGE_SIZE, b"\0")
 
     def remove(self) -> None:

@@ -25,6 +25,7 @@ from .errors import (
     UsageError,
     WrongBase,
     io_errors,
+    io_failure,
 )
 from .format import (
     CRC,
@@ -402,8 +403,10 @@ class Undo:
 
     def _write(self, data: bytes) -> None:
         assert self.fd is not None
-        with io_errors(f"{self.spool_path}: cannot write the undo spool"):
+        try:
             sparse.pwrite_full(self.fd, data, self.pos)
+        except OSError as e:
+            raise io_failure(e, f"{self.spool_path}: cannot write the undo spool") from None
         self.pos += len(data)
         self.unsynced += len(data)
 
