@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import files, fork, inputs, outputs, paths
@@ -73,10 +73,11 @@ def signature(dest: str, output: str | None = None, block_size: int = DEFAULT_BL
                                    source_check=source_check, warn=warn)
 
 
-def write_file(path: str, data: bytes) -> None:
+def write_file(path: str, data: bytes, sources: Sequence[str | None] = ()) -> None:
     """Write a small output (--stats FILE) the way -o writes: under a temporary name
-    renamed into place, and never through another user's symlink or FIFO."""
-    with outputs.open_output(path) as write:
+    renamed into place, and never through another user's symlink or FIFO; no more readable
+    than the sources it describes (their sizes and identities are in it)."""
+    with outputs.open_output(path, mode=outputs.output_mode(*sources)) as write:
         write(data)
 
 

@@ -206,7 +206,8 @@ def _stats_target(as_json: bool, stats: str | None, stdout_busy: bool) -> str | 
 
 
 def _finish(command: str, result: Any, seconds: float, summary: str, quiet: bool,
-            stats_to: str | None) -> None:
+            stats_to: str | None, sources: list[str | None]) -> None:
+    """Print the summary, and write the stats (no more readable than sources) if asked."""
     if not quiet:
         click.echo(f"{summary}, {seconds:.1f} s", err=True)
     if stats_to:
@@ -219,7 +220,7 @@ def _finish(command: str, result: Any, seconds: float, summary: str, quiet: bool
         if stats_to == "-":
             _echo_out(text, nl=False)
         else:
-            _run(api.write_file, stats_to, text.encode())
+            _run(api.write_file, stats_to, text.encode(), sources)
 
 
 class _Group(click.Group):
@@ -331,7 +332,8 @@ def signature(dest: str, output: str | None, jobs: int | None, block_size: int, 
              warn=_warn, jobs=jobs)
     _finish("signature", s, time.monotonic() - t,
             f"signature: {human(s.file_size)} apparent, {human(s.bytes_read)} read, "
-            f"{s.data_blocks:,} data blocks, signature {human(s.signature_bytes)}", quiet, stats_to)
+            f"{s.data_blocks:,} data blocks, signature {human(s.signature_bytes)}", quiet, stats_to,
+            [dest])
 
 
 @main.command(epilog=EXIT_CODES)
@@ -397,7 +399,7 @@ def diff(args: tuple[str, ...], jobs: int | None, output: str | None, full: bool
             f"diff: {human(s.target_size)} apparent, {human(s.bytes_read)} read, "
             f"{changed:,} blocks changed ({s.data_blocks:,} data, {s.zero_blocks:,} zero, "
             f"{s.copy_blocks:,} copy){f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}, "
-            f"patch {human(s.patch_bytes)}", quiet, stats_to)
+            f"patch {human(s.patch_bytes)}", quiet, stats_to, [*args, since])
 
 
 @main.command(epilog=EXIT_CODES)
@@ -457,7 +459,7 @@ def apply(args: tuple[str, ...], verify: bool, key_file: str | None, no_auth: bo
             f"{f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}"
             f"{f', {human(s.scratch_bytes)} staged' if s.scratch_bytes else ''}"
             f"{', resumed' if s.resumed else ''}"
-            f"{', verified' if verify else ''}", quiet, stats_to)
+            f"{', verified' if verify else ''}", quiet, stats_to, [*pieces, dest])
 
 
 @main.command(epilog=EXIT_CODES)
@@ -507,7 +509,7 @@ def merge(patches: tuple[str, ...], output: str | None, level: int, window_log: 
             f"merge: {s.patches} patches of {human(s.input_bytes)}, {changed:,} blocks changed "
             f"({s.data_blocks:,} data, {s.zero_blocks:,} zero, {s.copy_blocks:,} copy)"
             f"{f', {s.moved_pages:,} pages moved' if s.moved_pages else ''}, "
-            f"patch {human(s.patch_bytes)}", quiet, stats_to)
+            f"patch {human(s.patch_bytes)}", quiet, stats_to, list(patches))
 
 
 @main.command(epilog=EXIT_CODES)
@@ -538,12 +540,13 @@ def verify(args: tuple[str, ...], against: str | None, key_file: str | None, qui
     s = _run(api.verify, args[0] if against else list(args), against, key_file)
     if s is None:
         _finish("verify", {"file": args[0], "against": against, "match": True},
-                time.monotonic() - t, f"verify: {args[0]} matches {against}", quiet, stats_to)
+                time.monotonic() - t, f"verify: {args[0]} matches {against}", quiet, stats_to,
+                [*args, against])
         return
     auth = "MAC checked" if s.authenticated else "no MAC checked"
     _finish("verify", s, time.monotonic() - t,
             f"verify: {args[0]} is intact: {s.records:,} records, {human(s.data_bytes)} of data, "
-            f"{_checked(s.base_blocks)}, {auth}", quiet, stats_to)
+            f"{_checked(s.base_blocks)}, {auth}", quiet, stats_to, [*args, against])
 
 
 def _checked(base_blocks: int) -> str:

@@ -234,6 +234,22 @@ def test_outputs_are_no_more_readable_than_their_inputs(tmp: Path) -> None:
     assert mode_of(tmp / "p3") == 0o600
 
 
+def test_stats_are_no_more_readable_than_what_they_describe(tmp: Path) -> None:
+    """--stats holds the sizes and identities of the files a command read: of a private
+    image, private too (it was 0644 whatever the inputs)."""
+    img = image(tmp / "img", 0o600)
+    pub = image(tmp / "pub", 0o644)
+    mask = {"umask": 0o022}
+    run_cli("signature", "-q", str(img), "-o", str(tmp / "img.sig"), "--stats", str(tmp / "s1"), **mask)
+    run_cli("signature", "-q", str(pub), "-o", str(tmp / "pub.sig"), "--stats", str(tmp / "s2"), **mask)
+    run_cli("diff", "-q", str(tmp / "pub.sig"), str(img), "-o", str(tmp / "p"), "--stats", str(tmp / "s3"),
+            **mask)
+    run_cli("apply", "-q", str(tmp / "p"), str(pub), "--stats", str(tmp / "s4"), **mask)
+    run_cli("verify", "-q", str(tmp / "p"), "--stats", str(tmp / "s5"), **mask)
+    assert [mode_of(tmp / f"s{k}") for k in range(1, 6)] == [0o600, 0o644, 0o600, 0o600, 0o600]
+    assert b'"command": "apply"' in (tmp / "s4").read_bytes()
+
+
 # ------------------------------------------------------------------ split pieces (item 13)
 
 
