@@ -87,11 +87,6 @@ def _fs_type(fd: int) -> str:
     return sparse.fs_type(os.fstat(fd).st_dev)
 
 
-def _shared(st: os.stat_result) -> bool:
-    """A sticky folder that others may write to (/tmp), where anyone may plant a name."""
-    return bool(st.st_mode & stat.S_ISVTX and st.st_mode & (stat.S_IWOTH | stat.S_IWGRP))
-
-
 def _trusted(owner: int) -> bool:
     """Whose symlinks, FIFOs and devices an output may go through or into: ours, or root's
     (/dev/null). Not the folder owner's: root writing into a folder another user owns
@@ -109,7 +104,7 @@ def _open_special(dfd: int, name: str, path: str) -> int | None:
     ours or root's (_trusted). If not: in a sticky folder others can write to, refused,
     since another user planted it; elsewhere, the name is replaced like a regular file,
     and nothing is written through it."""
-    shared = _shared(os.fstat(dfd))
+    shared = paths.shared(os.fstat(dfd))
     cur = os.dup(dfd)
     todo = [name]  # components still to resolve, the next one last
     links = 0
@@ -117,8 +112,10 @@ def _open_special(dfd: int, name: str, path: str) -> int | None:
     def untrusted(st: os.stat_result) -> None:
         if shared:
             kind = "symlink" if stat.S_ISLNK(st.st_mode) else "FIFO or device"
-            raise IOFailure(f"{path}: refusing to write through a {kind} owned by uid "
-                            f"{st.st_uid} in a folder others can write to")
+            whose = (f"with {st.st_nlink} hard links" if _trusted(st.st_uid)
+                     else f"owned by uid {st.st_uid}")
+            raise IOFailure(f"{path}: refusing to write through a {kind} {whose} in a "
+                            "folder others can write to")
 
     try:
         while todo:
@@ -135,7 +132,9 @@ def _open_special(dfd: int, name: str, path: str) -> int | None:
             except OSError as e:
                 raise IOFailure(f"{path}: cannot create output: {e.strerror}") from None
             if stat.S_ISLNK(st.st_mode):
-                if not _trusted(st.st_uid):
+                # A hard link of root's own link (to a disk, say) passes for root's where
+                # fs.protected_hardlinks is off: in a shared folder, one name or none.
+                if not _trusted(st.st_uid) or (st.st_nlink > 1 and paths.shared(os.fstat(cur))):
                     untrusted(st)
                     return None
                 links += 1

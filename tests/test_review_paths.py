@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +266,25 @@ def test_a_hard_link_of_root_s_link_at_the_destination_is_not_followed(shared: P
     r = run_cli("apply", "-q", str(patch), str(shared / "shared" / "vm.img"), check=False)
     assert "refusing to follow a symbolic link with 2 hard links" in error_line(r, 3)
     assert golden.read_bytes() == before
+
+
+@needs_root
+def test_a_hard_link_of_root_s_link_to_a_device_as_output_is_not_written_through(shared: Path) -> None:
+    """The last name of -o: root's own link to a disk, hard-linked into /tmp (where
+    fs.protected_hardlinks is off) under the name root writes its signature to. Before: the
+    signature went onto the disk's first bytes."""
+    backing = shared / "private" / "disk"
+    backing.write_bytes(b"SUPERBLOCK" + bytes(MiB - 10))
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        os.symlink(dev, shared / "private" / "disk-link")
+        os.link(shared / "private" / "disk-link", shared / "shared" / "img.sig", follow_symlinks=False)
+        img = make_sparse(shared / "img", 1 * MiB, [(0, 64 * KiB)])
+        r = run_cli("signature", str(img), "-o", str(shared / "shared" / "img.sig"), check=False)
+        assert "symlink with 2 hard links in a folder others can write to" in error_line(r, 3)
+        subprocess.run(["sync"], check=True)
+        with open(dev, "rb") as f:
+            assert f.read(10) == b"SUPERBLOCK"
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
