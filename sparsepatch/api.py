@@ -253,6 +253,8 @@ def apply(patch: str | list[str], dest: str, verify: bool = False, *, key_file: 
             stats = apply_patch(reader, fd, dest, journal_, created=created is not None,
                                 reread=reread if twice else None, discard=discard, warn=warn,
                                 undo=undo_, scratch=scratch_)
+            if created is not None:
+                created.narrow_mode(fd, chain.mode)  # every piece has been read now
         except BaseException:
             # A file this run created and never wrote to would only mislead (a rerun takes
             # an empty file for an interrupted first copy): remove it, by the folder it was

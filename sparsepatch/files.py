@@ -5,6 +5,7 @@ its journal. Below this, apply sees an open descriptor and a Journal."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -168,6 +169,19 @@ class NewDest:
         self.dir_fd, self.name = dir_fd, name
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)
+
+    def narrow_mode(self, fd: int, allowed: int) -> None:
+        """Take away the permission bits that allowed (the modes of the patch files read)
+        does not have: the file was created with those of the files opened by then and the
+        paths of the rest, and a piece read later may be more private than its path said."""
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o666 & ~allowed:
+            try:
+                os.fchmod(fd, mode & (allowed | ~0o666))
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise io_failure(e, f"{self.name}: cannot set its mode") from None
+                # FAT through FUSE has no modes to narrow.
 
     def remove_if_empty(self, fd: int) -> None:
         """Remove the file if nothing was written into it (it would only pass for an

@@ -19,7 +19,7 @@ from conftest import KiB, MiB, error_line, make_sparse, pattern, run_cli
 from test_outputs import NOBODY, as_nobody
 from test_paths import _update, needs_root, plant
 
-from sparsepatch import api
+from sparsepatch import api, files
 
 
 @pytest.fixture
@@ -288,3 +288,40 @@ def test_a_hard_link_of_root_s_link_to_a_device_as_output_is_not_written_through
             assert f.read(10) == b"SUPERBLOCK"
     finally:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@needs_root
+def test_a_first_copy_from_pieces_gets_the_mode_of_every_piece_read(
+        shared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split full patch: the image is created once the first piece is read, its mode
+    from that piece and the paths of the others. A later piece that is private when read
+    (public under its name when the image was created) makes the image private at the end.
+    Before: 0644, holding that piece's data."""
+    box = shared / "box"
+    box.mkdir()
+    img = make_sparse(box / "src.img", 4 * MiB, [(0, pattern(256 * KiB, 1)), (2 * MiB, 128 * KiB)])
+    api.diff(None, str(img), str(box / "full"), full=True, split=64 * KiB)
+    pieces = sorted(box.glob("full.*"))
+    assert len(pieces) >= 3
+    for p in pieces:
+        p.chmod(0o644)
+    real = pieces[-1].read_bytes()
+    opened = files.open_dest
+
+    def open_then_swap(*a: object, **k: object) -> object:
+        got = opened(*a, **k)  # type: ignore[arg-type]
+        tmp = pieces[-1].with_name("private")
+        tmp.write_bytes(real)
+        tmp.chmod(0o600)
+        os.rename(tmp, pieces[-1])
+        return got
+
+    dest = shared / "private" / "new.img"
+    monkeypatch.setattr(files, "open_dest", open_then_swap)
+    old_mask = os.umask(0o022)
+    try:
+        api.apply(str(pieces[0]), str(dest))
+    finally:
+        os.umask(old_mask)
+    assert dest.read_bytes() == img.read_bytes()
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
