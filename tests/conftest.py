@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,13 @@ def run_cli(*args: str, input: bytes | None = None, check: bool = True,
     return r
 
 
+def sparse_copy(data: bytes | bytearray, path: Path, bs: int = 16 * KiB) -> Path:
+    """path holding data, with a hole wherever a block of bs bytes is zeros."""
+    return make_sparse(path, len(data), [(off, bytes(data[off : off + bs]))
+                                         for off in range(0, len(data), bs)
+                                         if any(data[off : off + bs])])
+
+
 def error_line(r: subprocess.CompletedProcess[bytes], code: int, *, warnings_ok: bool = False) -> str:
     """Check a failed run the way a user sees it: the exit code, no traceback, exactly one
     `sparsepatch: error:` line (with warnings_ok, other lines may be warnings); return it."""
@@ -113,6 +123,22 @@ def error_line(r: subprocess.CompletedProcess[bytes], code: int, *, warnings_ok:
     else:
         assert not others, lines
     return errors[0]
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder like /tmp (sticky, everyone may write, owned by root) that the user nobody
+    can reach, and a folder only root can write, where an attacker wants root's files to land."""
+    d = Path(tempfile.mkdtemp(prefix="sparsepatch-shared-", dir="/tmp"))
+    d.chmod(0o755)
+    (d / "shared").mkdir()
+    (d / "shared").chmod(0o1777)
+    (d / "private").mkdir()
+    (d / "private").chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

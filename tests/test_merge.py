@@ -12,17 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KiB, MiB, allocated_blocks, error_line, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, allocated_blocks, error_line, make_sparse, pattern, run_cli, sparse_copy
 
 BS = 16 * KiB  # the default block size
 PAGE = 4 * KiB
-
-
-def sparse_copy(data: bytes | bytearray, path: Path) -> Path:
-    """path holding data, with a hole wherever a block is zeros."""
-    return make_sparse(path, len(data), [(off, bytes(data[off : off + BS]))
-                                         for off in range(0, len(data), BS)
-                                         if any(data[off : off + BS])])
 
 
 def write(data: bytearray, off: int, piece: bytes | int) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import KiB, MiB, allocated_blocks, error_line, make_sparse, pattern, run_cli
+from conftest import KiB, MiB, allocated_blocks, error_line, make_sparse, pattern, run_cli, sparse_copy
 
 from sparsepatch.format import (
     REC_COPY,
@@ -35,13 +35,6 @@ from sparsepatch.format import (
 
 BS = 16 * KiB  # the default block size
 PAGE = 4 * KiB
-
-
-def sparse_copy(data: bytes | bytearray, path: Path) -> Path:
-    """path holding data, with a hole wherever a block is zeros."""
-    return make_sparse(path, len(data), [(off, bytes(data[off : off + BS]))
-                                         for off in range(0, len(data), BS)
-                                         if any(data[off : off + BS])])
 
 
 def build(tmp: Path, base_map: list[tuple[int, bytes | int]], size: int,

@@ -8,8 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +17,6 @@ from test_outputs import NOBODY, as_nobody
 from sparsepatch import api, paths
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A folder like /tmp (sticky, everyone may write, owned by root) that nobody can reach,
-    and a folder only root can write, where the attacker wants root's files to land."""
-    d = Path(tempfile.mkdtemp(prefix="sparsepatch-paths-", dir="/tmp"))
-    d.chmod(0o755)
-    (d / "shared").mkdir()
-    (d / "shared").chmod(0o1777)
-    (d / "private").mkdir()
-    (d / "private").chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def plant(link: Path, target: Path) -> None:

@@ -10,8 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,20 +21,21 @@ from test_paths import _update, needs_root, plant
 from sparsepatch import api, files
 
 
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """As test_paths': a sticky folder like /tmp (shared/), one only root writes
-    (private/), under a folder nobody can reach."""
-    d = Path(tempfile.mkdtemp(prefix="sparsepatch-review-", dir="/tmp"))
-    d.chmod(0o755)
-    (d / "shared").mkdir()
-    (d / "shared").chmod(0o1777)
-    (d / "private").mkdir()
-    (d / "private").chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def swap_for_public_on_first_read(path: Path, swapped: list[bool]) -> Callable[[int], None]:
+    """A progress callback: at the first bytes read, nobody renames path away and puts a
+    public file under its name (noted in swapped)."""
+
+    def swap() -> None:
+        os.rename(path, path.with_name(path.name + ".old"))
+        path.write_bytes(b"public\n")
+        path.chmod(0o644)
+
+    def progress(n: int) -> None:
+        if not swapped:
+            as_nobody(swap)
+            swapped.append(True)
+
+    return progress
 
 
 @needs_root
@@ -83,16 +83,7 @@ def test_merge_gives_the_mode_of_the_patches_it_read(shared: Path) -> None:
     os.chown(box, NOBODY, NOBODY)
     out = shared / "shared" / "merged"
     swapped: list[bool] = []
-
-    def swap() -> None:
-        os.rename(box / "p1", box / "p1.old")
-        (box / "p1").write_bytes(b"public\n")
-        (box / "p1").chmod(0o644)
-
-    def progress(n: int) -> None:
-        if not swapped:
-            as_nobody(swap)
-            swapped.append(True)
+    progress = swap_for_public_on_first_read(box / "p1", swapped)
 
     old_mask = os.umask(0o022)
     try:
@@ -172,16 +163,7 @@ def test_a_first_copy_gets_the_mode_of_the_patch_read(shared: Path) -> None:
     (box / "full").chmod(0o600)
     os.chown(box, NOBODY, NOBODY)
     swapped: list[bool] = []
-
-    def swap() -> None:
-        os.rename(box / "full", box / "full.old")
-        (box / "full").write_bytes(b"public\n")
-        (box / "full").chmod(0o644)
-
-    def progress(n: int) -> None:
-        if not swapped:
-            as_nobody(swap)
-            swapped.append(True)
+    progress = swap_for_public_on_first_read(box / "full", swapped)
 
     dest = shared / "private" / "new.img"
     old_mask = os.umask(0o022)
